@@ -1,0 +1,161 @@
+"""The `certbench` command: train, run, list, show.
+
+A user's mistake prints one line ``certbench: error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from certbench.errors import UserError
+
+EXAMPLES = {
+    "train": "example: certbench train --dataset digits --arch mlp --recipe gloro "
+    "--recipe-args '{\"eps\": 0.5}' --out checkpoints/mlp-gloro",
+    "run": "example: certbench run --matrix quick --results results/quick",
+    "list": "example: certbench list",
+    "show": "example: certbench show results/quick",
+}
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint_dir or os.environ.get("CERTBENCH_CHECKPOINTS", "checkpoints"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from certbench.data import load_dataset
+    from certbench.runner import resolve_device
+    from certbench.train import train_model
+
+    dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
+    _, card = train_model(
+        args.out, dataset, args.arch, args.arch_args, args.recipe, args.recipe_args,
+        seed=args.seed, device=str(resolve_device(args.device)), progress=not args.quiet,
+    )
+    print(f"saved {args.out}.safetensors and {args.out}.json: clean accuracy "
+          f"{card['clean_acc']:.4f}, {card['train_time_s']:.1f} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from certbench.matrix import load_matrix
+    from certbench.runner import run_matrix
+    from certbench.summary import format_summary
+
+    spec = load_matrix(args.matrix)
+    if args.device:
+        spec.device = args.device
+    results = Path(args.results or Path("results") / spec.name)
+    run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
+               progress=not args.quiet)
+    print(format_summary(results))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from certbench.data import DATASETS
+    from certbench.matrix import packaged_matrices
+    from certbench.models import ARCHITECTURES
+    from certbench.train import RECIPE_DEFAULTS
+    from certbench.verifiers import verifier_names
+
+    print("datasets:      " + ", ".join(DATASETS))
+    print("architectures: " + ", ".join(ARCHITECTURES))
+    print("recipes:")
+    for name, defaults in RECIPE_DEFAULTS.items():
+        print(f"  {name:<10} {json.dumps(defaults)}")
+    print("verifiers:")
+    for name, summary in verifier_names().items():
+        print(f"  {name:<18} {summary}")
+    print("matrices:      " + ", ".join(packaged_matrices()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from certbench.summary import format_summary
+
+    print(format_summary(args.results_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="certbench",
+        description="Comparative benchmark of certified-robustness verifiers.",
+        epilog="example: certbench run   (the quick matrix on scikit-learn's digits)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    data_dir = {"default": None, "help": "dataset folder (default: $CERTBENCH_DATA or ./data)"}
+    train = add("train", "Train one model and save it as safetensors plus a JSON card.")
+    train.add_argument("--dataset", default="digits")
+    train.add_argument("--arch", default="mlp")
+    train.add_argument("--arch-args", type=_json_dict, default={}, help="JSON object")
+    train.add_argument("--recipe", default="standard")
+    train.add_argument("--recipe-args", type=_json_dict, default={}, help="JSON object")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--out", required=True, help="checkpoint stem (writes STEM.safetensors "
+                       "and STEM.json)")
+    train.add_argument("--data-dir", **data_dir)
+    train.add_argument("--download", action="store_true", help="download missing data files")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    run = add("run", "Run a benchmark matrix and print its summary table.")
+    run.add_argument("--matrix", default="quick", help="TOML file or packaged matrix name "
+                     "(default: quick)")
+    run.add_argument("--results", default=None, help="results folder (default: results/NAME)")
+    run.add_argument("--checkpoint-dir", default=None,
+                     help="where trained models go (default: $CERTBENCH_CHECKPOINTS or "
+                     "./checkpoints)")
+    run.add_argument("--data-dir", **data_dir)
+    run.add_argument("--device", default=None, help="override the matrix device")
+    run.add_argument("--force", action="store_true", help="recompute finished cells")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    add("list", "List datasets, architectures, recipes, verifiers and matrices.").set_defaults(
+        func=cmd_list
+    )
+
+    show = add("show", "Print the summary table of a results folder.")
+    show.add_argument("results_dir")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"certbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("certbench: interrupted; rerun the same command to finish the missing cells",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

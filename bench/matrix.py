@@ -1,0 +1,213 @@
+"""The benchmark matrix: a TOML file -> a validated spec -> cells.
+
+A matrix names one dataset, a seeded evaluation subset, norms, an epsilon grid, the models
+(existing checkpoints, or recipes trained when their checkpoint is missing) and the
+verifiers with their options. Every (model, verifier, norm) is one *cell*; every cell sees
+the same points and the same epsilon grid. Example (the packaged ``quick`` matrix):
+
+    name = "quick"
+    dataset = "digits"
+    samples = 200
+    norms = ["2", "inf"]
+    eps = { "2" = [0.1, 0.25, 0.5, 1.0], "inf" = [0.01, 0.02, 0.05, 0.1] }
+
+    [[models]]
+    name = "mlp-gloro"
+    arch = "mlp"
+    arch_args = { widths = [64, 64] }
+    recipe = "gloro"
+    recipe_args = { eps = 0.5, epochs = 40 }
+
+    [[verifiers]]
+    name = "global-lipschitz"
+    options = { bound = "gloro" }
+
+``imports`` lists Python modules to import before the verifiers are looked up, so that a
+user's own verifier registered with ``certbench.verifiers.register`` can be benchmarked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from certbench.data import DATASETS
+from certbench.errors import UserError
+from certbench.models import ARCHITECTURES
+from certbench.train import RECIPES
+from certbench.verifiers import verifier_names
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    checkpoint: str | None = None
+    arch: str | None = None
+    arch_args: dict[str, Any] = {}
+    recipe: str = "standard"
+    recipe_args: dict[str, Any] = {}
+    seed: int = 0
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str | None) -> str | None:
+        if value is not None and value not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; known: {', '.join(ARCHITECTURES)}")
+        return value
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        if value not in RECIPES:
+            raise ValueError(f"unknown recipe {value!r}; known: {', '.join(RECIPES)}")
+        return value
+
+
+class VerifierSpec(_Strict):
+    name: str
+    options: dict[str, Any] = {}
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        """The label shown in tables: ``label``, else the name with its options."""
+        if self.label:
+            return self.label
+        if not self.options:
+            return self.name
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.name}[{opts}]"
+
+
+class MatrixSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset: str
+    samples: int = Field(default=200, gt=0)
+    seed: int = 0
+    norms: list[Literal["2", "inf"]] = ["2"]
+    eps: list[float] | dict[str, list[float]]
+    device: str = "auto"
+    batch_size: int = Field(default=256, gt=0)
+    download: bool = False
+    imports: list[str] = []
+    models: list[ModelSpec] = Field(min_length=1)
+    verifiers: list[VerifierSpec] = Field(min_length=1)
+
+    @field_validator("norms", mode="before")
+    @classmethod
+    def _norm_strings(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; known: {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("eps")
+    @classmethod
+    def _positive_eps(
+        cls, value: list[float] | dict[str, list[float]]
+    ) -> list[float] | dict[str, list[float]]:
+        grids = value.values() if isinstance(value, dict) else [value]
+        for grid in grids:
+            if not grid:
+                raise ValueError("an epsilon grid must not be empty")
+            for eps in grid:
+                if not math.isfinite(eps) or eps <= 0:
+                    raise ValueError(f"every epsilon must be a positive number, got {eps}")
+        if isinstance(value, dict):
+            return {str(k): sorted(set(v)) for k, v in value.items()}
+        return sorted(set(value))
+
+    def eps_for(self, norm: str) -> list[float]:
+        """The epsilon grid of ``norm``: ``eps`` is one grid for all norms, or a table
+        ``{ "2" = [...], "inf" = [...] }`` with one grid per norm."""
+        return self.eps[norm] if isinstance(self.eps, dict) else self.eps
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "matrix"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}"
+
+
+def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
+    """Validate a matrix given as a dict; UserError naming the first problem."""
+    try:
+        spec = MatrixSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_first_error(exc)}") from exc
+    for module in spec.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UserError(f"{source}: imports: cannot import {module!r} ({exc})") from exc
+    if isinstance(spec.eps, dict) and set(spec.eps) != set(spec.norms):
+        raise UserError(
+            f"{source}: eps: the table must have one grid per norm {spec.norms}, "
+            f"got {sorted(spec.eps)}"
+        )
+    known = verifier_names()
+    names = [m.name for m in spec.models]
+    if len(set(names)) != len(names):
+        raise UserError(f"{source}: models: two models share a name; names must be unique")
+    for i, model in enumerate(spec.models):
+        if model.checkpoint is None and model.arch is None:
+            raise UserError(f"{source}: models.{i}: give either `checkpoint` or `arch`")
+    for i, verifier in enumerate(spec.verifiers):
+        if verifier.name not in known:
+            raise UserError(
+                f"{source}: verifiers.{i}.name: unknown verifier {verifier.name!r}; "
+                f"known: {', '.join(known)} (see `certbench list`)"
+            )
+    return spec
+
+
+def packaged_matrices() -> list[str]:
+    """Names of the matrices shipped with certbench (``--matrix NAME``)."""
+    folder = resources.files("certbench") / "matrices"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_matrix(path_or_name: str | Path) -> MatrixSpec:
+    """Read a matrix file, or a packaged matrix by name (``quick``, ...)."""
+    path = Path(path_or_name)
+    if not path.exists() and str(path_or_name) in packaged_matrices():
+        text = (resources.files("certbench") / "matrices" / f"{path_or_name}.toml").read_text()
+    elif not path.exists():
+        raise UserError(
+            f"matrix file {path} not found; give a TOML file or one of: "
+            f"{', '.join(packaged_matrices())}"
+        )
+    else:
+        text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    return parse_matrix(data, str(path))
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the form that cell keys are hashed from."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,257 @@
+"""Runs a matrix: models are loaded (or trained), then each cell is certified, measured and
+stored.
+
+A cell is (model, verifier with its options, norm, epsilon grid, sample set, device); its
+key hashes all of that plus the checkpoint's sha256 (DESIGN.md). A cell whose key is in
+the store with status ``ok`` is skipped unless ``force``; a failing cell is stored with
+its status (``error``, ``oom``) and reason, and the run goes on.
+
+Per cell: *setup* is ``Verifier.prepare`` (timed once); a warm-up certification of two
+samples follows and is excluded; then the samples are certified in batches of
+``batch_size``, and ``per_sample_s`` is the certification time over the number of samples
+(``time_s`` per sample is its batch's time divided by the batch size). Peak memory covers
+setup, warm-up and certification (measure.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certbench.data import Dataset, eval_indices, load_dataset
+from certbench.errors import UserError
+from certbench.matrix import MatrixSpec, ModelSpec, VerifierSpec, canonical_json
+from certbench.measure import PeakMemory, timed
+from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
+from certbench.provenance import git_commit, library_versions
+from certbench.store import ResultsStore
+from certbench.train import recipe_args, train_model
+from certbench.verifiers import Certificate, Verdict, get_verifier
+
+WARMUP_SAMPLES = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available; use cpu or auto")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: nn.Module
+    card: dict[str, Any]
+    sha256: str
+
+
+def model_stem(spec: ModelSpec, dataset: str, checkpoint_dir: Path) -> Path:
+    """Where a recipe's checkpoint lives: the name plus a hash of everything that shapes
+    the trained weights, so that changing a hyperparameter trains a new model."""
+    if spec.checkpoint is not None:
+        return checkpoint_paths(spec.checkpoint)[0].with_suffix("")
+    identity = {
+        "dataset": dataset, "arch": spec.arch, "arch_args": spec.arch_args,
+        "recipe": spec.recipe, "recipe_args": recipe_args(spec.recipe, spec.recipe_args),
+        "seed": spec.seed,
+    }
+    digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
+    return checkpoint_dir / f"{dataset}-{spec.name}-{digest}"
+
+
+def ensure_model(
+    spec: ModelSpec, dataset: Dataset, checkpoint_dir: Path, device: torch.device, progress: bool
+) -> LoadedModel:
+    """Load the model's checkpoint, training it first if it is a recipe without one."""
+    stem = model_stem(spec, dataset.name, checkpoint_dir)
+    weights, _ = checkpoint_paths(stem)
+    if spec.checkpoint is None and not weights.exists():
+        train_model(
+            stem, dataset, spec.arch, spec.arch_args, spec.recipe, spec.recipe_args,
+            seed=spec.seed, device=str(device), progress=progress,
+        )
+    model, card = load_checkpoint(stem)
+    if card.get("dataset") != dataset.name:
+        raise UserError(
+            f"model {spec.name!r}: checkpoint {weights} was trained on {card.get('dataset')!r}, "
+            f"but the matrix dataset is {dataset.name!r}"
+        )
+    return LoadedModel(spec, model.to(device).eval(), card, file_sha256(weights))
+
+
+def cell_key(
+    spec: MatrixSpec, loaded: LoadedModel, verifier: VerifierSpec, norm: str, device: torch.device
+) -> str:
+    identity = {
+        "checkpoint_sha256": loaded.sha256, "verifier": verifier.name,
+        "options": verifier.options, "norm": norm, "eps": spec.eps_for(norm),
+        "dataset": spec.dataset, "samples": spec.samples, "seed": spec.seed,
+        "device": device.type,
+    }
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
+
+
+def _certify_batches(
+    verifier: Any, x: torch.Tensor, norm: str, eps: list[float], batch_size: int,
+    device: torch.device,
+) -> tuple[Certificate, list[float], float]:
+    """Certify ``x`` in batches: the merged certificate, per-sample seconds, total seconds."""
+    parts, per_sample, total = [], [], 0.0
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        cert, seconds = timed(lambda b=batch: verifier.certify(b, norm, eps), device)
+        parts.append(cert)
+        per_sample += [seconds / len(batch)] * len(batch)
+        total += seconds
+    first = parts[0]
+    columns = {k: torch.cat([p.columns[k] for p in parts]) for k in first.columns}
+    merged = Certificate(
+        prediction=torch.cat([p.prediction for p in parts]),
+        verdicts=[v for p in parts for v in p.verdicts],
+        radius=None if first.radius is None else torch.cat([p.radius for p in parts]),
+        columns=columns,
+        probabilistic=first.probabilistic,
+        alpha=first.alpha,
+    )
+    return merged, per_sample, total
+
+
+def run_cell(
+    spec: MatrixSpec, loaded: LoadedModel, verifier_spec: VerifierSpec, norm: str,
+    x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, device: torch.device, key: str,
+    context: dict[str, Any],
+) -> dict[str, pd.DataFrame]:
+    """Run one cell and return its rows for the three tables (never raises for a
+    failure of the verifier: the cell row records it)."""
+    eps = spec.eps_for(norm)
+    with torch.no_grad():
+        clean_pred = loaded.model(x).argmax(1).cpu()
+    row: dict[str, Any] = {
+        "cell_key": key, "model": loaded.spec.name, "dataset": spec.dataset,
+        "arch": loaded.card.get("arch"), "recipe": loaded.card.get("recipe"),
+        "checkpoint_sha256": loaded.sha256, "verifier": verifier_spec.display,
+        "method": verifier_spec.name, "options": canonical_json(verifier_spec.options),
+        "norm": norm, "device": str(device), "n_samples": len(y),
+        "clean_acc": float((clean_pred == y.cpu()).float().mean()),
+        "status": "ok", "error": None, "setup_s": float("nan"), "certify_s": float("nan"),
+        "per_sample_s": float("nan"), "peak_mem_bytes": None, "mem_kind": None,
+        "probabilistic": False, "alpha": None, "eps_grid": json.dumps(eps),
+        "started_at": pd.Timestamp.now(tz="UTC"), **context,
+    }
+    tables: dict[str, pd.DataFrame] = {}
+    memory = PeakMemory(device)
+    try:
+        verifier = get_verifier(verifier_spec.name, **verifier_spec.options)
+        with memory:
+            _, row["setup_s"] = timed(
+                lambda: verifier.prepare(loaded.model, tuple(x.shape[1:])), device
+            )
+            verifier.certify(x[:WARMUP_SAMPLES], norm, eps)
+            cert, per_sample, total = _certify_batches(
+                verifier, x, norm, eps, spec.batch_size, device
+            )
+        row["method"] = getattr(verifier, "method", verifier_spec.name)
+        row.update(
+            certify_s=total, per_sample_s=total / len(y), probabilistic=cert.probabilistic,
+            alpha=cert.alpha,
+        )
+        tables = _certificate_tables(key, cert, per_sample, y.cpu(), indices, eps)
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(status="oom", error=str(exc).splitlines()[0][:500])
+    except MemoryError as exc:
+        row.update(status="oom", error=f"MemoryError: {exc}"[:500])
+    except Exception as exc:  # a verifier failure must not stop the run
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+    row.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind)
+    row["finished_at"] = pd.Timestamp.now(tz="UTC")
+    tables["cells"] = pd.DataFrame([row])
+    return tables
+
+
+def _certificate_tables(
+    key: str, cert: Certificate, per_sample: list[float], y: torch.Tensor,
+    indices: torch.Tensor, eps: list[float],
+) -> dict[str, pd.DataFrame]:
+    n, k = len(y), len(eps)
+    verdict = [v.value for sample in cert.verdicts for v in sample]  # sample-major
+    samples = pd.DataFrame({
+        "cell_key": key,
+        "sample_index": indices.repeat_interleave(k).numpy(),
+        "label": y.repeat_interleave(k).numpy(),
+        "prediction": cert.prediction.repeat_interleave(k).numpy(),
+        "eps": eps * n,
+        "verdict": verdict,
+        "radius": (
+            cert.radius.double().repeat_interleave(k).numpy() if cert.radius is not None
+            else float("nan")
+        ),
+        "time_s": torch.tensor(per_sample).repeat_interleave(k).numpy(),
+    })
+    for name, values in cert.columns.items():
+        values = values.double()
+        samples[name] = (values.reshape(-1) if values.dim() == 2 else
+                         values.repeat_interleave(k)).numpy()
+    samples["certified"] = (samples["verdict"] == Verdict.CERTIFIED.value) & (
+        samples["prediction"] == samples["label"]
+    )
+    certified = (
+        samples.groupby("eps", sort=True)["certified"].mean().rename("certified_acc").reset_index()
+    )
+    certified.insert(0, "cell_key", key)
+    certified["attack_upper_bound"] = float("nan")
+    return {"samples": samples, "certified": certified}
+
+
+def run_matrix(
+    spec: MatrixSpec,
+    results_dir: Path,
+    checkpoint_dir: Path,
+    data_dir: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Run every cell of ``spec``; returns the per-cell rows of the whole results folder."""
+    device = resolve_device(spec.device)
+    dataset = load_dataset(spec.dataset, data_dir, download=spec.download)
+    indices = eval_indices(len(dataset.y_test), spec.samples, spec.seed)
+    x, y = dataset.x_test[indices].to(device), dataset.y_test[indices].to(device)
+    store = ResultsStore(results_dir)
+    done = set() if force else store.done_keys()
+    context = {
+        "run_id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+        "versions": canonical_json(library_versions()), "git_commit": git_commit(),
+        "matrix": spec.name,
+    }
+    models = [ensure_model(m, dataset, checkpoint_dir, device, progress) for m in spec.models]
+    cells = [(m, v, norm) for m in models for v in spec.verifiers for norm in spec.norms]
+    ran = skipped = 0
+    bar = tqdm(cells, desc=f"run {spec.name}", unit="cell", disable=not progress)
+    for loaded, verifier_spec, norm in bar:
+        key = cell_key(spec, loaded, verifier_spec, norm, device)
+        if key in done:
+            skipped += 1
+            continue
+        bar.set_postfix_str(f"{loaded.spec.name} / {verifier_spec.display} / l{norm}")
+        tables = run_cell(spec, loaded, verifier_spec, norm, x, y, indices, device, key, context)
+        store.write_cell(tables)
+        ran += 1
+    log(f"{ran} cell(s) run, {skipped} already done (use --force to recompute) -> {results_dir}")
+    return store.read("cells")

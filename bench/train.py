@@ -1,0 +1,215 @@
+"""Training recipes, each a loss on a batch given the model and the current step.
+
+- ``standard``: cross-entropy.
+- ``gloro`` (Leino, Wang and Fredrikson 2021, "Globally-Robust Neural Networks", Sec. 3):
+  cross-entropy over the logits plus a bottom logit
+  f_bot = max_{i != j} f_i + eps * K_ji, with j the predicted class and
+  K_ji = L(penultimate) * ||w_j - w_i||; the model learns to predict a class whose
+  eps-ball is certified. ``eps`` ramps linearly from 0 over ``ramp_epochs``; training eps
+  is usually set above the test eps, as in the paper's scripts. ``trades_lambda > 0``
+  selects the TRADES-style variant: CE(f) + lambda * KL(softmax(f) || softmax(f, f_bot)).
+- ``lmt`` (Tsuzuku, Sato and Sugiyama 2018, "Lipschitz-Margin Training", Alg. 1): add
+  sqrt(2) * c * L to every non-target logit, L the bound of the whole network, then
+  cross-entropy. ``c`` ramps like GloRo's eps.
+
+Lipschitz bounds inside the losses are the verifier's own sound bounds
+(`certbench.verifiers.global_lipschitz`), recomputed from the weights at every step and
+differentiated through. BatchNorm enters with its running statistics.
+
+Training is seeded, shows a progress bar, and resumes from the last finished epoch: the
+state is saved after every epoch to ``STEM.train-state.pt`` (tensors and numbers only,
+reloaded with ``weights_only=True``) and removed when the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from certbench.data import Dataset
+from certbench.errors import UserError
+from certbench.models import build_model, checkpoint_paths, save_checkpoint
+from certbench.provenance import library_versions
+from certbench.verifiers.global_lipschitz import LipschitzGraph
+
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "standard": {"epochs": 20, "lr": 1e-3, "batch_size": 128},
+    "gloro": {
+        "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.3, "ramp_epochs": None,
+        "trades_lambda": 0.0,
+    },
+    "lmt": {"epochs": 40, "lr": 1e-3, "batch_size": 128, "c": 0.3, "ramp_epochs": None},
+}
+RECIPES = tuple(RECIPE_DEFAULTS)
+
+
+def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe's hyperparameters: defaults overridden by ``args``; unknown keys refused."""
+    if recipe not in RECIPE_DEFAULTS:
+        raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    defaults = RECIPE_DEFAULTS[recipe]
+    unknown = set(args or {}) - set(defaults)
+    if unknown:
+        raise UserError(
+            f"recipe {recipe!r} has no argument(s) {sorted(unknown)}; it takes {sorted(defaults)}"
+        )
+    merged = dict(defaults, **(args or {}))
+    if "ramp_epochs" in merged and merged["ramp_epochs"] is None:
+        merged["ramp_epochs"] = merged["epochs"] / 2
+    return merged
+
+
+def gloro_logits(logits: torch.Tensor, pairwise_k: torch.Tensor, eps: float) -> torch.Tensor:
+    """Logits with GloRo's bottom logit appended: f_bot = max_{i != j} f_i + eps * K_ji,
+    j = argmax f (Leino et al. 2021, Eq. 4)."""
+    j = logits.argmax(dim=1)
+    lifted = logits + eps * pairwise_k[j]
+    lifted = lifted.masked_fill(F.one_hot(j, logits.shape[1]).bool(), -math.inf)
+    return torch.cat([logits, lifted.max(dim=1, keepdim=True).values], dim=1)
+
+
+def _ramp(value: float, ramp_epochs: float, progress: float) -> float:
+    return value if ramp_epochs <= 0 else value * min(1.0, progress / ramp_epochs)
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def make_loss(recipe: str, args: dict[str, Any], graph: LipschitzGraph | None) -> LossFn:
+    """The loss of ``recipe``; ``progress`` is the number of epochs done (fractional)."""
+    if recipe == "standard":
+        return lambda model, x, y, progress: F.cross_entropy(model(x), y)
+    if recipe == "gloro":
+
+        def gloro(model, x, y, progress):
+            logits = model(x)
+            k = graph.bounds(torch.float32).pairwise()
+            extended = gloro_logits(logits, k, _ramp(args["eps"], args["ramp_epochs"], progress))
+            if args["trades_lambda"] <= 0:
+                return F.cross_entropy(extended, y)
+            p = F.log_softmax(logits, dim=1)
+            q = F.log_softmax(extended, dim=1)[:, :-1]
+            kl = (p.exp() * (p - q)).sum(dim=1).mean()
+            return F.cross_entropy(logits, y) + args["trades_lambda"] * kl
+
+        return gloro
+    if recipe == "lmt":
+
+        def lmt(model, x, y, progress):
+            logits = model(x)
+            lip = graph.bounds(torch.float32).network
+            c = _ramp(args["c"], args["ramp_epochs"], progress)
+            others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+            return F.cross_entropy(logits + math.sqrt(2) * c * lip * others, y)
+
+        return lmt
+    raise UserError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    correct = sum(
+        (model(x[i : i + batch].to(device)).argmax(1).cpu() == y[i : i + batch]).sum().item()
+        for i in range(0, len(y), batch)
+    )
+    return correct / len(y)
+
+
+def train_model(
+    stem: str | Path,
+    dataset: Dataset,
+    arch: str,
+    arch_args: dict[str, Any] | None,
+    recipe: str,
+    args: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train and save a checkpoint at ``stem``; resume from ``STEM.train-state.pt``."""
+    hp = recipe_args(recipe, args)
+    torch.manual_seed(seed)
+    model = build_model(
+        arch, dataset.input_shape, dataset.num_classes, dataset.mean, dataset.std, arch_args
+    ).to(device)
+    graph = LipschitzGraph(model, dataset.input_shape) if recipe in ("gloro", "lmt") else None
+    loss_fn = make_loss(recipe, hp, graph)
+    optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
+    epochs = int(hp["epochs"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    weights_path, _ = checkpoint_paths(stem)
+    state_path = weights_path.with_name(weights_path.stem + ".train-state.pt")
+    start, elapsed = 0, 0.0
+    generator = torch.Generator().manual_seed(seed)
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start, elapsed = int(state["epoch"]), float(state["elapsed"])
+
+    n, batch = len(dataset.y_train), int(hp["batch_size"])
+    steps = math.ceil(n / batch)
+    bar = tqdm(
+        range(start, epochs), initial=start, total=epochs, desc=f"train {weights_path.stem}",
+        unit="epoch", disable=not progress,
+    )
+    for epoch in bar:
+        began = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for step in range(steps):
+            idx = order[step * batch : (step + 1) * batch]
+            x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
+            loss = loss_fn(model, x, y, epoch + step / steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+        scheduler.step()
+        elapsed += time.perf_counter() - began
+        bar.set_postfix(loss=f"{total / steps:.4f}")
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_name("." + state_path.name + ".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "epoch": epoch + 1, "elapsed": elapsed,
+            },
+            tmp,
+        )
+        tmp.replace(state_path)
+
+    model.eval()
+    card = {
+        "arch": arch,
+        "arch_args": arch_args or {},
+        "dataset": dataset.name,
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)},
+        "recipe": recipe,
+        "recipe_args": hp,
+        "seed": seed,
+        "clean_acc": accuracy(model, dataset.x_test, dataset.y_test),
+        "train_time_s": round(elapsed, 3),
+        "train_device": str(device),
+        "versions": library_versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_checkpoint(model.cpu(), card, stem)
+    state_path.unlink(missing_ok=True)
+    return model, card

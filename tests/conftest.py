@@ -1,0 +1,67 @@
+"""Shared fixtures: the digits dataset, random models of every architecture, and small
+models trained once per session with each recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from certbench.data import load_dataset
+from certbench.models import ARCHITECTURES, build_model
+from certbench.train import train_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DIGITS_SHAPE = (1, 8, 8)
+
+
+def random_model(arch: str, seed: int = 0, **arch_args) -> torch.nn.Module:
+    """An untrained model with random weights (and random BatchNorm statistics)."""
+    torch.manual_seed(seed)
+    model = build_model(arch, DIGITS_SHAPE, 10, (0.3,), (0.4,), arch_args)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.2, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+RANDOM_MODELS = {
+    "mlp": {"widths": [32, 32]},
+    "cnn-small": {},
+    "cnn-4c3f": {"channels": [8, 8, 16, 16], "dense": [64, 64]},
+    "resnet-tiny": {"channels": 8, "batchnorm": True},
+}
+assert set(RANDOM_MODELS) == set(ARCHITECTURES)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def trained(digits, tmp_path_factory) -> dict[str, torch.nn.Module]:
+    """Small models trained on digits with each recipe (a few seconds in all)."""
+    folder = tmp_path_factory.mktemp("trained")
+    recipes = {
+        "mlp-standard": ("mlp", {"widths": [64, 64]}, "standard", {"epochs": 10}),
+        "mlp-gloro": ("mlp", {"widths": [64, 64]}, "gloro", {"epochs": 15, "eps": 0.5}),
+        "mlp-lmt": ("mlp", {"widths": [64, 64]}, "lmt", {"epochs": 15, "c": 0.5}),
+        "cnn-small-gloro": ("cnn-small", {}, "gloro", {"epochs": 8, "eps": 0.3}),
+    }
+    models = {}
+    for name, (arch, arch_args, recipe, args) in recipes.items():
+        model, _ = train_model(folder / name, digits, arch, arch_args, recipe, args,
+                               progress=False)
+        models[name] = model.eval()
+    return models
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST files not found in {SHARED_DATA / 'mnist'} (the shared data folder)")
+    return SHARED_DATA

@@ -1,0 +1,29 @@
+"""Certification methods. They import only `certbench.verifiers.*`, never the harness.
+
+Importing this package registers every built-in verifier.
+"""
+
+from certbench.verifiers import global_lipschitz  # noqa: F401  (registers itself)
+from certbench.verifiers.base import (
+    ABSTAIN,
+    NORMS,
+    Certificate,
+    UnsupportedLayerError,
+    Verdict,
+    Verifier,
+    get_verifier,
+    register,
+    verifier_names,
+)
+
+__all__ = [
+    "ABSTAIN",
+    "NORMS",
+    "Certificate",
+    "UnsupportedLayerError",
+    "Verdict",
+    "Verifier",
+    "get_verifier",
+    "register",
+    "verifier_names",
+]

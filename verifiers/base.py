@@ -1,0 +1,115 @@
+"""The verifier protocol, the Certificate record and the registry.
+
+A verifier is prepared once per model (`prepare`: work that does not depend on the input,
+timed by the harness as *setup*) and then certifies batches (`certify`). It never imports
+the harness; the harness finds it through `get_verifier(name)`.
+
+Conventions (see DESIGN.md):
+- inputs are in [0, 1] and epsilon is measured in that pixel space;
+- norms are the strings ``"2"`` and ``"inf"``;
+- a sample is *certified at eps* when ``verdict == CERTIFIED`` and its prediction equals its
+  label; the verifier only proves the prediction is constant on the ball, the harness
+  compares with the label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+ABSTAIN = -1
+"""Prediction value for a sample on which the (smoothed) classifier abstains."""
+
+NORMS = ("2", "inf")
+
+
+class Verdict(str, Enum):
+    """What a verifier says about one sample at one epsilon."""
+
+    CERTIFIED = "certified"
+    NOT_CERTIFIED = "not_certified"
+    FALSIFIED = "falsified"
+    ABSTAIN = "abstain"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+
+
+class UnsupportedLayerError(ValueError):
+    """The network contains an operation the verifier has no sound rule for."""
+
+
+@dataclass
+class Certificate:
+    """The answer of a verifier for a batch of ``n`` samples and an epsilon grid of ``k``.
+
+    prediction: (n,) int64, ``ABSTAIN`` where the method abstains.
+    verdicts: ``n`` lists of ``k`` Verdicts, one per epsilon of the grid.
+    radius: (n,) float64 certified radius in the requested norm, or None if the method
+        yields no radius. 0 where nothing is certified.
+    columns: method-specific per-sample columns, each (n,) float64
+        (``margin_lb``, ``lipschitz_bound``, ``p_a_lower``, ...).
+    probabilistic: True when the certificate holds only with probability 1 - alpha.
+    alpha: that failure probability, else None.
+    """
+
+    prediction: torch.Tensor
+    verdicts: list[list[Verdict]]
+    radius: torch.Tensor | None = None
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    probabilistic: bool = False
+    alpha: float | None = None
+
+
+class Verifier(Protocol):
+    """A certification method. Instances hold per-model state set by ``prepare``."""
+
+    name: str
+
+    def prepare(self, model: torch.nn.Module, input_shape: Sequence[int]) -> None:
+        """Do the input-independent work for ``model`` (eval mode, inputs of ``input_shape``
+        without the batch dimension)."""
+        ...
+
+    def certify(
+        self, x: torch.Tensor, norm: str, eps: Sequence[float]
+    ) -> Certificate:
+        """Certify the batch ``x`` (on the model's device) for every epsilon of ``eps``."""
+        ...
+
+
+VerifierFactory = Callable[..., Verifier]
+_REGISTRY: dict[str, tuple[VerifierFactory, str]] = {}
+
+
+def register(name: str, summary: str) -> Callable[[VerifierFactory], VerifierFactory]:
+    """Class decorator: make a verifier constructible by ``name`` with keyword options."""
+
+    def decorate(factory: VerifierFactory) -> VerifierFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"verifier {name!r} registered twice")
+        _REGISTRY[name] = (factory, summary)
+        return factory
+
+    return decorate
+
+
+def verifier_names() -> dict[str, str]:
+    """Registered verifier names with a one-line summary each."""
+    return {name: summary for name, (_, summary) in sorted(_REGISTRY.items())}
+
+
+def get_verifier(name: str, **options: object) -> Verifier:
+    """Construct the verifier ``name``; KeyError or TypeError with a clear message if the
+    name or an option is unknown."""
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown verifier {name!r}; known verifiers: {known}")
+    factory, _ = _REGISTRY[name]
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise TypeError(f"bad options for verifier {name!r}: {exc}") from exc

@@ -1,0 +1,91 @@
+"""Upper bounds on the l2 operator norm of single layers.
+
+Every function returns a value that is *proven* to be at least the true operator norm
+(up to the float64 rounding of an SVD, a relative error near 1e-15). None of them is a
+power-iteration estimate, which approaches the norm from below and so can undershoot it
+(the soundness bug reported as issue #8 of GloRo's reference code).
+
+All functions are differentiable in the weights, so training recipes (LMT, GloRo) use
+them too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from certbench.verifiers.base import UnsupportedLayerError
+
+
+def dense_norm(weight: torch.Tensor) -> torch.Tensor:
+    """Exact spectral norm sigma_max(W) of a dense layer x -> W x + b (via an SVD)."""
+    return torch.linalg.matrix_norm(weight, ord=2)
+
+
+def conv2d_norm(
+    weight: torch.Tensor,
+    input_hw: Sequence[int],
+    padding: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    dilation: Sequence[int] = (1, 1),
+) -> torch.Tensor:
+    """Upper bound on the l2 operator norm of a zero-padded 2-D convolution.
+
+    Argument. Let the padded input be M_h x M_w (M = n + 2p). The zero-padded, strided
+    convolution equals Select o Circ_M o Embed, where Embed places the input inside an
+    M_h x M_w zero image, Circ_M is the *circular* convolution with the same kernel on that
+    size (no output that Select keeps wraps around, since kept positions are at most
+    M - k_eff), and Select keeps the (strided) valid outputs. Embed and Select have norm 1,
+    so ||conv|| <= ||Circ_M||. The singular values of a circular convolution are exactly
+    the singular values of the c_out x c_in matrices K_hat(u, v), the 2-D DFT of the kernel
+    at the M_h x M_w frequencies (Sedghi, Gupta and Long 2019, "The singular values of
+    convolutional layers", Theorem 6). Hence ||conv|| <= max_{u,v} sigma_max(K_hat(u, v)),
+    computed here exactly with one batched SVD.
+    """
+    if weight.dim() != 4:
+        raise UnsupportedLayerError(f"conv2d_norm expects a 4-D kernel, got {tuple(weight.shape)}")
+    kernel = weight
+    if tuple(dilation) != (1, 1):
+        c_out, c_in, kh, kw = weight.shape
+        dh, dw = dilation
+        kernel = weight.new_zeros(c_out, c_in, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+        kernel[:, :, ::dh, ::dw] = weight
+    m_h = input_hw[0] + 2 * padding[0]
+    m_w = input_hw[1] + 2 * padding[1]
+    if m_h < kernel.shape[2] or m_w < kernel.shape[3]:
+        raise UnsupportedLayerError("convolution kernel larger than its padded input")
+    spectrum = torch.fft.fft2(kernel, s=(m_h, m_w))  # (c_out, c_in, m_h, m_w)
+    per_frequency = spectrum.permute(2, 3, 0, 1)  # (m_h, m_w, c_out, c_in)
+    return torch.linalg.matrix_norm(per_frequency, ord=2).max()
+
+
+def avg_pool2d_norm(kernel: Sequence[int], stride: Sequence[int]) -> float:
+    """Upper bound on the l2 norm of average pooling (count_include_pad semantics).
+
+    Schur's test: ||A||_2 <= sqrt(||A||_1 ||A||_inf). Every output averages kh*kw inputs
+    with weight 1/(kh*kw), so each row sums to at most 1; an input lies in at most
+    ceil(kh/sh) * ceil(kw/sw) windows, so each column sums to at most that over kh*kw.
+    """
+    kh, kw = kernel
+    sh, sw = stride
+    column_sum = math.ceil(kh / sh) * math.ceil(kw / sw) / (kh * kw)
+    return math.sqrt(column_sum)
+
+
+def global_avg_pool_norm(input_hw: Sequence[int]) -> float:
+    """Exact l2 norm of averaging an H x W map to one value per channel: 1 / sqrt(H W)."""
+    return 1.0 / math.sqrt(input_hw[0] * input_hw[1])
+
+
+def batchnorm_norm(bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> torch.Tensor:
+    """Exact l2 norm of BatchNorm in eval mode, a diagonal scaling by
+    gamma / sqrt(running_var + eps): the largest absolute scale."""
+    if bn.running_var is None:
+        raise UnsupportedLayerError(f"{type(bn).__name__} without running statistics")
+    scale = 1.0 / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight.to(dtype) * scale
+    return scale.abs().max()
