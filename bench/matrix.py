@@ -42,7 +42,7 @@ from certbench.data import DATASETS
 from certbench.errors import UserError
 from certbench.models import ARCHITECTURES
 from certbench.train import RECIPES
-from certbench.verifiers import verifier_names
+from certbench.verifiers import get_verifier, verifier_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,6 +180,10 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
                 f"{source}: verifiers.{i}.name: unknown verifier {verifier.name!r}; "
                 f"known: {', '.join(known)} (see `certbench list`)"
             )
+        try:  # constructors only store their options, so this is cheap
+            get_verifier(verifier.name, **verifier.options)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{source}: verifiers.{i}.options: {exc}") from exc
     return spec
 
 

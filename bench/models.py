@@ -197,18 +197,15 @@ def save_checkpoint(model: nn.Module, card: dict[str, Any], stem: str | Path) ->
 
 
 def _looks_like_pickle(path: Path) -> bool:
-    head = path.read_bytes()[:4]
-    return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol 2+ / torch zip
+    """Pickle protocol 2-5 header, or the zip container of ``torch.save``."""
+    head = path.read_bytes()[:2]
+    return head == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                 b"\x05"))
 
 
 def load_checkpoint(stem: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
     """Load a model and its card; UserError with the remedy on any mismatch."""
     weights, card_path = checkpoint_paths(stem)
-    if weights.exists() and _looks_like_pickle(weights):
-        raise UserError(
-            f"{weights} is a pickle, not safetensors; certbench never unpickles checkpoints "
-            "(a pickle can run code). Convert it with safetensors.torch.save_file."
-        )
     for path in (weights, card_path):
         if not path.exists():
             raise UserError(f"checkpoint file {path} not found; train it with `certbench train`")
@@ -218,15 +215,21 @@ def load_checkpoint(stem: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
         num_classes, norm = card["num_classes"], card["normalization"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"model card {card_path} is malformed ({exc}); retrain the model") from exc
+    try:
+        state = load_file(str(weights))  # parses a header and raw tensors; runs no code
+    except (SafetensorError, OSError, ValueError) as exc:
+        if _looks_like_pickle(weights):
+            raise UserError(
+                f"{weights} is a pickle, not safetensors; certbench never unpickles "
+                "checkpoints (a pickle can run code). Convert it with "
+                "safetensors.torch.save_file."
+            ) from exc
+        raise UserError(f"{weights} is corrupted or truncated ({exc}); retrain it") from exc
     if card.get("weights_sha256") not in (None, file_sha256(weights)):
         raise UserError(
             f"{weights} does not match the sha256 recorded in {card_path}; the file was "
             "changed or truncated: retrain or restore it"
         )
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights} is corrupted or truncated ({exc}); retrain it") from exc
     model = build_model(
         arch, input_shape, num_classes, norm["mean"], norm["std"], card.get("arch_args")
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
 from certbench.provenance import git_commit, library_versions
 from certbench.store import ResultsStore
 from certbench.train import recipe_args, train_model
-from certbench.verifiers import Certificate, Verdict, get_verifier
+from certbench.verifiers import VERDICTS, Certificate, Verdict, get_verifier
 
 WARMUP_SAMPLES = 2
 
@@ -124,7 +125,7 @@ def _certify_batches(
     columns = {k: torch.cat([p.columns[k] for p in parts]) for k in first.columns}
     merged = Certificate(
         prediction=torch.cat([p.prediction for p in parts]),
-        verdicts=[v for p in parts for v in p.verdicts],
+        verdicts=torch.cat([p.verdicts for p in parts]),
         radius=None if first.radius is None else torch.cat([p.radius for p in parts]),
         columns=columns,
         probabilistic=first.probabilistic,
@@ -190,7 +191,8 @@ def _certificate_tables(
     indices: torch.Tensor, eps: list[float],
 ) -> dict[str, pd.DataFrame]:
     n, k = len(y), len(eps)
-    verdict = [v.value for sample in cert.verdicts for v in sample]  # sample-major
+    names = np.array([v.value for v in VERDICTS])
+    verdict = names[cert.verdicts.long().reshape(-1).numpy()]  # sample-major
     samples = pd.DataFrame({
         "cell_key": key,
         "sample_index": indices.repeat_interleave(k).numpy(),

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from certbench.errors import UserError
+
 TABLES = ("samples", "certified", "cells")
 
 
@@ -33,7 +35,15 @@ class ResultsStore:
     def read(self, table: str) -> pd.DataFrame:
         """The table, or an empty frame if nothing was written yet."""
         path = self.path(table)
-        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+        if not path.exists():
+            return pd.DataFrame()
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(
+                f"{path} is not a readable Parquet table ({exc}); move it away or choose "
+                "another --results folder"
+            ) from exc
 
     def done_keys(self) -> set[str]:
         """Keys of cells that finished with status ``ok`` (failed cells are retried)."""

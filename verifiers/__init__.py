@@ -7,12 +7,14 @@ from certbench.verifiers import global_lipschitz  # noqa: F401  (registers itsel
 from certbench.verifiers.base import (
     ABSTAIN,
     NORMS,
+    VERDICTS,
     Certificate,
     UnsupportedLayerError,
     Verdict,
     Verifier,
     get_verifier,
     register,
+    verdict_code,
     verifier_names,
 )
 
@@ -21,9 +23,11 @@ __all__ = [
     "NORMS",
     "Certificate",
     "UnsupportedLayerError",
+    "VERDICTS",
     "Verdict",
     "Verifier",
     "get_verifier",
     "register",
+    "verdict_code",
     "verifier_names",
 ]

@@ -38,6 +38,14 @@ class Verdict(str, Enum):
     ERROR = "error"
 
 
+VERDICTS = tuple(Verdict)
+"""Verdict codes: ``Certificate.verdicts`` holds indices into this tuple."""
+
+
+def verdict_code(verdict: Verdict) -> int:
+    return VERDICTS.index(verdict)
+
+
 class UnsupportedLayerError(ValueError):
     """The network contains an operation the verifier has no sound rule for."""
 
@@ -47,17 +55,17 @@ class Certificate:
     """The answer of a verifier for a batch of ``n`` samples and an epsilon grid of ``k``.
 
     prediction: (n,) int64, ``ABSTAIN`` where the method abstains.
-    verdicts: ``n`` lists of ``k`` Verdicts, one per epsilon of the grid.
+    verdicts: (n, k) int8 codes, ``VERDICTS[code]`` is the Verdict of sample i at eps j.
     radius: (n,) float64 certified radius in the requested norm, or None if the method
         yields no radius. 0 where nothing is certified.
-    columns: method-specific per-sample columns, each (n,) float64
-        (``margin_lb``, ``lipschitz_bound``, ``p_a_lower``, ...).
+    columns: method-specific columns, each (n,) per sample or (n, k) per sample and
+        epsilon (``margin_lb``, ``lipschitz_bound``, ``p_a_lower``, ...).
     probabilistic: True when the certificate holds only with probability 1 - alpha.
     alpha: that failure probability, else None.
     """
 
     prediction: torch.Tensor
-    verdicts: list[list[Verdict]]
+    verdicts: torch.Tensor
     radius: torch.Tensor | None = None
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     probabilistic: bool = False

@@ -46,8 +46,10 @@ from certbench.verifiers.base import (
     UnsupportedLayerError,
     Verdict,
     register,
+    verdict_code,
 )
 
+CERTIFIED, NOT_CERTIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.NOT_CERTIFIED)
 REL_SLACK = 1e-6
 ABS_SLACK = 1e-5
 
@@ -276,13 +278,11 @@ class GlobalLipschitzVerifier:
         margin = margins(logits)[1].min(dim=1).values
         if norm == "inf":
             radius = radius / math.sqrt(self.input_dim)
-        verdicts = [
-            [Verdict.CERTIFIED if r > e else Verdict.NOT_CERTIFIED for e in eps]
-            for r in radius.tolist()
-        ]
+        certified = radius[:, None] > torch.tensor(eps, dtype=radius.dtype, device=radius.device)
+        verdicts = torch.where(certified, CERTIFIED, NOT_CERTIFIED).to(torch.int8)
         return Certificate(
             prediction=prediction.cpu(),
-            verdicts=verdicts,
+            verdicts=verdicts.cpu(),
             radius=radius.cpu(),
             columns={"margin": margin.cpu(), "lipschitz_bound": lip.cpu()},
         )
