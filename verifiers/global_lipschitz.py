@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -83,9 +84,18 @@ class LipschitzGraph:
 
     Tracing and shape propagation happen once here; ``bounds`` re-reads the parameters on
     each call (differentiably), so training recipes call it every step.
+
+    ``power_iteration=True`` replaces the exact norms of dense and convolutional layers by
+    power-iteration *estimates* with vectors kept between calls (the explicit cache
+    ``_vectors``): cheap enough to train 4C3F-sized models on a CPU, but the result can
+    fall below the true constant, so it is for training only; the verifier never sets it.
     """
 
-    def __init__(self, model: nn.Module, input_shape: Sequence[int]):
+    def __init__(
+        self, model: nn.Module, input_shape: Sequence[int], power_iteration: bool = False
+    ):
+        self.power_iteration = power_iteration
+        self._vectors: dict[str, torch.Tensor] = {}
         try:
             self.graph_module = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types for untraceable code
@@ -124,6 +134,20 @@ class LipschitzGraph:
                 last_weight = last.weight.to(dtype)
         return LipschitzBounds(lip[result], penultimate, last_weight)
 
+    def _estimate(
+        self, node: fx.Node, apply: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        u = self._vectors.get(node.name)
+        steps = 1
+        if u is None:
+            meta = node.args[0].meta["tensor_meta"]
+            generator = torch.Generator().manual_seed(0)
+            u = torch.randn(tuple(meta.shape), generator=generator).to(meta.dtype)
+            u = u.to(next(iter(self.graph_module.parameters())).device)
+            steps = 30
+        sigma, self._vectors[node.name] = operator_norms.power_iteration_estimate(apply, u, steps)
+        return sigma
+
     @staticmethod
     def _input_hw(node: fx.Node) -> tuple[int, int]:
         shape = node.args[0].meta["tensor_meta"].shape
@@ -134,6 +158,8 @@ class LipschitzGraph:
         if isinstance(module, _IDENTITY_MODULES):
             return one
         if isinstance(module, nn.Linear):
+            if self.power_iteration:
+                return self._estimate(node, lambda t: F.linear(t, module.weight))
             return operator_norms.dense_norm(module.weight.to(dtype))
         if isinstance(module, nn.Conv2d):
             if module.groups != 1 or module.padding_mode != "zeros" or isinstance(
@@ -142,6 +168,10 @@ class LipschitzGraph:
                 raise UnsupportedLayerError(
                     f"Conv2d {node.target!r}: only groups=1 with numeric zero padding is supported"
                 )
+            if self.power_iteration:
+                return self._estimate(node, lambda t: F.conv2d(
+                    t, module.weight, None, module.stride, module.padding, module.dilation
+                ))
             return operator_norms.conv2d_norm(
                 module.weight.to(dtype),
                 self._input_hw(node),
