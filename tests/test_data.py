@@ -46,3 +46,68 @@ def test_evaluation_subset_is_seeded_and_shared():
     assert not torch.equal(a, eval_indices(360, 50, seed=4))
     with pytest.raises(UserError, match="exceeds"):
         eval_indices(360, 361)
+
+
+def _write_cifar_batches(folder, n=4):
+    """Batches in the CIFAR-10 python format (a pickled dict of numpy arrays), with
+    synthetic pixels: the real files are not available offline."""
+    import pickle
+
+    import numpy as np
+
+    batches = folder / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": list(range(n))}
+        (batches / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return batches
+
+
+def test_cifar10_batches_load_as_chw_in_unit_range(tmp_path):
+    batches = _write_cifar_batches(tmp_path)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.x_train.shape == (20, 3, 32, 32) and data.x_test.shape == (4, 3, 32, 32)
+    assert data.x_test.max() <= 1 and data.y_test.tolist() == [0, 1, 2, 3]
+    import pickle
+
+    import numpy as np
+    raw = pickle.loads((batches / "test_batch").read_bytes())[b"data"]
+    expected = torch.from_numpy(raw.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    torch.testing.assert_close(data.x_test, expected)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_cifar10_loader_refuses_pickles_that_carry_code(tmp_path, monkeypatch):
+    import pickle
+
+    batches = _write_cifar_batches(tmp_path)
+    (batches / "test_batch").write_bytes(pickle.dumps({b"data": _Payload()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="refusing to load"):
+        load_dataset("cifar10", tmp_path)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_download_checks_the_md5(tmp_path):
+    """The download path, exercised on a file:// URL (no network here)."""
+    import hashlib
+
+    from certbench.data import _fetch
+
+    source = tmp_path / "source.gz"
+    source.write_bytes(b"payload")
+    good = hashlib.md5(b"payload").hexdigest()
+    _fetch(source.as_uri(), tmp_path / "out" / "a.gz", good)
+    assert (tmp_path / "out" / "a.gz").read_bytes() == b"payload"
+    with pytest.raises(UserError, match="md5"):
+        _fetch(source.as_uri(), tmp_path / "out" / "b.gz", "0" * 32)
+    assert not (tmp_path / "out" / "b.gz").exists()
+    with pytest.raises(UserError, match="could not download"):
+        _fetch((tmp_path / "absent").as_uri(), tmp_path / "out" / "c.gz", good)

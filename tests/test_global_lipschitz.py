@@ -182,3 +182,33 @@ def test_bound_is_cached_so_certification_is_one_forward_pass(trained):
     verifier.certify(torch.rand(7, *DIGITS_SHAPE), "2", [0.1, 0.2])
     handle.remove()
     assert len(calls) == 1
+
+
+class _ScaledSkip(nn.Module):
+    def forward(self, x):
+        return torch.add(x, x, alpha=3.0)
+
+
+def test_arithmetic_with_keyword_arguments_is_refused():
+    model = nn.Sequential(nn.Flatten(), _ScaledSkip(), nn.Linear(64, 10))
+    with pytest.raises(UnsupportedLayerError, match="alpha"):
+        get_verifier("global-lipschitz").prepare(model.eval(), DIGITS_SHAPE)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def test_residual_connection_is_one_plus_the_branch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), _Residual(), nn.Linear(64, 10)).eval()
+    bounds = LipschitzGraph(model, DIGITS_SHAPE).bounds()
+    branch = torch.linalg.matrix_norm(model[1].branch.weight.double(), ord=2)
+    last = torch.linalg.matrix_norm(model[2].weight.double(), ord=2)
+    torch.testing.assert_close(bounds.penultimate, 1 + branch.detach())
+    torch.testing.assert_close(bounds.network, (1 + branch.detach()) * last.detach())

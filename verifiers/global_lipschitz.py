@@ -203,6 +203,10 @@ class LipschitzGraph:
 
         target = node.target
         args = [of(a) for a in node.args]
+        arithmetic = (operator.add, operator.sub, torch.add, operator.mul, torch.mul,
+                      operator.truediv, torch.div)
+        if node.kwargs and target in arithmetic:  # e.g. torch.add(x, y, alpha=2)
+            raise UnsupportedLayerError(f"no Lipschitz rule for {target!r} with {node.kwargs}")
         if node.op == "call_method" and target in _IDENTITY_METHODS:
             return args[0]
         if node.op == "call_function" and target in _IDENTITY_FUNCTIONS:
