@@ -3,7 +3,7 @@
 Importing this package registers every built-in verifier.
 """
 
-from certbench.verifiers import global_lipschitz  # noqa: F401  (registers itself)
+from certbench.verifiers import bound_propagation, global_lipschitz  # noqa: F401 (register)
 from certbench.verifiers.base import (
     ABSTAIN,
     NORMS,

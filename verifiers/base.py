@@ -72,6 +72,16 @@ class Certificate:
     alpha: float | None = None
 
 
+FLOAT_SLACK = 1e-5
+
+
+def float_slack(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample allowance for float rounding, subtracted from margin bounds before a
+    verdict: FLOAT_SLACK * (1 + max_j |f_j(x)|), float64. A conservative allowance for
+    float32 arithmetic, not a rigorous floating-point analysis."""
+    return FLOAT_SLACK * (1.0 + logits.detach().abs().amax(dim=1).to(torch.float64))
+
+
 class Verifier(Protocol):
     """A certification method. Instances hold per-model state set by ``prepare``."""
 

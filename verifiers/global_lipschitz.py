@@ -23,7 +23,7 @@ Certified radii for the predicted class y (ties are never certified):
   the l2 radius / sqrt(D) ("linf_via_l2"); loose by design and named so.
 
 Float safety: L is computed in float64 and inflated by ``REL_SLACK``; margins come from a
-float32 forward pass and are reduced by ``ABS_SLACK * (1 + max |f|)`` before dividing, so
+float32 forward pass and are reduced by ``base.float_slack`` (1e-5 * (1 + max |f|)), so
 rounding of the logits cannot turn a zero margin into a certificate. This is a
 conservative allowance, not a rigorous floating-point analysis of the forward pass.
 """
@@ -46,13 +46,13 @@ from certbench.verifiers.base import (
     Certificate,
     UnsupportedLayerError,
     Verdict,
+    float_slack,
     register,
     verdict_code,
 )
 
 CERTIFIED, NOT_CERTIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.NOT_CERTIFIED)
 REL_SLACK = 1e-6
-ABS_SLACK = 1e-5
 
 _IDENTITY_FUNCTIONS = {torch.flatten, torch.relu, nn.functional.relu, torch.reshape}
 _IDENTITY_METHODS = {"view", "reshape", "flatten", "contiguous", "relu"}
@@ -253,11 +253,6 @@ def margins(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairwise = logits.gather(1, prediction[:, None]) - logits
     pairwise.scatter_(1, prediction[:, None], math.inf)
     return prediction, pairwise
-
-
-def float_slack(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample allowance for rounding in the logits (see the module docstring)."""
-    return ABS_SLACK * (1.0 + logits.detach().abs().amax(dim=1).to(torch.float64))
 
 
 @register("global-lipschitz", "global l2 Lipschitz bound: GloRo (pairwise) or LMT radius")

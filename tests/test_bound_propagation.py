@@ -1,0 +1,182 @@
+"""Soundness and behaviour of the bound-propagation engine (IBP, CROWN, CROWN-IBP,
+alpha-CROWN): bounds contain every output that sampling and PGD find in the ball, exact
+answers on linear networks, alpha-CROWN never looser than CROWN, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from certbench.attacks import pgd
+from certbench.verifiers import UnsupportedLayerError, Verdict, get_verifier, verdict_code
+from certbench.verifiers.bound_propagation import (
+    Ball,
+    BoundPropagator,
+    TracedNetwork,
+    margin_spec,
+)
+from conftest import DIGITS_SHAPE, random_model
+
+METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
+ARCHS = {
+    "mlp": {"widths": [32, 32]},
+    "cnn-small": {"width": 2, "linear_size": 32},
+    "resnet-tiny": {"channels": 4, "blocks": 1, "hidden": 16, "batchnorm": True},
+}
+EPS = {"inf": 0.02, "2": 0.15}
+
+
+def sample_ball(x: torch.Tensor, eps: float, norm: str, count: int, seed: int) -> torch.Tensor:
+    """``count`` points of the ball around each x, clipped to [0, 1] (clipping toward
+    x keeps a point inside the ball), half of them on the sphere/box corners."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (count, *x.shape)
+    if norm == "inf":
+        delta = (2 * torch.rand(shape, generator=gen) - 1) * eps
+        delta[: count // 2] = delta[: count // 2].sign() * eps
+    else:
+        direction = torch.randn(shape, generator=gen)
+        direction /= direction.flatten(2).norm(dim=2)[..., None, None, None]
+        radius = torch.rand(count, len(x), 1, 1, 1, generator=gen)
+        radius[: count // 2] = 1.0
+        delta = direction * radius * eps
+    return (x[None] + delta).clamp(0, 1)
+
+
+def margins(model, points, spec):
+    with torch.no_grad():
+        return (spec @ model(points).unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_bounds_contain_sampled_and_attacked_outputs(arch, norm):
+    model = random_model(arch, seed=7, **ARCHS[arch])
+    x = torch.rand(8, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(3))
+    eps = EPS[norm]
+    with torch.no_grad():
+        prediction = model(x).argmax(1)
+    spec = margin_spec(prediction, 10)
+    propagator = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    bounds = {m: propagator.lower_bound(spec, Ball(x, eps, norm), m) for m in METHODS}
+    points = sample_ball(x, eps, norm, 300, seed=1)
+    observed = torch.stack([margins(model, p, spec) for p in points]).amin(0)
+    attacked, _ = pgd(model, x, prediction, eps, norm, steps=50, restarts=3)
+    observed = torch.minimum(observed, margins(model, attacked, spec))
+    for method, lb in bounds.items():
+        assert (lb <= observed + 1e-5).all(), f"{method} bound above an observed margin"
+    # alpha-CROWN starts from CROWN's slopes and keeps the best: never looser
+    assert (bounds["alpha-crown"] >= bounds["crown"] - 1e-6).all()
+    # the bounds are informative, not -inf: CROWN is within reach of the observed minimum
+    assert (observed - bounds["crown"]).mean() < 10 * observed.abs().mean() + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_on_a_network_without_relus(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.Linear(20, 10)).eval()
+    x = torch.rand(5, *DIGITS_SHAPE)
+    with torch.no_grad():
+        prediction = model(x).argmax(1)
+    spec = margin_spec(prediction, 10)
+    propagator = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    w = model[2].weight @ model[1].weight  # the network is x -> W x + b
+    a = spec @ w  # (batch, rows, 64)
+    center = (spec @ model(x).unsqueeze(-1)).squeeze(-1)
+    lo, hi = (x - 0.05).clamp(0, 1).flatten(1), (x + 0.05).clamp(0, 1).flatten(1)
+    exact = center + torch.einsum("brd,bd->br", a.clamp(max=0), hi - x.flatten(1)) + \
+        torch.einsum("brd,bd->br", a.clamp(min=0), lo - x.flatten(1))
+    lb = propagator.lower_bound(spec, Ball(x, 0.05, "inf"), method)
+    if method == "ibp":  # IBP loses correlations across the two layers
+        assert (lb <= exact + 1e-5).all()
+    else:
+        torch.testing.assert_close(lb, exact.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_intermediate_bounds_equal_unchunked():
+    model = random_model("cnn-small", seed=2, **ARCHS["cnn-small"])
+    x = torch.rand(3, *DIGITS_SHAPE)
+    spec = margin_spec(model(x).argmax(1), 10)
+    net = TracedNetwork(model, DIGITS_SHAPE)
+    whole = BoundPropagator(net).lower_bound(spec, Ball(x, 0.01, "inf"), "crown")
+    chunked = BoundPropagator(net, memory_budget_bytes=20_000).lower_bound(
+        spec, Ball(x, 0.01, "inf"), "crown"
+    )
+    torch.testing.assert_close(whole, chunked)
+
+
+def test_l2_ball_is_intersected_with_the_box():
+    """A ball much larger than the box: the box bound is the tighter one, and the ball
+    intersected with the box uses it (max of the two sound lower bounds)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.full((2, *DIGITS_SHAPE), 0.5)
+    spec = margin_spec(model(x).argmax(1), 10)
+    propagator = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    clipped = propagator.lower_bound(spec, Ball(x, 5.0, "2", clip=True), "crown")
+    plain = propagator.lower_bound(spec, Ball(x, 5.0, "2", clip=False), "crown")
+    assert (clipped >= plain).all() and (clipped > plain + 1e-4).any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_certified_points_of_trained_models_survive_pgd(trained, digits, method):
+    x = digits.x_test[:60]
+    total = 0
+    for name in ("mlp-standard", "mlp-gloro", "cnn-small-gloro"):
+        model = trained[name]
+        verifier = get_verifier(method, radius=True, radius_max=0.2, radius_tol=2e-3)
+        verifier.prepare(model, DIGITS_SHAPE)
+        cert = verifier.certify(x, "inf", [0.01])
+        keep = cert.radius > 0
+        _, success = pgd(model, x[keep], cert.prediction[keep], cert.radius[keep].float(), "inf",
+                         steps=50, restarts=3)
+        assert not success.any(), f"{name}: PGD flipped a point certified by {method}"
+        total += int(keep.sum())
+    assert total > 50
+
+
+def test_radius_is_certified_and_nearly_maximal(trained, digits):
+    model = trained["mlp-gloro"]
+    verifier = get_verifier("crown", radius=True, radius_max=0.5, radius_tol=1e-3)
+    verifier.prepare(model, DIGITS_SHAPE)
+    x = digits.x_test[:20]
+    cert = verifier.certify(x, "inf", [0.01])
+    spec = margin_spec(cert.prediction, 10)
+    slack = 1e-5 * (1 + model(x).abs().amax(1))
+    at = verifier.margin_lower_bounds(x, spec, cert.radius.float(), "inf").min(1).values
+    above = verifier.margin_lower_bounds(x, spec, cert.radius.float() + 2e-3, "inf")
+    positive = cert.radius > 0
+    assert (at[positive] > slack[positive]).all()
+    assert (above.min(1).values[positive] <= slack[positive]).all()
+
+
+def test_time_budget_exhausted_is_timeout_not_failure(trained, digits):
+    verifier = get_verifier("crown", time_budget_s=0.0)
+    verifier.prepare(trained["mlp-gloro"], DIGITS_SHAPE)
+    cert = verifier.certify(digits.x_test[:5], "inf", [0.01, 0.02])
+    assert (cert.verdicts == verdict_code(Verdict.TIMEOUT)).all()
+
+
+@pytest.mark.parametrize(
+    "layer,name",
+    [(nn.Softmax(dim=1), "Softmax"), (nn.MaxPool2d(2), "MaxPool2d"), (nn.Tanh(), "Tanh")],
+)
+def test_unsupported_layer_is_named(layer, name):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, *DIGITS_SHAPE))
+    with pytest.raises(UnsupportedLayerError, match=name):
+        get_verifier("crown").prepare(model.eval(), DIGITS_SHAPE)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 10, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x.flatten(1, 2))[0][:, -1]
+
+
+def test_lstm_is_refused():
+    with pytest.raises(UnsupportedLayerError, match="LSTM|lstm"):
+        get_verifier("ibp").prepare(_Recurrent().eval(), DIGITS_SHAPE)

@@ -1,0 +1,218 @@
+"""Per-operation bound rules: forward, interval propagation (IBP) and the backward step of
+linear relaxation (CROWN), one small class per operation family.
+
+Shapes: activations are (batch, *shape). A backward coefficient tensor ``a`` has shape
+(batch, rows, *shape): row r of sample b is the linear function sum(a[b, r] * y) of this
+operation's output y that is being bounded from below. ``backward`` rewrites it as a
+linear function of the operation's input plus a constant (batch, rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _rowsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension after (batch, rows)."""
+    return t.flatten(2).sum(-1)
+
+
+def _fold(a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(batch, rows, *shape) -> (batch * rows, *shape), to run a layer's transpose."""
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), (a.shape[0], a.shape[1])
+
+
+def _unfold(t: torch.Tensor, lead: tuple[int, int]) -> torch.Tensor:
+    return t.reshape(*lead, *t.shape[1:])
+
+
+class Operation:
+    """A node's operation. Linear operations (everything but ReLU) implement
+    ``forward``, ``ibp`` and ``backward``; ReLU's rules live in `relu_backward`."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ibp(self, *bounds: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(self, a: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | float]:
+        """Coefficients for each input, and the constant term (batch, rows) or 0."""
+        raise NotImplementedError
+
+
+class Dense(Operation):
+    """y = x W^T + b."""
+
+    def __init__(self, module: nn.Linear):
+        self.weight, self.bias = module.weight, module.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def ibp(self, bounds):
+        lower, upper = bounds
+        mid, rad = (upper + lower) / 2, (upper - lower) / 2
+        mid = F.linear(mid, self.weight, self.bias)
+        rad = F.linear(rad, self.weight.abs())
+        return mid - rad, mid + rad
+
+    def backward(self, a):
+        const = 0.0 if self.bias is None else a @ self.bias
+        return [a @ self.weight], const
+
+
+class Conv(Operation):
+    """y = conv2d(x, W) + b, transposed with ``torch.nn.grad.conv2d_input``."""
+
+    def __init__(self, module: nn.Conv2d, input_shape: Sequence[int]):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError("only numeric zero padding is supported")
+        self.module = module
+        self.input_shape = tuple(input_shape)
+
+    def _conv(self, x, weight, bias):
+        m = self.module
+        return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+
+    def forward(self, x):
+        return self._conv(x, self.module.weight, self.module.bias)
+
+    def ibp(self, bounds):
+        lower, upper = bounds
+        mid, rad = (upper + lower) / 2, (upper - lower) / 2
+        mid = self._conv(mid, self.module.weight, self.module.bias)
+        rad = self._conv(rad, self.module.weight.abs(), None)
+        return mid - rad, mid + rad
+
+    def backward(self, a):
+        m = self.module
+        flat, lead = _fold(a)
+        grad = torch.nn.grad.conv2d_input(
+            (flat.shape[0], *self.input_shape), m.weight, flat, m.stride, m.padding,
+            m.dilation, m.groups,
+        )
+        const = 0.0 if m.bias is None else (a.sum(dim=(-2, -1)) @ m.bias)
+        return [_unfold(grad, lead)], const
+
+
+class Elementwise(Operation):
+    """y = x * scale + shift with constant tensors broadcast over the batch (the
+    normalisation layer, BatchNorm in eval mode, arithmetic with constants)."""
+
+    def __init__(self, scale: torch.Tensor | float, shift: torch.Tensor | float):
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+    def ibp(self, bounds):
+        lower, upper = bounds
+        a, b = lower * self.scale + self.shift, upper * self.scale + self.shift
+        return torch.minimum(a, b), torch.maximum(a, b)
+
+    def backward(self, a):
+        shift = torch.as_tensor(self.shift, dtype=a.dtype, device=a.device)
+        const = _rowsum(a * shift) if shift.any() else 0.0
+        return [a * self.scale], const
+
+
+class AvgPool(Operation):
+    """Average pooling: linear with non-negative weights; transposed through autograd."""
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int]):
+        self.module = module
+        self.input_shape = tuple(input_shape)
+
+    def forward(self, x):
+        return self.module(x)
+
+    def ibp(self, bounds):
+        return self.module(bounds[0]), self.module(bounds[1])
+
+    def backward(self, a):
+        flat, lead = _fold(a)
+        primal = torch.zeros(flat.shape[0], *self.input_shape, dtype=a.dtype, device=a.device)
+        _, vjp = torch.func.vjp(self.module, primal)
+        return [_unfold(vjp(flat)[0], lead)], 0.0
+
+
+class Reshape(Operation):
+    """Flatten / view: the same numbers in another shape."""
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int]):
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.output_shape)
+
+    def ibp(self, bounds):
+        return self.forward(bounds[0]), self.forward(bounds[1])
+
+    def backward(self, a):
+        return [a.reshape(*a.shape[:2], *self.input_shape)], 0.0
+
+
+class Sum(Operation):
+    """y = sum_i sign_i * x_i (residual additions, differences of two activations)."""
+
+    def __init__(self, signs: Sequence[float]):
+        self.signs = tuple(signs)
+
+    def forward(self, *xs):
+        return sum(s * x for s, x in zip(self.signs, xs, strict=True))
+
+    def ibp(self, *bounds):
+        lower = sum(lo if s > 0 else -hi for s, (lo, hi) in zip(self.signs, bounds, strict=True))
+        upper = sum(hi if s > 0 else -lo for s, (lo, hi) in zip(self.signs, bounds, strict=True))
+        return lower, upper
+
+    def backward(self, a):
+        return [a * s for s in self.signs], 0.0
+
+
+class Relu(Operation):
+    def forward(self, x):
+        return torch.relu(x)
+
+    def ibp(self, bounds):
+        return torch.relu(bounds[0]), torch.relu(bounds[1])
+
+
+def relu_relaxation(
+    lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear bounds of y = relu(z) for z in [lower, upper] (Zhang et al. 2018, CROWN):
+    lower_slope * z <= y <= upper_slope * z + upper_intercept.
+
+    Stable neurons are exact (slope 1 if lower >= 0, 0 if upper <= 0). An unstable neuron
+    (lower < 0 < upper) gets the chord of the triangle as its upper bound and a lower
+    slope in [0, 1]: ``alpha`` if given (alpha-CROWN), else CROWN's adaptive choice, 1 if
+    upper > -lower and 0 otherwise (the slope that minimises the relaxation's area).
+    """
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(lower.dtype)
+    width = (upper - lower).clamp(min=1e-12)
+    upper_slope = torch.where(unstable, upper / width, active)
+    upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(lower))
+    if alpha is None:
+        adaptive = (upper > -lower).to(lower.dtype)
+        lower_slope = torch.where(unstable, adaptive, active)
+    else:
+        lower_slope = torch.where(unstable, alpha, active)
+    return lower_slope, upper_slope, upper_intercept
+
+
+def relu_backward(
+    a: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward step through ReLU for a lower bound of sum(a * y): positive coefficients
+    take the lower relaxation, negative ones the upper (each row separately)."""
+    lower, upper = lower.unsqueeze(1), upper.unsqueeze(1)
+    lower_slope, upper_slope, upper_intercept = relu_relaxation(lower, upper, alpha)
+    a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+    return a_pos * lower_slope + a_neg * upper_slope, _rowsum(a_neg * upper_intercept)

@@ -1,0 +1,153 @@
+"""The registered verifiers ``ibp``, ``crown``, ``crown-ibp`` and ``alpha-crown``.
+
+Specification: for the predicted class y, the margins f_y - f_j for every j != y (one row
+of the C matrix each). A sample is *certified* at eps when every margin's lower bound
+exceeds a float allowance (``float_slack``: 1e-5 * (1 + max |f(x)|), so rounding in the
+float32 bound computation cannot make a zero bound look positive).
+
+Options:
+- ``radius``: also find the largest certified eps per sample by bisection on
+  [0, ``radius_max``] to ``radius_tol`` (the lower end of the final interval, so the
+  radius is itself certified; 0 if nothing is);
+- ``time_budget_s``: seconds per sample; the batch gets budget x batch size, and any eps
+  not reached in time is recorded as *timeout*, never as *not certified*;
+- ``alpha_iterations``, ``alpha_lr``: alpha-CROWN's optimisation;
+- ``memory_budget_mb``: cap on one backward pass's coefficients (chunking);
+- ``clip``: intersect the ball with the [0, 1] input box (default true).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from certbench.verifiers.base import (
+    NORMS,
+    Certificate,
+    Verdict,
+    float_slack,
+    register,
+    verdict_code,
+)
+from certbench.verifiers.bound_propagation.graph import TracedNetwork
+from certbench.verifiers.bound_propagation.propagation import Ball, BoundPropagator
+
+METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
+
+
+def margin_spec(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C of shape (batch, classes - 1, classes): rows e_y - e_j for every j != y."""
+    eye = torch.eye(num_classes, device=prediction.device)
+    others = torch.arange(num_classes, device=prediction.device)
+    others = others[None].expand(len(prediction), -1)
+    others = others[others != prediction[:, None]].reshape(len(prediction), num_classes - 1)
+    return eye[prediction][:, None, :] - eye[others]
+
+
+class LinearRelaxationVerifier:
+    """Certify margins with one of METHODS; see the module docstring for options."""
+
+    def __init__(
+        self,
+        method: str,
+        radius: bool = False,
+        radius_max: float = 1.0,
+        radius_tol: float = 1e-3,
+        time_budget_s: float | None = None,
+        alpha_iterations: int = 20,
+        alpha_lr: float = 0.1,
+        memory_budget_mb: float = 1024,
+        clip: bool = True,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if radius_max <= 0 or radius_tol <= 0:
+            raise ValueError("radius_max and radius_tol must be positive")
+        self.method = self.name = method
+        self.radius, self.radius_max, self.radius_tol = radius, radius_max, radius_tol
+        self.time_budget_s = time_budget_s
+        self.alpha_iterations, self.alpha_lr = alpha_iterations, alpha_lr
+        self.memory_budget_bytes = int(memory_budget_mb * 2**20)
+        self.clip = clip
+        self.model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
+        self.model = model.eval()
+        self.propagator = BoundPropagator(
+            TracedNetwork(model, input_shape), self.memory_budget_bytes
+        )
+
+    def margin_lower_bounds(
+        self, x: torch.Tensor, spec: torch.Tensor, eps: float | torch.Tensor, norm: str
+    ) -> torch.Tensor:
+        """Lower bounds (batch, rows) of the margins over the ball of radius eps."""
+        ball = Ball(x, eps, norm, self.clip)
+        return self.propagator.lower_bound(
+            spec, ball, self.method, self.alpha_iterations, self.alpha_lr
+        )
+
+    @torch.no_grad()
+    def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
+        if self.model is None:
+            raise RuntimeError("call prepare(model, input_shape) before certify")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        started = time.perf_counter()
+        budget = math.inf if self.time_budget_s is None else self.time_budget_s * len(x)
+        logits = self.model(x)
+        prediction = logits.argmax(1)
+        spec = margin_spec(prediction, logits.shape[1]).to(x.dtype)
+        slack = float_slack(logits).to(x.dtype)
+        verdicts = torch.full((len(x), len(eps)), verdict_code(Verdict.TIMEOUT), dtype=torch.int8)
+        margin_lb = torch.full((len(x), len(eps)), math.nan, dtype=torch.float64)
+        for k, e in enumerate(eps):
+            if time.perf_counter() - started > budget:
+                break
+            lb = self.margin_lower_bounds(x, spec, e, norm).min(dim=1).values
+            margin_lb[:, k] = lb.double().cpu()
+            certified = (lb > slack).cpu()
+            verdicts[:, k] = torch.where(
+                certified, verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.NOT_CERTIFIED)
+            ).to(torch.int8)
+        radius = None
+        if self.radius:
+            radius = self._bisect(x, spec, slack, norm, started, budget)
+        return Certificate(
+            prediction=prediction.cpu(), verdicts=verdicts, radius=radius,
+            columns={"margin_lb": margin_lb},
+        )
+
+    def _bisect(self, x, spec, slack, norm, started, budget) -> torch.Tensor:
+        """Largest certified eps per sample, to radius_tol (the certified lower end)."""
+        lo = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        hi = torch.full_like(lo, self.radius_max)
+        top = self.margin_lower_bounds(x, spec, hi, norm).min(dim=1).values > slack
+        lo = torch.where(top, hi, lo)
+        while ((hi - lo) > self.radius_tol).any() and time.perf_counter() - started <= budget:
+            mid = (lo + hi) / 2
+            ok = self.margin_lower_bounds(x, spec, mid, norm).min(dim=1).values > slack
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+        return lo.double().cpu()
+
+
+def _factory(method: str):
+    def make(**options) -> LinearRelaxationVerifier:
+        return LinearRelaxationVerifier(method, **options)
+
+    return make
+
+
+register("ibp", "interval bound propagation (Gowal et al. 2018)")(_factory("ibp"))
+register("crown", "CROWN linear relaxation, CROWN intermediate bounds (Zhang et al. 2018)")(
+    _factory("crown")
+)
+register("crown-ibp", "CROWN final bound on IBP intermediate bounds (Zhang et al. 2020)")(
+    _factory("crown-ibp")
+)
+register("alpha-crown", "CROWN with optimised ReLU lower slopes (Xu et al. 2021)")(
+    _factory("alpha-crown")
+)
