@@ -79,10 +79,11 @@ class TracedNetwork:
             raise UnsupportedLayerError(f"cannot trace the model with torch.fx: {exc}") from exc
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
+        dtype = param.dtype if param is not None else None
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, *input_shape, device=device))
+            ShapeProp(gm).propagate(torch.zeros(1, *input_shape, device=device, dtype=dtype))
         model.train(was_training)
         self.graph_module = gm
         self.nodes: list[Node] = []
