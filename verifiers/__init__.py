@@ -7,6 +7,7 @@ from certbench.verifiers import (  # noqa: F401  (importing registers the verifi
     bound_propagation,
     exact,
     global_lipschitz,
+    lirpa,
 )
 from certbench.verifiers.base import (
     ABSTAIN,

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from certbench.verifiers.bound_propagation.graph import TracedNetwork
-from certbench.verifiers.bound_propagation.operators import Relu, relu_backward, relu_relaxation
+from certbench.verifiers.bound_propagation.operators import (
+    Dense,
+    Relu,
+    relu_backward,
+    relu_relaxation,
+)
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,15 +85,28 @@ class BoundPropagator:
         self.relu_inputs = [
             node.inputs[0] for node in network.nodes if isinstance(node.op, Relu)
         ]
+        self.affine: set[int] = set()  # nodes that are affine functions of the input
+        for i, node in enumerate(network.nodes):
+            if i == 0 or (not isinstance(node.op, Relu)
+                          and all(j in self.affine for j in node.inputs)):
+                self.affine.add(i)
 
     # -- forward and intervals -------------------------------------------------------
     def ibp(self, ball: Ball) -> list[Bounds]:
+        """Interval bounds of every node. For an l2 ball the inputs of the first ReLUs,
+        affine in the input, are bounded exactly (w.x0 -+ eps ||w||, the backward pass
+        without relaxations) rather than through the ball's bounding box, as auto_LiRPA
+        does; the two intervals are intersected."""
         bounds: list[Bounds] = []
         for i, node in enumerate(self.net.nodes):
             if i == 0:
                 bounds.append(ball.box())
-            else:
-                bounds.append(node.op.ibp(*[bounds[j] for j in node.inputs]))
+                continue
+            lower, upper = node.op.ibp(*[bounds[j] for j in node.inputs])
+            if ball.norm != "inf" and i in self.affine and i in self.relu_inputs:
+                exact_lower, exact_upper = self.node_bounds(i, ball, {})
+                lower, upper = torch.maximum(lower, exact_lower), torch.minimum(upper, exact_upper)
+            bounds.append((lower, upper))
         return bounds
 
     # -- the backward pass -----------------------------------------------------------
@@ -177,9 +195,7 @@ class BoundPropagator:
         (batch, rows, classes). ``method``: ibp, crown, crown-ibp or alpha-crown."""
         out = self.net.output
         if method == "ibp":
-            lower, upper = self.ibp(ball)[out]
-            mid, rad = (upper + lower) / 2, (upper - lower) / 2
-            return (spec @ mid.unsqueeze(-1) - spec.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+            return self._ibp_margins(spec, ball)
         if method == "crown-ibp":
             return self.backward(out, spec, ball, self.intermediate_bounds(ball, "ibp"))
         if method not in ("crown", "alpha-crown"):
@@ -189,6 +205,22 @@ class BoundPropagator:
         if method == "crown":
             return crown
         return self._optimise_alphas(spec, ball, bounds, crown, alpha_iterations, alpha_lr)
+
+    def _ibp_margins(self, spec: torch.Tensor, ball: Ball) -> torch.Tensor:
+        """IBP bounds of spec . f, with the spec merged into a final dense layer
+        (C W h + C b bounded from the interval of h, as CROWN-IBP and auto_LiRPA do),
+        which is never looser than bounding f first."""
+        out = self.net.nodes[self.net.output]
+        bounds = self.ibp(ball)
+        if isinstance(out.op, Dense):
+            weight = spec @ out.op.weight  # (batch, rows, hidden)
+            const = spec @ out.op.bias if out.op.bias is not None else 0.0
+            lower, upper = bounds[out.inputs[0]]
+        else:
+            weight, const = spec, 0.0
+            lower, upper = bounds[self.net.output]
+        mid, rad = ((upper + lower) / 2).unsqueeze(-1), ((upper - lower) / 2).unsqueeze(-1)
+        return (weight @ mid - weight.abs() @ rad).squeeze(-1) + const
 
     def _optimise_alphas(self, spec, ball, bounds, best, iterations, lr) -> torch.Tensor:
         alphas = {}
