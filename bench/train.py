@@ -19,6 +19,16 @@ vectors kept between steps (``lipschitz = "power"``, as GloRo's and LMT's own co
 much cheaper for wide convolutions). Certification always uses the exact bound.
 BatchNorm enters with its running statistics.
 
+- ``ibp`` (Gowal et al. 2018) and ``crown-ibp`` (Zhang et al. 2020, "Towards stable and
+  efficient training of verifiably robust neural networks", Eq. 6-7): with m the lower
+  bounds of the margins f_y - f_j over the eps-ball (the engine of
+  `certbench.verifiers.bound_propagation`), minimise
+  kappa * CE(f(x), y) + (1 - kappa) * CE(-m, y). eps ramps linearly from 0 over
+  ``ramp_epochs`` and kappa from 1 to ``kappa_end`` alongside it. For ``crown-ibp`` the
+  bound is beta * CROWN-IBP + (1 - beta) * IBP with beta going from 1 to 0 on the same
+  ramp, as in the paper; for ``ibp`` it is IBP alone. Bounds use BatchNorm's running
+  statistics.
+
 Training is seeded, shows a progress bar, and resumes from the last finished epoch: the
 state is saved after every epoch to ``STEM.train-state.pt`` (tensors and numbers only,
 reloaded with ``weights_only=True``) and removed when the checkpoint is written.
@@ -41,6 +51,7 @@ from certbench.data import Dataset
 from certbench.errors import UserError
 from certbench.models import build_model, checkpoint_paths, save_checkpoint
 from certbench.provenance import library_versions
+from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -52,6 +63,14 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lmt": {
         "epochs": 40, "lr": 1e-3, "batch_size": 128, "c": 0.3, "ramp_epochs": None,
         "lipschitz": "exact",
+    },
+    "ibp": {
+        "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",
+        "ramp_epochs": None, "kappa_end": 0.5,
+    },
+    "crown-ibp": {
+        "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",
+        "ramp_epochs": None, "kappa_end": 0.0,
     },
 }
 RECIPES = tuple(RECIPE_DEFAULTS)
@@ -68,6 +87,8 @@ def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
             f"recipe {recipe!r} has no argument(s) {sorted(unknown)}; it takes {sorted(defaults)}"
         )
     merged = dict(defaults, **(args or {}))
+    if merged.get("norm", "inf") not in ("inf", "2"):
+        raise UserError(f"recipe {recipe!r}: norm must be 'inf' or '2'")
     if merged.get("lipschitz", "exact") not in ("exact", "power"):
         raise UserError(f"recipe {recipe!r}: lipschitz must be 'exact' or 'power'")
     if "ramp_epochs" in merged and merged["ramp_epochs"] is None:
@@ -91,7 +112,12 @@ def _ramp(value: float, ramp_epochs: float, progress: float) -> float:
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def make_loss(recipe: str, args: dict[str, Any], graph: LipschitzGraph | None) -> LossFn:
+def make_loss(
+    recipe: str,
+    args: dict[str, Any],
+    graph: LipschitzGraph | None,
+    propagator: BoundPropagator | None = None,
+) -> LossFn:
     """The loss of ``recipe``; ``progress`` is the number of epochs done (fractional)."""
     if recipe == "standard":
         return lambda model, x, y, progress: F.cross_entropy(model(x), y)
@@ -109,6 +135,24 @@ def make_loss(recipe: str, args: dict[str, Any], graph: LipschitzGraph | None) -
             return F.cross_entropy(logits, y) + args["trades_lambda"] * kl
 
         return gloro
+    if recipe in ("ibp", "crown-ibp"):
+
+        def certified(model, x, y, progress):
+            logits = model(x)
+            ramp = 1.0 if args["ramp_epochs"] <= 0 else min(1.0, progress / args["ramp_epochs"])
+            kappa = 1.0 + (args["kappa_end"] - 1.0) * ramp
+            ball = Ball(x, args["eps"] * ramp, args["norm"])
+            eye = torch.eye(logits.shape[1], device=x.device, dtype=x.dtype)
+            spec = eye[y][:, None, :] - eye[None]  # rows e_y - e_j, all j (row y is 0)
+            bound = propagator.lower_bound(spec, ball, "ibp")
+            beta = 1.0 - ramp
+            if recipe == "crown-ibp" and beta > 0:
+                bound = beta * propagator.lower_bound(spec, ball, "crown-ibp") + (
+                    1 - beta) * bound
+            robust = F.cross_entropy(-bound, y)
+            return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust
+
+        return certified
     if recipe == "lmt":
 
         def lmt(model, x, y, progress):
@@ -155,7 +199,10 @@ def train_model(
         graph = LipschitzGraph(
             model, dataset.input_shape, power_iteration=hp["lipschitz"] == "power"
         )
-    loss_fn = make_loss(recipe, hp, graph)
+    propagator = None
+    if recipe in ("ibp", "crown-ibp"):
+        propagator = BoundPropagator(TracedNetwork(model, dataset.input_shape))
+    loss_fn = make_loss(recipe, hp, graph, propagator)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     epochs = int(hp["epochs"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
