@@ -72,6 +72,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from certbench.models import ARCHITECTURES
     from certbench.train import RECIPE_DEFAULTS
     from certbench.verifiers import verifier_names
+    from certbench.verifiers.lirpa import lirpa_status
 
     print("datasets:      " + ", ".join(DATASETS))
     print("architectures: " + ", ".join(ARCHITECTURES))
@@ -81,6 +82,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("verifiers:")
     for name, summary in verifier_names().items():
         print(f"  {name:<18} {summary}")
+    usable, detail = lirpa_status()
+    print("auto_LiRPA:    " + (f"{detail} (lirpa:* verifiers usable)" if usable else
+                               f"not usable, lirpa:* cells will fail: {detail}"))
     print("matrices:      " + ", ".join(packaged_matrices()))
     return 0
 
