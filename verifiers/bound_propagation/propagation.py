@@ -151,17 +151,22 @@ class BoundPropagator:
         return max(1, self.memory_budget_bytes // (4 * batch * widest * itemsize))
 
     def node_bounds(
-        self, target: int, ball: Ball, bounds: dict[int, Bounds]
+        self, target: int, ball: Ball, bounds: dict[int, Bounds],
+        neurons: torch.Tensor | None = None,
     ) -> Bounds:
-        """CROWN bounds of every neuron of node ``target`` (lower from the identity rows,
-        upper from the negated rows), computed in memory-bounded chunks."""
+        """CROWN bounds of the neurons of node ``target`` (lower bounds from identity rows,
+        upper bounds from negated rows), in memory-bounded chunks. ``neurons`` (flat
+        indices) restricts the work to those; the result then holds only their bounds,
+        shape (batch, len(neurons))."""
         shape = self.net.nodes[target].shape
         x = ball.center
         n = int(torch.tensor(shape).prod())
-        chunk = self._rows_per_chunk(target, len(x), x.element_size())
+        if neurons is None:
+            neurons = torch.arange(n, device=x.device)
+        step = max(1, self._rows_per_chunk(target, len(x), x.element_size()) // 2)
         lowers, uppers = [], []
-        for start in range(0, n, max(1, chunk // 2)):
-            rows = torch.arange(start, min(n, start + max(1, chunk // 2)), device=x.device)
+        for start in range(0, len(neurons), step):
+            rows = neurons[start : start + step]
             eye = torch.zeros(len(rows), n, dtype=x.dtype, device=x.device)
             eye[torch.arange(len(rows)), rows] = 1.0
             spec = torch.cat([eye, -eye]).reshape(1, 2 * len(rows), *shape)
@@ -169,17 +174,32 @@ class BoundPropagator:
             lb = self.backward(target, spec, ball, bounds)
             lowers.append(lb[:, : len(rows)])
             uppers.append(-lb[:, len(rows):])
-        return (torch.cat(lowers, 1).reshape(len(x), *shape),
-                torch.cat(uppers, 1).reshape(len(x), *shape))
+        if not lowers:
+            empty = x.new_zeros(len(x), 0)
+            return empty, empty
+        lower, upper = torch.cat(lowers, 1), torch.cat(uppers, 1)
+        if len(neurons) == n:
+            return lower.reshape(len(x), *shape), upper.reshape(len(x), *shape)
+        return lower, upper
 
     def intermediate_bounds(self, ball: Ball, method: str) -> dict[int, Bounds]:
-        """Bounds of every ReLU input: by IBP ("ibp") or by CROWN ("crown")."""
+        """Bounds of every ReLU input: by IBP ("ibp") or by CROWN ("crown").
+
+        For CROWN, only neurons that IBP finds unstable for some sample of the batch get
+        a backward pass: a ReLU whose input IBP proves non-negative or non-positive is
+        relaxed exactly whatever tighter bound CROWN would give, so IBP's bound serves."""
+        ibp = self.ibp(ball)
         if method == "ibp":
-            ibp = self.ibp(ball)
             return {i: ibp[i] for i in self.relu_inputs}
         bounds: dict[int, Bounds] = {}
         for i in self.relu_inputs:
-            bounds[i] = self.node_bounds(i, ball, bounds)
+            lower, upper = (t.flatten(1).clone() for t in ibp[i])
+            unstable = ((lower < 0) & (upper > 0)).any(dim=0).nonzero().flatten()
+            crown_lower, crown_upper = self.node_bounds(i, ball, bounds, unstable)
+            lower[:, unstable] = crown_lower.reshape(len(lower), -1)
+            upper[:, unstable] = crown_upper.reshape(len(lower), -1)
+            shape = (len(lower), *self.net.nodes[i].shape)
+            bounds[i] = (lower.reshape(shape), upper.reshape(shape))
         return bounds
 
     # -- the methods -----------------------------------------------------------------
