@@ -79,7 +79,7 @@ class BoundPropagator:
     an intermediate layer's identity specification are processed in chunks that fit.
     """
 
-    def __init__(self, network: TracedNetwork, memory_budget_bytes: int = 1 << 30):
+    def __init__(self, network: TracedNetwork, memory_budget_bytes: int = 64 << 20):
         self.net = network
         self.memory_budget_bytes = memory_budget_bytes
         self.relu_inputs = [

@@ -12,7 +12,8 @@ Options:
 - ``time_budget_s``: seconds per sample; the batch gets budget x batch size, and any eps
   not reached in time is recorded as *timeout*, never as *not certified*;
 - ``alpha_iterations``, ``alpha_lr``: alpha-CROWN's optimisation;
-- ``memory_budget_mb``: cap on one backward pass's coefficients (chunking);
+- ``memory_budget_mb``: cap on one backward pass's coefficients (chunking); the default
+  64 MiB was measured faster than 256 MiB or 1 GiB on CPU (cache-sized chunks);
 - ``clip``: intersect the ball with the [0, 1] input box (default true).
 """
 
@@ -60,7 +61,7 @@ class LinearRelaxationVerifier:
         time_budget_s: float | None = None,
         alpha_iterations: int = 20,
         alpha_lr: float = 0.1,
-        memory_budget_mb: float = 1024,
+        memory_budget_mb: float = 64,
         clip: bool = True,
     ):
         if method not in METHODS:
