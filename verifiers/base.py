@@ -72,6 +72,14 @@ class Certificate:
     alpha: float | None = None
 
 
+def check_certify_call(prepared: object, norm: str) -> None:
+    """The checks every ``certify`` starts with: prepared first, and a known norm."""
+    if prepared is None:
+        raise RuntimeError("call prepare(model, input_shape) before certify")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
 FLOAT_SLACK = 1e-5
 
 

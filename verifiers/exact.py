@@ -34,7 +34,14 @@ from scipy.optimize import LinearConstraint, milp
 from scipy.sparse import csr_array
 from torch import nn
 
-from certbench.verifiers.base import Certificate, Verdict, float_slack, register, verdict_code
+from certbench.verifiers.base import (
+    Certificate,
+    Verdict,
+    check_certify_call,
+    float_slack,
+    register,
+    verdict_code,
+)
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
 from certbench.verifiers.bound_propagation.operators import Relu
 
@@ -160,8 +167,7 @@ class ExactVerifier:
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
-        if self.model is None:
-            raise RuntimeError("call prepare(model, input_shape) before certify")
+        check_certify_call(self.model, norm)
         if norm != "inf":
             raise ValueError("the exact verifier supports only l_inf balls (l2 needs MIQP)")
         x = x.double()

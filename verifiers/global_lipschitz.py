@@ -42,10 +42,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from certbench.verifiers import operator_norms
 from certbench.verifiers.base import (
-    NORMS,
     Certificate,
     UnsupportedLayerError,
     Verdict,
+    check_certify_call,
     float_slack,
     register,
     verdict_code,
@@ -298,10 +298,7 @@ class GlobalLipschitzVerifier:
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
-        if self.model is None:
-            raise RuntimeError("call prepare(model, input_shape) before certify")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        check_certify_call(self.model, norm)
         logits = self.model(x)
         radius, prediction, lip = self.radius_l2(logits)
         margin = margins(logits)[1].min(dim=1).values

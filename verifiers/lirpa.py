@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from certbench.verifiers.base import (
-    NORMS,
     Certificate,
     Verdict,
+    check_certify_call,
     float_slack,
     register,
     verdict_code,
@@ -113,10 +113,7 @@ class LirpaVerifier:
         return lower.detach()
 
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
-        if self.module is None:
-            raise RuntimeError("call prepare(model, input_shape) before certify")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        check_certify_call(self.module, norm)
         with torch.no_grad():
             logits = self.model(x)
         prediction = logits.argmax(1)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from certbench.verifiers.base import (
-    NORMS,
     Certificate,
     Verdict,
+    check_certify_call,
     float_slack,
     register,
     verdict_code,
@@ -93,10 +93,7 @@ class LinearRelaxationVerifier:
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
-        if self.model is None:
-            raise RuntimeError("call prepare(model, input_shape) before certify")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        check_certify_call(self.model, norm)
         started = time.perf_counter()
         budget = math.inf if self.time_budget_s is None else self.time_budget_s * len(x)
         logits = self.model(x)
