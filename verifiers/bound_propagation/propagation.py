@@ -193,6 +193,9 @@ class BoundPropagator:
             return {i: ibp[i] for i in self.relu_inputs}
         bounds: dict[int, Bounds] = {}
         for i in self.relu_inputs:
+            if ball.norm != "inf" and i in self.affine:
+                bounds[i] = ibp[i]  # already exact: ibp() ran the backward pass for it
+                continue
             lower, upper = (t.flatten(1).clone() for t in ibp[i])
             unstable = ((lower < 0) & (upper > 0)).any(dim=0).nonzero().flatten()
             crown_lower, crown_upper = self.node_bounds(i, ball, bounds, unstable)
