@@ -28,6 +28,9 @@ BatchNorm enters with its running statistics.
   bound is beta * CROWN-IBP + (1 - beta) * IBP with beta going from 1 to 0 on the same
   ramp, as in the paper; for ``ibp`` it is IBP alone. Bounds use BatchNorm's running
   statistics.
+- ``noise`` (Cohen, Rosenfeld and Kolter 2019, Sec. 4: "we train the base classifier with
+  Gaussian data augmentation"): cross-entropy on x + N(0, sigma^2 I), not clipped to
+  [0, 1], the base classifier randomized smoothing at the same sigma needs.
 
 Training is seeded, shows a progress bar, and resumes from the last finished epoch: the
 state is saved after every epoch to ``STEM.train-state.pt`` (tensors and numbers only,
@@ -72,6 +75,7 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
         "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",
         "ramp_epochs": None, "kappa_end": 0.0,
     },
+    "noise": {"epochs": 40, "lr": 1e-3, "batch_size": 128, "sigma": 0.25},
 }
 RECIPES = tuple(RECIPE_DEFAULTS)
 
@@ -121,6 +125,11 @@ def make_loss(
     """The loss of ``recipe``; ``progress`` is the number of epochs done (fractional)."""
     if recipe == "standard":
         return lambda model, x, y, progress: F.cross_entropy(model(x), y)
+    if recipe == "noise":
+        sigma = args["sigma"]
+        return lambda model, x, y, progress: F.cross_entropy(
+            model(x + sigma * torch.randn_like(x)), y
+        )
     if recipe == "gloro":
 
         def gloro(model, x, y, progress):

@@ -51,6 +51,7 @@ def trained(digits, tmp_path_factory) -> dict[str, torch.nn.Module]:
         "mlp-gloro": ("mlp", {"widths": [64, 64]}, "gloro", {"epochs": 15, "eps": 0.5}),
         "mlp-lmt": ("mlp", {"widths": [64, 64]}, "lmt", {"epochs": 15, "c": 0.5}),
         "cnn-small-gloro": ("cnn-small", {}, "gloro", {"epochs": 8, "eps": 0.3}),
+        "mlp-noise": ("mlp", {"widths": [64, 64]}, "noise", {"epochs": 10, "sigma": 0.25}),
     }
     models = {}
     for name, (arch, arch_args, recipe, args) in recipes.items():

@@ -8,6 +8,8 @@ from certbench.verifiers import (  # noqa: F401  (importing registers the verifi
     exact,
     global_lipschitz,
     lirpa,
+    local_lipschitz,
+    smoothing,
 )
 from certbench.verifiers.base import (
     ABSTAIN,

@@ -44,6 +44,12 @@ class Operation:
         """Coefficients for each input, and the constant term (batch, rows) or 0."""
         raise NotImplementedError
 
+    def abs_backward(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """``backward`` through the operation with every weight replaced by its absolute
+        value, no constant: |W|^T a, the radius rule of interval arithmetic on
+        coefficients (local Lipschitz bounds)."""
+        raise NotImplementedError
+
 
 class Dense(Operation):
     """y = x W^T + b."""
@@ -64,6 +70,9 @@ class Dense(Operation):
     def backward(self, a):
         const = 0.0 if self.bias is None else a @ self.bias
         return [a @ self.weight], const
+
+    def abs_backward(self, a):
+        return [a @ self.weight.abs()]
 
 
 class Conv(Operation):
@@ -99,6 +108,15 @@ class Conv(Operation):
         const = 0.0 if m.bias is None else (a.sum(dim=(-2, -1)) @ m.bias)
         return [_unfold(grad, lead)], const
 
+    def abs_backward(self, a):
+        m = self.module
+        flat, lead = _fold(a)
+        grad = torch.nn.grad.conv2d_input(
+            (flat.shape[0], *self.input_shape), m.weight.abs(), flat, m.stride, m.padding,
+            m.dilation, m.groups,
+        )
+        return [_unfold(grad, lead)]
+
 
 class Elementwise(Operation):
     """y = x * scale + shift with constant tensors broadcast over the batch (the
@@ -120,6 +138,9 @@ class Elementwise(Operation):
         const = _rowsum(a * shift) if shift.any() else 0.0
         return [a * self.scale], const
 
+    def abs_backward(self, a):
+        return [a * abs(self.scale)]
+
 
 class AvgPool(Operation):
     """Average pooling: linear with non-negative weights; transposed through autograd."""
@@ -140,6 +161,9 @@ class AvgPool(Operation):
         _, vjp = torch.func.vjp(self.module, primal)
         return [_unfold(vjp(flat)[0], lead)], 0.0
 
+    def abs_backward(self, a):  # averaging weights are non-negative
+        return self.backward(a)[0]
+
 
 class Reshape(Operation):
     """Flatten / view: the same numbers in another shape."""
@@ -155,6 +179,9 @@ class Reshape(Operation):
 
     def backward(self, a):
         return [a.reshape(*a.shape[:2], *self.input_shape)], 0.0
+
+    def abs_backward(self, a):
+        return self.backward(a)[0]
 
 
 class Sum(Operation):
@@ -173,6 +200,9 @@ class Sum(Operation):
 
     def backward(self, a):
         return [a * s for s in self.signs], 0.0
+
+    def abs_backward(self, a):
+        return [a * abs(s) for s in self.signs]
 
 
 class Relu(Operation):

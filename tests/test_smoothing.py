@@ -1,0 +1,124 @@
+"""Randomized smoothing against theory: on a linear base classifier p_A and the radius have
+closed forms (Cohen et al. 2019, Sec. 3.2 and Appendix), the radius follows from the count
+by Clopper-Pearson, the boundary abstains, and PREDICT's test behaves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import beta
+from scipy.stats import norm as normal
+from torch import nn
+
+from certbench.verifiers import ABSTAIN, VERDICTS, Verdict, get_verifier
+from tests.conftest import DIGITS_SHAPE
+
+SIGMA = 0.25
+
+
+def linear_classifier(seed: int = 0) -> nn.Module:
+    """Two classes, f_0 - f_1 = w.x + b: the smoothed p_A is Phi(|w.x + b| / (sigma |w|))."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    return model.eval()
+
+
+def distance_to_boundary(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = (model[1].weight[0] - model[1].weight[1]).detach().double()
+    b = float((model[1].bias[0] - model[1].bias[1]).detach())
+    return ((x.flatten(1).double() @ w + b).abs() / w.norm())
+
+
+def points_at(model: nn.Module, distances: list[float], seed: int = 1) -> torch.Tensor:
+    """Inputs at the given signed distances from the decision boundary."""
+    torch.manual_seed(seed)
+    w = (model[1].weight[0] - model[1].weight[1]).detach()
+    b = float((model[1].bias[0] - model[1].bias[1]).detach())
+    x = torch.rand(len(distances), 64)
+    offset = (x @ w + b) / w.norm()
+    x = x + (torch.tensor(distances) - offset)[:, None] * w / w.norm()
+    return x.view(-1, *DIGITS_SHAPE)
+
+
+def test_counts_and_radius_match_the_closed_form():
+    model = linear_classifier()
+    distances = [0.1, 0.3, -0.5, 0.8]
+    x = points_at(model, distances)
+    exact = distance_to_boundary(model, x)
+    assert torch.allclose(exact, torch.tensor(distances).abs().double(), atol=1e-5)
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=100_000, alpha=0.001)
+    verifier.prepare(model, DIGITS_SHAPE)
+    cert = verifier.certify(x, "2", [0.05, 0.25, 0.5])
+    assert cert.probabilistic and cert.alpha == 0.001
+    n = 100_000
+    for i, d in enumerate(distances):
+        p_a = normal.cdf(abs(d) / SIGMA)
+        count = int(cert.columns["count_a"][i])
+        assert abs(count / n - p_a) < 5 * math.sqrt(p_a * (1 - p_a) / n)
+        p_lower = beta.ppf(0.001, count, n - count + 1)
+        assert cert.columns["p_a_lower"][i] == pytest.approx(p_lower, rel=1e-12)
+        assert float(cert.radius[i]) == pytest.approx(SIGMA * normal.ppf(p_lower), rel=1e-12)
+        # R is below the exact distance (w.p. 1 - alpha) and close to it for large n
+        p_low = p_a - 6 * math.sqrt(p_a * (1 - p_a) / n)
+        assert SIGMA * normal.ppf(p_low) <= float(cert.radius[i]) <= abs(d)
+        assert int(cert.prediction[i]) == (0 if d > 0 else 1)
+    names = [[VERDICTS[c].value for c in row] for row in cert.verdicts.tolist()]
+    assert names[1] == ["certified", "certified", "not_certified"]
+    assert names[3] == ["certified"] * 3
+
+
+def test_boundary_point_abstains():
+    model = linear_classifier()
+    x = points_at(model, [0.0, 0.001])
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=10_000)
+    verifier.prepare(model, DIGITS_SHAPE)
+    cert = verifier.certify(x, "2", [0.01])
+    assert (cert.prediction == ABSTAIN).all()
+    assert (cert.radius == 0).all()
+    assert all(VERDICTS[c] is Verdict.ABSTAIN for c in cert.verdicts.flatten().tolist())
+    assert (verifier.predict(x, n=10_000) == ABSTAIN).all()
+
+
+def test_predict_returns_the_class_far_from_the_boundary():
+    model = linear_classifier()
+    x = points_at(model, [0.6, -0.6])
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=1_000)
+    verifier.prepare(model, DIGITS_SHAPE)
+    assert verifier.predict(x).tolist() == [0, 1]
+
+
+def test_linf_radius_is_the_l2_radius_over_sqrt_d_and_batches_do_not_matter():
+    model = linear_classifier()
+    x = points_at(model, [0.2, 0.4, 0.6])
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=2_000, batch_size=700)
+    verifier.prepare(model, DIGITS_SHAPE)
+    l2 = verifier.certify(x, "2", [0.1])
+    linf = verifier.certify(x, "inf", [0.01])
+    assert torch.allclose(linf.radius, l2.radius / 8.0)
+    reversed_batch = verifier.certify(x.flip(0), "2", [0.1])
+    assert torch.equal(reversed_batch.columns["count_a"].flip(0), l2.columns["count_a"])
+
+
+def test_noise_trained_model_is_certified_where_the_base_is_right(trained, digits):
+    model = trained["mlp-noise"]
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=2_000)
+    verifier.prepare(model, DIGITS_SHAPE)
+    x, y = digits.x_test[:50], digits.y_test[:50]
+    cert = verifier.certify(x, "2", [0.25, 0.5])
+    certified = (cert.verdicts == 0) & (cert.prediction == y)[:, None]
+    assert certified[:, 0].float().mean() > 0.5
+    # a certified prediction at radius R is the smoothed classifier's prediction (PREDICT)
+    ok = cert.radius > 0
+    predicted = verifier.predict(x[ok], n=2_000)
+    decided = predicted != ABSTAIN
+    assert decided.float().mean() > 0.9
+    assert (predicted[decided] == cert.prediction[ok][decided]).all()
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(TypeError, match="smoothing"):
+        get_verifier("smoothing", sigmaa=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        get_verifier("smoothing", alpha=0.7)
