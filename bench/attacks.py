@@ -1,4 +1,6 @@
-"""Projected gradient descent (Madry et al. 2018) in l2 and l_inf balls with restarts.
+"""Projected gradient descent (Madry et al. 2018) in l2 and l_inf balls with restarts, the
+per-cell attack of the harness (`attack_grid`: success at each epsilon and the smallest
+adversarial distance found), and PGD against a smoothed classifier (`smoothed_pgd`).
 
 An attack gives an *upper* bound on robust accuracy: a found adversarial example refutes
 robustness, a failed attack proves nothing. It is never counted as a certificate.
@@ -11,6 +13,10 @@ flips predictions more reliably than cross-entropy near the decision boundary.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -90,3 +96,96 @@ def pgd(
     with torch.no_grad():
         success = model(best).argmax(1) != y
     return best.detach(), success
+
+
+def distance(points: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """||points - x||_p per sample, float64."""
+    return (points - x).flatten(1).double().norm(p=2 if norm == "2" else math.inf, dim=1)
+
+
+@dataclass
+class AttackOutcome:
+    """PGD against a network's own predictions on a fixed sample set.
+
+    success: (n, k) bool, a point of the eps_k ball is classified differently.
+    distance: (n,) float64, the smallest ||x_adv - x||_p of any adversarial point found
+        (bisection on epsilon), ``inf`` where none was found up to ``4 * max(eps)``.
+    seconds: wall-clock time of the whole attack.
+    """
+
+    success: torch.Tensor
+    distance: torch.Tensor
+    seconds: float
+
+
+def attack_grid(
+    model: nn.Module, x: torch.Tensor, eps: list[float], norm: str, steps: int = 50,
+    restarts: int = 3, bisection_steps: int = 8, seed: int = 0,
+) -> AttackOutcome:
+    """PGD at every epsilon of the grid against the model's predictions, then a bisection
+    per sample for the smallest adversarial distance: between the largest grid epsilon
+    that failed and the smallest that succeeded (or ``4 * max(eps)``, 1 for l_inf)."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    n = len(x)
+    success = torch.zeros(n, len(eps), dtype=torch.bool)
+    best = torch.full((n,), math.inf, dtype=torch.float64)
+    lo = torch.zeros(n, dtype=torch.float64)
+    for e in sorted(eps):
+        points, found = pgd(model, x, target, e, norm, steps, restarts, seed=seed)
+        found = found.cpu()
+        success[:, eps.index(e)] = found
+        best = torch.where(found, torch.minimum(best, distance(points, x, norm).cpu()), best)
+        lo = torch.where(~found & (best == math.inf), torch.full_like(lo, e), lo)
+    top = min(4 * max(eps), 1.0) if norm == "inf" else 4 * max(eps)
+    hi = torch.where(best < math.inf, best, torch.full_like(best, top))
+    missing = best == math.inf
+    if missing.any():
+        idx = missing.nonzero().flatten()
+        points, found = pgd(model, x[idx], target[idx], top, norm, steps, restarts, seed=seed)
+        dist = distance(points, x[idx], norm).cpu()
+        best[idx] = torch.where(found.cpu(), dist, best[idx])
+        hi[idx] = torch.where(found.cpu(), dist, hi[idx])
+    searching = (best < math.inf).nonzero().flatten()
+    for _ in range(bisection_steps if len(searching) else 0):
+        mid = (lo[searching] + hi[searching]) / 2
+        device_idx = searching.to(x.device)
+        points, found = pgd(model, x[device_idx], target[device_idx],
+                            mid.to(x.device, x.dtype), norm, steps, restarts, seed=seed)
+        found = found.cpu()
+        dist = distance(points, x[device_idx], norm).cpu()
+        best[searching] = torch.where(found, torch.minimum(best[searching], dist),
+                                      best[searching])
+        hi[searching] = torch.where(found, mid, hi[searching])
+        lo[searching] = torch.where(found, lo[searching], mid)
+    return AttackOutcome(success, best, time.perf_counter() - started)
+
+
+def smoothed_pgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: str,
+    sigma: float, noise_samples: int = 16, steps: int = 20, seed: int = 0,
+) -> torch.Tensor:
+    """PGD against a Gaussian-smoothed classifier (Salman et al. 2019, "Provably Robust
+    Deep Learning via Adversarially Trained Smoothed Classifiers", Eq. 4-5): ascend
+    -log of the mean softmax probability of y over ``noise_samples`` noisy copies. Returns
+    the final points (whether they fool the smoothed classifier is for PREDICT to say)."""
+    gen = torch.Generator().manual_seed(seed)
+    eps_b = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        noise = torch.randn((noise_samples, *x.shape), generator=gen).to(x) * sigma
+        noisy = ((x + delta).unsqueeze(0) + noise).flatten(0, 1)
+        logits = model(noisy).reshape(noise_samples, len(x), -1)
+        probs = torch.softmax(logits.flatten(0, 1), dim=1).view_as(logits).mean(0)
+        loss = -torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).sum()
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            if norm == "inf":
+                step = grad.sign()
+            else:
+                step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view_as(eps_b)
+            delta = _project(delta + 2.5 * eps_b / steps * step, eps_b, norm)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()

@@ -60,9 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         spec.device = args.device
     results = Path(args.results or Path("results") / spec.name)
-    run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
-               progress=not args.quiet)
+    cells = run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
+                       progress=not args.quiet)
     print(format_summary(results))
+    violations = cells.get("soundness_violations")
+    if violations is not None and (violations.fillna(0) > 0).any():
+        print("certbench: soundness violations found (see above): a verifier certified a "
+              "sample that PGD flipped", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
-    run = add("run", "Run a benchmark matrix and print its summary table.")
+    run = add("run", "Run a benchmark matrix and print its summary table. Exits with code 1 "
+              "if a certified sample was flipped by the attack (a soundness violation).")
     run.add_argument("--matrix", default="quick", help="TOML file or packaged matrix name "
                      "(default: quick)")
     run.add_argument("--results", default=None, help="results folder (default: results/NAME)")

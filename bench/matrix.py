@@ -22,6 +22,7 @@ the same points and the same epsilon grid. Example (the packaged ``quick`` matri
     name = "global-lipschitz"
     options = { bound = "gloro" }
 
+``[attack]`` sets the attack run on every cell (`AttackSpec`; on by default).
 ``imports`` lists Python modules to import before the verifiers are looked up, so that a
 user's own verifier registered with ``certbench.verifiers.register`` can be benchmarked.
 """
@@ -94,6 +95,20 @@ class VerifierSpec(_Strict):
         return f"{self.name}[{opts}]"
 
 
+class AttackSpec(_Strict):
+    """The per-cell attack (bench/attacks.py): PGD with ``restarts`` random restarts of
+    ``steps`` steps at every epsilon, ``bisection_steps`` for the smallest adversarial
+    distance; for smoothing cells, ``smoothing_noise_samples`` noisy copies per PGD step
+    and PREDICT with ``smoothing_check_n`` samples at the attacked point."""
+
+    enabled: bool = True
+    steps: int = Field(default=50, gt=0)
+    restarts: int = Field(default=3, gt=0)
+    bisection_steps: int = Field(default=8, ge=0)
+    smoothing_noise_samples: int = Field(default=16, gt=0)
+    smoothing_check_n: int = Field(default=10_000, gt=0)
+
+
 class MatrixSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dataset: str
@@ -105,6 +120,7 @@ class MatrixSpec(_Strict):
     batch_size: int = Field(default=256, gt=0)
     download: bool = False
     imports: list[str] = []
+    attack: AttackSpec = AttackSpec()
     models: list[ModelSpec] = Field(min_length=1)
     verifiers: list[VerifierSpec] = Field(min_length=1)
 

@@ -9,8 +9,27 @@ its status (``error``, ``oom``) and reason, and the run goes on.
 Per cell: *setup* is ``Verifier.prepare`` (timed once); a warm-up certification of two
 samples follows and is excluded; then the samples are certified in batches of
 ``batch_size``, and ``per_sample_s`` is the certification time over the number of samples
-(``time_s`` per sample is its batch's time divided by the batch size). Peak memory covers
-setup, warm-up and certification (measure.py).
+(``time_s`` per sample is its batch's time divided by the batch size, unless the
+verifier reports its own ``time_s`` column). Peak memory covers setup, warm-up and
+certification (measure.py).
+
+Attacks and the soundness cross-check (``[attack]`` in the matrix, on by default): once per
+model and norm, PGD attacks every sample's *prediction* at every epsilon of the grid and
+bisects for the smallest adversarial distance (`attacks.attack_grid`, time ``attack_s``).
+Every cell then gets ``attack_upper_bound`` per epsilon (the fraction of samples correctly
+classified and not flipped: an upper bound on robust accuracy, hence on certified
+accuracy) and per sample ``attack_success``, ``adv_distance`` and ``violation``. A
+*soundness violation* is a sample certified at an epsilon where the attack flipped it, or
+whose certified radius exceeds the distance of an adversarial point found; the cell
+counts them in ``soundness_violations`` and `certbench run` exits with code 1.
+
+Probabilistic cells (randomized smoothing) are checked apart: the base network's attack
+says nothing about the smoothed classifier, so their ``attack_upper_bound`` is NaN; each
+certified sample is attacked at its largest certified epsilon with PGD on the smoothed
+classifier (`attacks.smoothed_pgd`) and the point is classified with the verifier's
+PREDICT. A decided class other than the certified one counts in
+``probabilistic_violations`` (each certificate may fail with probability alpha, so a few
+are possible without a bug; they are reported, not fatal).
 """
 
 from __future__ import annotations
@@ -30,15 +49,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from certbench.attacks import AttackOutcome, attack_grid, smoothed_pgd
 from certbench.data import Dataset, eval_indices, load_dataset
 from certbench.errors import UserError
-from certbench.matrix import MatrixSpec, ModelSpec, VerifierSpec, canonical_json
+from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
 from certbench.measure import PeakMemory, timed
 from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
 from certbench.provenance import git_commit, library_versions
 from certbench.store import ResultsStore
 from certbench.train import recipe_args, train_model
-from certbench.verifiers import VERDICTS, Certificate, Verdict, get_verifier
+from certbench.verifiers import ABSTAIN, VERDICTS, Certificate, Verdict, get_verifier
 
 WARMUP_SAMPLES = 2
 
@@ -104,7 +124,7 @@ def cell_key(
         "checkpoint_sha256": loaded.sha256, "verifier": verifier.name,
         "options": verifier.options, "norm": norm, "eps": spec.eps_for(norm),
         "dataset": spec.dataset, "samples": spec.samples, "seed": spec.seed,
-        "device": device.type,
+        "device": device.type, "attack": spec.attack.model_dump(),
     }
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
@@ -137,10 +157,11 @@ def _certify_batches(
 def run_cell(
     spec: MatrixSpec, loaded: LoadedModel, verifier_spec: VerifierSpec, norm: str,
     x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, device: torch.device, key: str,
-    context: dict[str, Any],
+    context: dict[str, Any], attack: AttackOutcome | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Run one cell and return its rows for the three tables (never raises for a
-    failure of the verifier: the cell row records it)."""
+    failure of the verifier: the cell row records it). ``attack`` is the model's attack
+    on these samples and this norm, for the soundness cross-check."""
     eps = spec.eps_for(norm)
     with torch.no_grad():
         clean_pred = loaded.model(x).argmax(1).cpu()
@@ -154,6 +175,8 @@ def run_cell(
         "status": "ok", "error": None, "setup_s": float("nan"), "certify_s": float("nan"),
         "per_sample_s": float("nan"), "peak_mem_bytes": None, "mem_kind": None,
         "probabilistic": False, "alpha": None, "eps_grid": json.dumps(eps),
+        "soundness_violations": None, "probabilistic_violations": None,
+        "attack_s": None if attack is None else attack.seconds,
         "started_at": pd.Timestamp.now(tz="UTC"), **context,
     }
     tables: dict[str, pd.DataFrame] = {}
@@ -174,6 +197,13 @@ def run_cell(
             alpha=cert.alpha,
         )
         tables = _certificate_tables(key, cert, per_sample, y.cpu(), indices, eps)
+        if attack is not None and not cert.probabilistic:
+            row["soundness_violations"] = _cross_check(tables, cert, attack, clean_pred,
+                                                       y.cpu(), eps)
+        elif cert.probabilistic and spec.attack.enabled:
+            row["probabilistic_violations"] = _check_smoothing(
+                tables["samples"], verifier, loaded.model, x, cert, eps, norm, spec.attack
+            )
     except torch.cuda.OutOfMemoryError as exc:
         row.update(status="oom", error=str(exc).splitlines()[0][:500])
     except MemoryError as exc:
@@ -221,6 +251,49 @@ def _certificate_tables(
     return {"samples": samples, "certified": certified}
 
 
+def _cross_check(
+    tables: dict[str, pd.DataFrame], cert: Certificate, attack: AttackOutcome,
+    clean_pred: torch.Tensor, y: torch.Tensor, eps: list[float],
+) -> int:
+    """Add the attack's columns and upper bound; return the number of samples with a
+    soundness violation."""
+    k = len(eps)
+    samples = tables["samples"]
+    samples["attack_success"] = attack.success.reshape(-1).numpy()
+    samples["adv_distance"] = attack.distance.repeat_interleave(k).numpy()
+    certified_at = cert.verdicts == VERDICTS.index(Verdict.CERTIFIED)
+    flipped = (certified_at & attack.success).any(dim=1)
+    if cert.radius is not None:
+        flipped |= cert.radius.double() > attack.distance
+    samples["violation"] = flipped.repeat_interleave(k).numpy()
+    robust = (clean_pred == y)[:, None] & ~attack.success
+    upper = dict(zip(eps, robust.double().mean(dim=0).tolist(), strict=True))
+    tables["certified"]["attack_upper_bound"] = tables["certified"]["eps"].map(upper)
+    return int(flipped.sum())
+
+
+def _check_smoothing(
+    samples: pd.DataFrame, verifier: Any, model: nn.Module, x: torch.Tensor,
+    cert: Certificate, eps: list[float], norm: str, attack: AttackSpec,
+) -> int:
+    """Attack each certified sample of a smoothing cell at its largest certified epsilon;
+    return how many points PREDICT assigns a class other than the certified one."""
+    certified_at = cert.verdicts == VERDICTS.index(Verdict.CERTIFIED)
+    grid = torch.tensor(eps, dtype=torch.float64)
+    largest = torch.where(certified_at, grid, torch.zeros_like(grid)).max(dim=1).values
+    checked = (largest > 0).nonzero().flatten()
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    if len(checked):
+        idx = checked.to(x.device)
+        target = cert.prediction[checked].to(x.device)
+        points = smoothed_pgd(model, x[idx], target, largest[checked].to(x.device), norm,
+                              verifier.sigma, attack.smoothing_noise_samples, attack.steps)
+        decided = verifier.predict(points, n=attack.smoothing_check_n)
+        flipped[checked] = (decided != ABSTAIN) & (decided != cert.prediction[checked])
+    samples["smoothed_attack_flipped"] = flipped.repeat_interleave(len(eps)).numpy()
+    return int(flipped.sum())
+
+
 def run_matrix(
     spec: MatrixSpec,
     results_dir: Path,
@@ -244,6 +317,7 @@ def run_matrix(
     }
     models = [ensure_model(m, dataset, checkpoint_dir, device, progress) for m in spec.models]
     cells = [(m, v, norm) for m in models for v in spec.verifiers for norm in spec.norms]
+    attacks: dict[tuple[str, str], AttackOutcome] = {}
     ran = skipped = 0
     bar = tqdm(cells, desc=f"run {spec.name}", unit="cell", disable=not progress)
     for loaded, verifier_spec, norm in bar:
@@ -251,8 +325,19 @@ def run_matrix(
         if key in done:
             skipped += 1
             continue
+        attack = None
+        if spec.attack.enabled:
+            if (loaded.sha256, norm) not in attacks:
+                bar.set_postfix_str(f"{loaded.spec.name} / attack / l{norm}")
+                a = spec.attack
+                attacks[loaded.sha256, norm] = attack_grid(
+                    loaded.model, x, spec.eps_for(norm), norm, a.steps, a.restarts,
+                    a.bisection_steps, seed=spec.seed,
+                )
+            attack = attacks[loaded.sha256, norm]
         bar.set_postfix_str(f"{loaded.spec.name} / {verifier_spec.display} / l{norm}")
-        tables = run_cell(spec, loaded, verifier_spec, norm, x, y, indices, device, key, context)
+        tables = run_cell(spec, loaded, verifier_spec, norm, x, y, indices, device, key, context,
+                          attack)
         store.write_cell(tables)
         ran += 1
     log(f"{ran} cell(s) run, {skipped} already done (use --force to recompute) -> {results_dir}")

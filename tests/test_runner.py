@@ -121,3 +121,77 @@ def test_certified_training_certifies_far_more_than_standard(trained, digits):
         acc[name] = ((cert.prediction == y) & (cert.radius > 0.5)).float().mean().item()
     assert acc["mlp-gloro"] > acc["mlp-standard"] + 0.3
     assert acc["mlp-lmt"] > acc["mlp-standard"] + 0.3
+
+
+def test_attack_upper_bound_dominates_certified_accuracy(ran):
+    _, tmp_path, _ = ran
+    certified = pd.read_parquet(tmp_path / "results" / "certified.parquet")
+    cells = pd.read_parquet(tmp_path / "results" / "cells.parquet")
+    samples = pd.read_parquet(tmp_path / "results" / "samples.parquet")
+    assert certified["attack_upper_bound"].notna().all()
+    assert (certified["attack_upper_bound"] >= certified["certified_acc"]).all()
+    assert (cells["soundness_violations"] == 0).all() and (cells["attack_s"] > 0).all()
+    merged = certified.merge(cells[["cell_key", "clean_acc"]], on="cell_key")
+    assert (merged["attack_upper_bound"] <= merged["clean_acc"]).all()
+    assert (merged["attack_upper_bound"] < merged["clean_acc"]).any()  # the attack bites
+    certified_rows = samples[samples["verdict"] == "certified"]
+    assert (certified_rows["radius"] <= certified_rows["adv_distance"]).all()
+
+
+def test_a_lying_verifier_is_caught_and_run_exits_non_zero(tmp_path, capsys, monkeypatch):
+    from certbench.cli import main
+
+    monkeypatch.setenv("CERTBENCH_CHECKPOINTS", str(tmp_path / "c"))
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(
+        'name = "liar"\ndataset = "digits"\nsamples = 30\nnorms = ["2"]\neps = [0.5, 1.0]\n'
+        'imports = ["plugin_verifiers"]\ndevice = "cpu"\n'
+        '[[models]]\nname = "std"\narch = "mlp"\narch_args = { widths = [16] }\n'
+        'recipe_args = { epochs = 2 }\n'
+        '[[verifiers]]\nname = "test-liar"\n[[verifiers]]\nname = "global-lipschitz"\n'
+    )
+    code = main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "soundness violations" in err
+    assert "SOUNDNESS VIOLATION: std / test-liar / l2" in out
+    cells = pd.read_parquet(tmp_path / "r" / "cells.parquet").set_index("verifier")
+    assert cells.loc["test-liar", "soundness_violations"] > 0
+    assert cells.loc["global-lipschitz", "soundness_violations"] == 0
+
+
+def test_smoothing_and_local_lipschitz_cells(tmp_path):
+    spec = small_matrix(
+        norms=["2"], eps=[0.1, 0.25], samples=20,
+        models=[{"name": "noise", "arch": "mlp", "arch_args": {"widths": [32]},
+                 "recipe": "noise", "recipe_args": {"epochs": 5, "sigma": 0.25}}],
+        verifiers=[{"name": "smoothing", "options": {"n": 2000, "sigma": 0.25}},
+                   {"name": "local-lipschitz"}, {"name": "global-lipschitz"}],
+        attack={"smoothing_check_n": 2000, "steps": 20, "restarts": 1},
+    )
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False,
+                       log=lambda _: None).set_index("method")
+    assert (cells["status"] == "ok").all(), cells["error"]
+    assert cells.loc["smoothing", "probabilistic"] and cells.loc["smoothing", "alpha"] == 0.001
+    assert cells.loc["smoothing", "probabilistic_violations"] == 0
+    assert cells.loc["local-lipschitz", "soundness_violations"] == 0
+    certified = pd.read_parquet(tmp_path / "r" / "certified.parquet").merge(
+        cells.reset_index()[["cell_key", "method"]], on="cell_key").set_index(["method", "eps"])
+    assert certified.loc["smoothing", "attack_upper_bound"].isna().all()
+    local = certified.loc["local-lipschitz", "certified_acc"]
+    assert (local >= certified.loc["global-lipschitz", "certified_acc"]).all()
+    samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
+    smoothing = samples[samples["cell_key"] == cells.loc["smoothing", "cell_key"]]
+    assert smoothing["p_a_lower"].notna().all() and (smoothing["time_s"] > 0).all()
+
+
+def test_a_lying_smoothing_verifier_is_caught_apart(tmp_path):
+    spec = small_matrix(
+        norms=["2"], eps=[1.0, 2.0], samples=20, imports=["plugin_verifiers"],
+        models=[{"name": "noise", "arch": "mlp", "arch_args": {"widths": [32]},
+                 "recipe": "noise", "recipe_args": {"epochs": 5, "sigma": 0.25}}],
+        verifiers=[{"name": "test-smoothing-liar", "options": {"n": 500}}],
+        attack={"smoothing_check_n": 2000, "steps": 20, "restarts": 1},
+    )
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False, log=lambda _: None)
+    assert cells["probabilistic_violations"].iloc[0] > 0
+    assert pd.isna(cells["soundness_violations"].iloc[0])
