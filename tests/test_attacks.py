@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from certbench.attacks import attack_grid, distance
-from tests.conftest import DIGITS_SHAPE
+from conftest import DIGITS_SHAPE
 
 
 def linear_setup(seed: int = 0):

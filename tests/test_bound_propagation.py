@@ -16,7 +16,7 @@ from certbench.verifiers.bound_propagation import (
     TracedNetwork,
     margin_spec,
 )
-from conftest import DIGITS_SHAPE, random_model
+from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
 METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
 ARCHS = {
@@ -180,3 +180,20 @@ class _Recurrent(nn.Module):
 def test_lstm_is_refused():
     with pytest.raises(UnsupportedLayerError, match="LSTM|lstm"):
         get_verifier("ibp").prepare(_Recurrent().eval(), DIGITS_SHAPE)
+
+
+@pytest.mark.parametrize("arch", sorted(RANDOM_MODELS))
+def test_l2_first_layer_shortcut_equals_the_backward_pass(arch):
+    model = random_model(arch, **RANDOM_MODELS[arch])
+    propagator = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    x = torch.rand(5, *DIGITS_SHAPE)
+    ball = Ball(x, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), "2", clip=False)
+    checked = 0
+    for i in propagator.relu_inputs:
+        if i in propagator.affine:
+            fast = propagator._l2_first_layer(i, ball)
+            slow = propagator.node_bounds(i, ball, {})
+            assert torch.allclose(fast[0], slow[0], atol=1e-5)
+            assert torch.allclose(fast[1], slow[1], atol=1e-5)
+            checked += 1
+    assert checked == 1

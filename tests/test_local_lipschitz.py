@@ -13,7 +13,7 @@ from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import Ball
 from certbench.verifiers.bound_propagation.verifier import margin_spec
 from certbench.verifiers.local_lipschitz import gradient_interval
-from tests.conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
+from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
 NORMS = ("2", "inf")
 EPS = {"2": [0.05, 0.2], "inf": [0.005, 0.02]}

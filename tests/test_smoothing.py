@@ -13,7 +13,7 @@ from scipy.stats import norm as normal
 from torch import nn
 
 from certbench.verifiers import ABSTAIN, VERDICTS, Verdict, get_verifier
-from tests.conftest import DIGITS_SHAPE
+from conftest import DIGITS_SHAPE
 
 SIGMA = 0.25
 

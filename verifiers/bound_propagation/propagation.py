@@ -21,11 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from certbench.verifiers.bound_propagation.graph import TracedNetwork
 from certbench.verifiers.bound_propagation.operators import (
+    Conv,
     Dense,
+    Elementwise,
     Relu,
+    Reshape,
     relu_backward,
     relu_relaxation,
 )
@@ -104,10 +108,49 @@ class BoundPropagator:
                 continue
             lower, upper = node.op.ibp(*[bounds[j] for j in node.inputs])
             if ball.norm != "inf" and i in self.affine and i in self.relu_inputs:
-                exact_lower, exact_upper = self.node_bounds(i, ball, {})
+                exact = self._l2_first_layer(i, ball)
+                exact_lower, exact_upper = exact if exact else self.node_bounds(i, ball, {})
                 lower, upper = torch.maximum(lower, exact_lower), torch.minimum(upper, exact_upper)
             bounds.append((lower, upper))
         return bounds
+
+    def _l2_first_layer(self, target: int, ball: Ball) -> Bounds | None:
+        """Exact bounds of an affine node over the l2 ball (no box) in one forward pass,
+        when the node is a Dense or Conv layer after elementwise affine maps and reshapes
+        only (the normalisation layer): each row of the composed map is W with columns
+        scaled by s, so its squared norm is (W*W) applied to s*s. None for other chains,
+        which take the backward pass."""
+        chain, i = [], target
+        while i != 0:
+            node = self.net.nodes[i]
+            if len(node.inputs) != 1:
+                return None
+            chain.append(node.op)
+            i = node.inputs[0]
+        chain.reverse()
+        *pre, layer = chain
+        if not isinstance(layer, (Dense, Conv)) or not all(
+            isinstance(op, (Elementwise, Reshape)) for op in pre
+        ):
+            return None
+        center = ball.center
+        squares = torch.ones_like(center[:1])
+        for op in pre:
+            center = op.forward(center)
+            if isinstance(op, Elementwise):
+                squares = squares * torch.as_tensor(op.scale, dtype=center.dtype,
+                                                    device=center.device) ** 2
+            else:
+                squares = op.forward(squares)
+        if isinstance(layer, Dense):
+            row_sq = F.linear(squares, layer.weight ** 2)
+        else:
+            row_sq = layer._conv(squares.expand(1, *squares.shape[1:]), layer.module.weight ** 2,
+                                 None)
+        center = layer.forward(center)
+        eps = ball._eps().reshape(-1, *([1] * (row_sq.dim() - 1)))
+        radius = eps * row_sq.clamp(min=0).sqrt()
+        return center - radius, center + radius
 
     # -- the backward pass -----------------------------------------------------------
     def backward(
