@@ -1,4 +1,4 @@
-"""The `certbench` command: train, run, list, show.
+"""The `certbench` command: train, run, report, compare, list, show.
 
 A user's mistake prints one line ``certbench: error: ...`` and exits with code 2.
 """
@@ -19,6 +19,9 @@ EXAMPLES = {
     "run": "example: certbench run --matrix quick --results results/quick",
     "list": "example: certbench list",
     "show": "example: certbench show results/quick",
+    "report": "example: certbench report results/quick --out reports/quick",
+    "compare": "example: certbench compare results/baseline results/quick "
+    "--max-slowdown 1.2 --max-acc-drop 0.0",
 }
 
 
@@ -101,6 +104,25 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from certbench.report import build_report
+
+    results = Path(args.results_dir)
+    out = Path(args.out or Path("reports") / results.name)
+    page = build_report(results, out)
+    print(f"wrote {page} and {out / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from certbench.compare import compare, format_comparison
+
+    result = compare(args.baseline, args.candidate, args.max_slowdown, args.max_acc_drop,
+                     args.fail_on_missing)
+    print(format_comparison(result))
+    return 0 if result.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="certbench",
@@ -151,6 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     show = add("show", "Print the summary table of a results folder.")
     show.add_argument("results_dir")
     show.set_defaults(func=cmd_show)
+
+    report = add("report", "Write an HTML report and its Markdown twin (tables, figures, "
+                 "provenance) from a results folder.")
+    report.add_argument("results_dir")
+    report.add_argument("--out", default=None, help="report folder (default: reports/NAME, "
+                        "NAME the results folder's name)")
+    report.set_defaults(func=cmd_report)
+
+    comp = add("compare", "Compare two results folders cell by cell; exit 1 when a "
+               "threshold is crossed (for CI gates).")
+    comp.add_argument("baseline")
+    comp.add_argument("candidate")
+    comp.add_argument("--max-slowdown", type=float, default=None,
+                      help="fail if candidate time per sample / baseline exceeds this")
+    comp.add_argument("--max-acc-drop", type=float, default=None,
+                      help="fail if certified accuracy at any epsilon drops by more than this")
+    comp.add_argument("--fail-on-missing", action="store_true",
+                      help="fail if a baseline cell is missing from the candidate")
+    comp.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -120,7 +120,7 @@ def test_bad_json_argument_is_an_argparse_error(capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "run", "list", "show"])
+@pytest.mark.parametrize("command", ["train", "run", "list", "show", "report", "compare"])
 def test_every_command_has_help_with_an_example(capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

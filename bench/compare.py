@@ -1,0 +1,118 @@
+"""`certbench compare BASELINE CANDIDATE`: two results folders, cell by cell.
+
+Cells are matched by (model, verifier with its options, norm, dataset, number of samples),
+not by cell key, so that a candidate with retrained models or another commit still lines
+up; a changed checkpoint is flagged in the ``checkpoint`` column. Per matched cell:
+``time_ratio`` = candidate / baseline time per sample, and per epsilon the certified
+accuracy difference (candidate - baseline); ``acc_drop`` is the largest drop over the
+epsilons both sides have.
+
+A threshold is crossed when ``time_ratio > max_slowdown``, ``acc_drop > max_acc_drop``,
+a cell that was ``ok`` in the baseline is not ``ok`` in the candidate, or the candidate
+has soundness violations; `certbench compare` then exits with code 1, so it can gate a CI
+job. Cells present on one side only are listed, never dropped silently; they do not fail
+the comparison unless ``fail_on_missing``.
+
+Time per sample on a shared machine varies by several percent between identical runs
+(measured in the note of issue 5); pick ``max_slowdown`` above that noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from certbench.errors import UserError
+from certbench.store import ResultsStore
+
+MATCH = ["model", "verifier", "norm", "dataset", "n_samples"]
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame
+    only_baseline: pd.DataFrame
+    only_candidate: pd.DataFrame
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _load(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    store = ResultsStore(folder)
+    if not store.path("cells").exists():
+        raise UserError(f"no results in {folder} (expected cells.parquet)")
+    cells = store.read("cells")
+    if cells.duplicated(MATCH).any():
+        raise UserError(f"{folder}: two cells share model, verifier and norm (several "
+                        "matrices or devices in one folder); compare one matrix at a time")
+    return cells, store.read("certified")
+
+
+def compare(
+    baseline: str | Path, candidate: str | Path, max_slowdown: float | None = None,
+    max_acc_drop: float | None = None, fail_on_missing: bool = False,
+) -> Comparison:
+    base_cells, base_acc = _load(baseline)
+    cand_cells, cand_acc = _load(candidate)
+    columns = MATCH + ["cell_key", "checkpoint_sha256", "status", "per_sample_s",
+                       "soundness_violations"]
+    base = base_cells.reindex(columns=columns)
+    cand = cand_cells.reindex(columns=columns)
+    merged = base.merge(cand, on=MATCH, how="outer", suffixes=("_base", "_cand"),
+                        indicator=True)
+    only_base = merged[merged["_merge"] == "left_only"][MATCH]
+    only_cand = merged[merged["_merge"] == "right_only"][MATCH]
+    both = merged[merged["_merge"] == "both"].copy()
+    both["checkpoint"] = np.where(
+        both["checkpoint_sha256_base"] == both["checkpoint_sha256_cand"], "same", "changed")
+    both["time_ratio"] = both["per_sample_s_cand"] / both["per_sample_s_base"]
+    drops, diffs = [], []
+    for _, row in both.iterrows():
+        b = base_acc[base_acc["cell_key"] == row["cell_key_base"]].set_index("eps")
+        c = cand_acc[cand_acc["cell_key"] == row["cell_key_cand"]].set_index("eps")
+        diff = (c["certified_acc"] - b["certified_acc"]).dropna()
+        diffs.append(", ".join(f"{e:g}:{d:+.3f}" for e, d in diff.items()) or "-")
+        drops.append(float(-diff.min()) if len(diff) else float("nan"))
+    both["acc_diff"] = diffs
+    both["acc_drop"] = drops
+    failures = []
+    for _, row in both.iterrows():
+        cell = f"{row['model']} / {row['verifier']} / l{row['norm']}"
+        if row["status_base"] == "ok" and row["status_cand"] != "ok":
+            failures.append(f"{cell}: status {row['status_cand']} (baseline ok)")
+        if max_slowdown is not None and row["time_ratio"] > max_slowdown:
+            failures.append(f"{cell}: {row['time_ratio']:.2f}x slower per sample "
+                            f"(limit {max_slowdown:g}x)")
+        if max_acc_drop is not None and row["acc_drop"] > max_acc_drop + 1e-12:
+            failures.append(f"{cell}: certified accuracy dropped by {row['acc_drop']:.4f} "
+                            f"(limit {max_acc_drop:g})")
+        if (row["soundness_violations_cand"] or 0) > 0:
+            failures.append(f"{cell}: {int(row['soundness_violations_cand'])} soundness "
+                            "violation(s) in the candidate")
+    if fail_on_missing:
+        failures += [f"only in baseline: {r.model} / {r.verifier} / l{r.norm}"
+                     for r in only_base.itertuples()]
+    table = both[MATCH[:3] + ["checkpoint", "status_base", "status_cand", "per_sample_s_base",
+                              "per_sample_s_cand", "time_ratio", "acc_drop", "acc_diff"]]
+    return Comparison(table.reset_index(drop=True), only_base, only_cand, failures)
+
+
+def format_comparison(result: Comparison) -> str:
+    table = result.table.rename(columns={
+        "per_sample_s_base": "s/sample base", "per_sample_s_cand": "s/sample cand",
+        "status_base": "base", "status_cand": "cand"})
+    parts = [table.to_string(index=False, float_format=lambda v: f"{v:.3g}")]
+    for name, frame in (("only in baseline", result.only_baseline),
+                        ("only in candidate", result.only_candidate)):
+        for row in frame.itertuples():
+            parts.append(f"{name}: {row.model} / {row.verifier} / l{row.norm}")
+    parts += [f"FAIL {line}" for line in result.failures]
+    parts.append("comparison passed" if result.passed else
+                 f"comparison failed: {len(result.failures)} threshold(s) crossed")
+    return "\n".join(parts)

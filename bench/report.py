@@ -1,0 +1,408 @@
+"""`certbench report`: a self-contained HTML page and a Markdown twin from the Parquet
+results alone.
+
+    OUT/index.html     figures embedded as base64 PNG, opens without a server
+    OUT/report.md      the same tables, figures linked from OUT/figures/
+    OUT/figures/*.png
+
+Sections, in order: soundness violations (in red, only if any), per-model tables, certified
+accuracy versus epsilon, cost versus strength, peak memory, certified-radius curves,
+tightness (certified radius / smallest adversarial distance), provenance.
+
+Probabilistic certificates (randomized smoothing) are marked everywhere: a dagger after
+the verifier's name in tables and legends, dashed lines in figures. Only cells with status
+``ok`` enter the figures; failed cells are listed in the tables with their status.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from certbench.errors import UserError  # noqa: E402
+from certbench.store import ResultsStore  # noqa: E402
+
+PROB_MARK = "†"
+PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
+             "1 - alpha over the sampling noise, not with certainty.")
+SECTIONS = ("violations", "tables", "certified-vs-eps", "cost-vs-strength", "memory",
+            "radius", "tightness", "provenance")
+plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
+                     "grid.alpha": 0.3, "savefig.bbox": "tight"})
+
+
+@dataclass
+class Results:
+    cells: pd.DataFrame
+    certified: pd.DataFrame
+    samples: pd.DataFrame
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Results:
+        store = ResultsStore(folder)
+        if not store.path("cells").exists():
+            raise UserError(f"no results in {folder} (expected cells.parquet); run "
+                            "`certbench run` first")
+        cells = store.read("cells")
+        cells["probabilistic"] = cells["probabilistic"].fillna(False).astype(bool)
+        cells["shown"] = cells["verifier"] + np.where(cells["probabilistic"], PROB_MARK, "")
+        return cls(cells, store.read("certified"), store.read("samples"))
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.cells[self.cells["status"] == "ok"]
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _line_style(probabilistic: bool) -> dict:
+    return {"linestyle": "--" if probabilistic else "-", "marker": "o", "markersize": 3}
+
+
+def _panels(results: Results, title: str):
+    """A grid of axes: one row per model, one column per norm."""
+    models = sorted(results.ok["model"].unique())
+    norms = sorted(results.ok["norm"].unique())
+    fig, axes = plt.subplots(len(models), len(norms), squeeze=False,
+                             figsize=(4.2 * len(norms), 2.8 * len(models)))
+    fig.suptitle(title)
+    return fig, axes, models, norms
+
+
+def figure_certified_vs_eps(results: Results) -> bytes:
+    fig, axes, models, norms = _panels(results, "Certified accuracy versus epsilon")
+    data = results.certified.merge(results.ok, on="cell_key")
+    for r, model in enumerate(models):
+        for c, norm in enumerate(norms):
+            ax = axes[r][c]
+            part = data[(data["model"] == model) & (data["norm"] == norm)]
+            for label, cell in part.groupby("shown", sort=True):
+                ax.plot(cell["eps"], cell["certified_acc"], label=label,
+                        **_line_style(bool(cell["probabilistic"].iloc[0])))
+            attack = part.dropna(subset=["attack_upper_bound"]).groupby("eps")[
+                "attack_upper_bound"].first()
+            if not attack.empty:
+                ax.plot(attack.index, attack.values, color="black", linestyle=":",
+                        label="PGD upper bound")
+            if not part.empty:
+                ax.axhline(part["clean_acc"].iloc[0], color="grey", linewidth=0.8,
+                           label="clean accuracy")
+            ax.set_title(f"{model}, l{norm}")
+            ax.set_xlabel(f"epsilon (l{norm}, pixel scale [0, 1])")
+            ax.set_ylabel("certified accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=6.5, loc="upper right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _strength_eps(results: Results, norm: str) -> float:
+    """The epsilon the cost figure uses: the middle of the norm's grid."""
+    grid = sorted(results.certified.merge(results.ok[results.ok["norm"] == norm],
+                                          on="cell_key")["eps"].unique())
+    return float(grid[(len(grid) - 1) // 2]) if grid else float("nan")
+
+
+def figure_cost_vs_strength(results: Results) -> bytes:
+    norms = sorted(results.ok["norm"].unique())
+    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
+    markers = "osD^v<>pP*Xh"
+    models = sorted(results.ok["model"].unique())
+    labels = sorted(results.ok["shown"].unique())
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    data = results.certified.merge(results.ok, on="cell_key")
+    for c, norm in enumerate(norms):
+        ax = axes[0][c]
+        eps = _strength_eps(results, norm)
+        part = data[(data["norm"] == norm) & np.isclose(data["eps"], eps)]
+        for _, row in part.iterrows():
+            ax.scatter(row["per_sample_s"] * 1e3, row["certified_acc"],
+                       color=colours[row["shown"]],
+                       marker=markers[models.index(row["model"]) % len(markers)],
+                       facecolors="none" if row["probabilistic"] else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("time per sample (ms, log scale)")
+        ax.set_ylabel(f"certified accuracy at eps = {eps:g}")
+        ax.set_title(f"Cost versus strength, l{norm}")
+        handles = [plt.Line2D([], [], color=colours[lb], marker="o", linestyle="", label=lb)
+                   for lb in labels]
+        handles += [plt.Line2D([], [], color="black", marker=markers[i % len(markers)],
+                               linestyle="", label=m) for i, m in enumerate(models)]
+        ax.legend(handles=handles, fontsize=6.5, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return _png(fig)
+
+
+def figure_memory(results: Results) -> bytes:
+    ok = results.ok.dropna(subset=["peak_mem_bytes"])
+    norms = sorted(results.ok["norm"].unique())
+    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
+    kinds = ", ".join(sorted(ok["mem_kind"].dropna().unique())) or "none"
+    for c, norm in enumerate(norms):
+        ax = axes[0][c]
+        table = ok[ok["norm"] == norm].pivot_table(
+            index="shown", columns="model", values="peak_mem_bytes", aggfunc="max") / 2**20
+        if not table.empty:
+            table.plot.barh(ax=ax, width=0.8)
+        ax.set_xlabel(f"peak memory (MiB; {kinds})")
+        ax.set_ylabel("verifier")
+        ax.set_title(f"Peak memory per cell, l{norm}")
+        ax.legend(fontsize=6.5, title="model", title_fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _correct_samples(results: Results) -> pd.DataFrame:
+    """One row per cell and sample (radius and attack distance repeat across epsilon)."""
+    samples = results.samples.drop_duplicates(["cell_key", "sample_index"])
+    return samples.merge(results.ok, on="cell_key")
+
+
+def figure_radius(results: Results) -> bytes:
+    fig, axes, models, norms = _panels(results, "Certified radius: fraction of samples "
+                                       "certified correctly at radius >= r")
+    data = _correct_samples(results)
+    for r, model in enumerate(models):
+        for c, norm in enumerate(norms):
+            ax = axes[r][c]
+            part = data[(data["model"] == model) & (data["norm"] == norm)]
+            for label, cell in part.groupby("shown", sort=True):
+                radius = np.where(cell["prediction"] == cell["label"],
+                                  cell["radius"].fillna(0.0), 0.0)
+                if np.isnan(cell["radius"]).all():
+                    continue  # the method gives no radius
+                xs = np.sort(radius)
+                ys = 1.0 - np.arange(len(xs)) / len(xs)
+                ax.step(xs, ys, where="post", label=label,
+                        linestyle="--" if cell["probabilistic"].iloc[0] else "-")
+            ax.set_title(f"{model}, l{norm}")
+            ax.set_xlabel(f"radius r (l{norm})")
+            ax.set_ylabel("fraction of samples")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def tightness_table(results: Results) -> pd.DataFrame:
+    """Per model, norm and verifier: the median and 10th percentile of certified radius /
+    smallest adversarial distance over samples with both (1 = tight)."""
+    data = _correct_samples(results)
+    if "adv_distance" not in data:
+        return pd.DataFrame()
+    data = data[np.isfinite(data["adv_distance"]) & (data["adv_distance"] > 0)
+                & data["radius"].notna()]
+    data = data.assign(ratio=data["radius"] / data["adv_distance"])
+    grouped = data.groupby(["model", "norm", "shown"])["ratio"]
+    return pd.DataFrame({"median": grouped.median(), "p10": grouped.quantile(0.1),
+                         "n": grouped.size()}).reset_index()
+
+
+def figure_tightness(results: Results) -> bytes:
+    data = _correct_samples(results)
+    norms = sorted(results.ok["norm"].unique())
+    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
+    for c, norm in enumerate(norms):
+        ax = axes[0][c]
+        if "adv_distance" in data:
+            part = data[(data["norm"] == norm) & np.isfinite(data["adv_distance"])
+                        & (data["adv_distance"] > 0) & data["radius"].notna()]
+            labels = sorted(part["shown"].unique())
+            ratios = [(part[part["shown"] == lb]["radius"]
+                       / part[part["shown"] == lb]["adv_distance"]).to_numpy() for lb in labels]
+            if labels:
+                ax.boxplot(ratios, orientation="horizontal", tick_labels=labels, showfliers=False)
+        ax.axvline(1.0, color="red", linewidth=0.8)
+        ax.set_xlabel("certified radius / smallest adversarial distance found (1 = tight)")
+        ax.set_title(f"Tightness, l{norm} (all models pooled)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def model_tables(results: Results) -> dict[str, pd.DataFrame]:
+    """Per model and norm: one row per verifier (and the attack's upper bound)."""
+    cells = results.cells
+    verdicts = results.samples.groupby(["cell_key", "verdict"]).size().unstack(fill_value=0)
+    tables = {}
+    for (model, norm), group in cells.groupby(["model", "norm"], sort=True):
+        table = group.set_index("cell_key")[["shown", "clean_acc"]].rename(
+            columns={"shown": "verifier"})
+        acc = results.certified[results.certified["cell_key"].isin(group["cell_key"])]
+        if not acc.empty:
+            wide = acc.pivot(index="cell_key", columns="eps", values="certified_acc")
+            wide.columns = [f"cert@{e:g}" for e in wide.columns]
+            table = table.join(wide)
+        indexed = group.set_index("cell_key")
+        table["setup s"] = indexed["setup_s"]
+        table["ms/sample"] = indexed["per_sample_s"] * 1e3
+        table["peak MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
+        for verdict in ("certified", "not_certified", "abstain", "timeout", "error"):
+            if verdict in verdicts:
+                table[verdict] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
+        table["status"] = indexed["status"]
+        if "soundness_violations" in indexed:
+            table["violations"] = indexed["soundness_violations"].fillna(
+                indexed["probabilistic_violations"])
+        attack = acc.dropna(subset=["attack_upper_bound"]).groupby("eps")[
+            "attack_upper_bound"].first()
+        if not attack.empty:
+            row = {"verifier": "PGD upper bound", "clean_acc": group["clean_acc"].iloc[0]}
+            row.update({f"cert@{e:g}": v for e, v in attack.items()})
+            table = pd.concat([table, pd.DataFrame([row], index=["attack"])])
+        tables[f"{model}, l{norm}"] = table.reset_index(drop=True)
+    return tables
+
+
+def provenance(results: Results, folder: Path) -> dict[str, str]:
+    cells = results.cells
+    versions = sorted(set(cells["versions"].dropna()))
+    devices = sorted(set(cells["device"].dropna()))
+    return {
+        "results": str(folder),
+        "matrix": ", ".join(sorted(set(cells.get("matrix", pd.Series()).dropna()))) or "-",
+        "device": ", ".join(devices),
+        "git commit": ", ".join(sorted(set(cells["git_commit"].dropna()))) or "-",
+        "runs": ", ".join(sorted(set(cells["run_id"].dropna()))),
+        "dates (UTC)": f"{cells['started_at'].min()} to {cells['finished_at'].max()}",
+        "library versions": "; ".join(
+            ", ".join(f"{k} {v}" for k, v in json.loads(text).items()) for text in versions),
+    }
+
+
+def violation_lines(results: Results) -> list[str]:
+    lines = []
+    for column, what in (("soundness_violations", "soundness violation"),
+                         ("probabilistic_violations", "probabilistic certificate refuted")):
+        if column in results.cells:
+            bad = results.cells[results.cells[column].fillna(0) > 0]
+            lines += [f"{what}: {r.model} / {r.shown} / l{r.norm}: {int(r[column])} certified "
+                      "sample(s) flipped by the attack" for _, r in bad.iterrows()]
+    return lines
+
+
+FIGURES = {
+    "certified-vs-eps": ("Certified accuracy versus epsilon", figure_certified_vs_eps,
+                         "One panel per model and norm; dotted: PGD's upper bound on robust "
+                         "accuracy; grey: clean accuracy; dashed: probabilistic."),
+    "cost-vs-strength": ("Cost versus strength", figure_cost_vs_strength,
+                         "Certified accuracy at the middle epsilon of each grid against "
+                         "certification time per sample; colour: verifier, marker: model; "
+                         "hollow: probabilistic."),
+    "memory": ("Peak memory", figure_memory,
+               "Peak memory of each cell (setup, warm-up and certification)."),
+    "radius": ("Certified radius", figure_radius,
+               "Fraction of samples correctly classified with certified radius at least r "
+               "(verifiers that report a radius)."),
+    "tightness": ("Tightness", figure_tightness,
+                  "Certified radius over the smallest adversarial distance PGD found, per "
+                  "sample; sound methods stay at or below 1."),
+}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if np.isnan(value) else f"{value:.3g}"
+    return str(value)
+
+
+def build_report(results_dir: str | Path, out: str | Path) -> Path:
+    """Write OUT/index.html, OUT/report.md and OUT/figures/; returns the HTML path."""
+    folder, out = Path(results_dir), Path(out)
+    results = Results.load(folder)
+    if results.ok.empty:
+        raise UserError(f"{folder}: no cell finished with status ok; nothing to plot")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    images = {}
+    for key, (_, draw, _) in FIGURES.items():
+        images[key] = draw(results)
+        (out / "figures" / f"{key}.png").write_bytes(images[key])
+    tables = model_tables(results)
+    tight = tightness_table(results)
+    prov = provenance(results, folder)
+    violations = violation_lines(results)
+    has_prob = bool(results.cells["probabilistic"].any())
+    name = prov["matrix"]
+    (out / "report.md").write_text(
+        _markdown(name, tables, tight, prov, violations, has_prob), encoding="utf-8")
+    page = out / "index.html"
+    page.write_text(_html(name, tables, tight, prov, violations, has_prob, images),
+                    encoding="utf-8")
+    return page
+
+
+def _markdown(name, tables, tight, prov, violations, has_prob) -> str:
+    lines = [f"# certbench report: {name}", ""]
+    if violations:
+        lines += ["## Soundness violations", ""] + [f"- **{v}**" for v in violations] + [""]
+    lines += ["## Results per model", ""]
+    if has_prob:
+        lines += [PROB_NOTE, ""]
+    for title, table in tables.items():
+        lines += [f"### {title}", "", table.map(_fmt).to_markdown(index=False), ""]
+    for key, (title, _, caption) in FIGURES.items():
+        lines += [f"## {title}", "", f"![{title}](figures/{key}.png)", "", caption, ""]
+        if key == "tightness" and not tight.empty:
+            lines += [tight.map(_fmt).to_markdown(index=False), ""]
+    lines += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov.items()]
+    return "\n".join(lines) + "\n"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; font-size: 0.82em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr:last-child td { color: #555; font-style: italic; }
+.violations { border: 2px solid #c00; color: #c00; padding: 0.5em 1em; }
+.note { color: #555; font-size: 0.9em; }
+img { max-width: 100%; }
+"""
+
+
+def _html(name, tables, tight, prov, violations, has_prob, images) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>certbench report: {esc(name)}</title><style>{CSS}</style></head><body>",
+             f"<h1>certbench report: {esc(name)}</h1>"]
+    nav = " · ".join(f"<a href='#{s}'>{s}</a>" for s in SECTIONS
+                     if s != "violations" or violations)
+    parts.append(f"<p class='note'>{nav}</p>")
+    if violations:
+        items = "".join(f"<li>{esc(v)}</li>" for v in violations)
+        parts.append(f"<section id='violations' class='violations'><h2>Soundness violations"
+                     f"</h2><ul>{items}</ul></section>")
+    parts.append("<section id='tables'><h2>Results per model</h2>")
+    if has_prob:
+        parts.append(f"<p class='note'>{esc(PROB_NOTE)}</p>")
+    for title, table in tables.items():
+        parts.append(f"<h3>{esc(title)}</h3>" + table.map(_fmt).to_html(index=False))
+    parts.append("</section>")
+    for key, (title, _, caption) in FIGURES.items():
+        data = base64.b64encode(images[key]).decode()
+        parts.append(f"<section id='{key}'><h2>{esc(title)}</h2>"
+                     f"<img alt='{esc(title)}' src='data:image/png;base64,{data}'>"
+                     f"<p class='note'>{esc(caption)}</p>")
+        if key == "tightness" and not tight.empty:
+            parts.append(tight.map(_fmt).to_html(index=False))
+        parts.append("</section>")
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in prov.items())
+    parts.append(f"<section id='provenance'><h2>Provenance</h2><table>{rows}</table></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
