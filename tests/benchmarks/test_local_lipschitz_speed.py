@@ -1,0 +1,60 @@
+"""Local Lipschitz certification (bound, bisection and estimate) and the exact MILP
+verifier on fixed seeded models and batches, next to the global bound they refine.
+
+Run: pytest tests/benchmarks/test_local_lipschitz_speed.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from certbench.models import build_model
+from certbench.verifiers import get_verifier
+
+CASES = {
+    "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 64),
+    "cnn-small-digits": ("cnn-small", {}, (1, 8, 8), 32),
+}
+EPS = [0.1, 0.25, 0.5, 1.0]
+
+
+def _setup(case: str):
+    arch, args, shape, batch = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(arch, shape, 10, (0.5,), (0.5,), args).eval()
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0))
+    return model, shape, x
+
+
+@pytest.mark.parametrize("options", [{"activation_bounds": "ibp"},
+                                     {"activation_bounds": "crown"},
+                                     {"activation_bounds": "ibp", "estimate_points": 0}],
+                         ids=["ibp", "crown", "ibp-no-estimate"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_local_lipschitz(benchmark, case, options):
+    model, shape, x = _setup(case)
+    verifier = get_verifier("local-lipschitz", **options)
+    verifier.prepare(model, shape)
+    cert = benchmark.pedantic(verifier.certify, args=(x, "2", EPS), rounds=3, iterations=1)
+    assert (cert.radius >= 0).all()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_global_lipschitz_reference(benchmark, case):
+    model, shape, x = _setup(case)
+    verifier = get_verifier("global-lipschitz")
+    verifier.prepare(model, shape)
+    cert = benchmark(verifier.certify, x, "2", EPS)
+    assert len(cert.verdicts) == len(x)
+
+
+def test_exact_milp_small_mlp(benchmark):
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, (0.5,), (0.5,), {"widths": [16, 16]}).eval()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    verifier = get_verifier("exact")
+    verifier.prepare(model, (1, 8, 8))
+    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01]), rounds=2,
+                              iterations=1)
+    assert len(cert.verdicts) == 4
