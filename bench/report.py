@@ -79,10 +79,20 @@ def _panels(results: Results, title: str):
     """A grid of axes: one row per model, one column per norm."""
     models = sorted(results.ok["model"].unique())
     norms = sorted(results.ok["norm"].unique())
-    fig, axes = plt.subplots(len(models), len(norms), squeeze=False,
-                             figsize=(4.2 * len(norms), 2.8 * len(models)))
+    fig, axes = plt.subplots(len(models), len(norms), squeeze=False, layout="constrained",
+                             figsize=(4.6 * len(norms), 2.6 * len(models) + 1.0))
     fig.suptitle(title)
     return fig, axes, models, norms
+
+
+def _shared_legend(fig, axes) -> None:
+    """One legend for all panels, below them (the panels stay readable)."""
+    entries = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center",
+               ncol=min(4, len(entries)), fontsize=7.5)
 
 
 def figure_certified_vs_eps(results: Results) -> bytes:
@@ -107,8 +117,7 @@ def figure_certified_vs_eps(results: Results) -> bytes:
             ax.set_xlabel(f"epsilon (l{norm}, pixel scale [0, 1])")
             ax.set_ylabel("certified accuracy")
             ax.set_ylim(-0.02, 1.02)
-            ax.legend(fontsize=6.5, loc="upper right")
-    fig.tight_layout()
+    _shared_legend(fig, axes)
     return _png(fig)
 
 
@@ -168,7 +177,7 @@ def figure_memory(results: Results) -> bytes:
     return _png(fig)
 
 
-def _correct_samples(results: Results) -> pd.DataFrame:
+def _per_sample(results: Results) -> pd.DataFrame:
     """One row per cell and sample (radius and attack distance repeat across epsilon)."""
     samples = results.samples.drop_duplicates(["cell_key", "sample_index"])
     return samples.merge(results.ok, on="cell_key")
@@ -177,7 +186,7 @@ def _correct_samples(results: Results) -> pd.DataFrame:
 def figure_radius(results: Results) -> bytes:
     fig, axes, models, norms = _panels(results, "Certified radius: fraction of samples "
                                        "certified correctly at radius >= r")
-    data = _correct_samples(results)
+    data = _per_sample(results)
     for r, model in enumerate(models):
         for c, norm in enumerate(norms):
             ax = axes[r][c]
@@ -195,15 +204,14 @@ def figure_radius(results: Results) -> bytes:
             ax.set_xlabel(f"radius r (l{norm})")
             ax.set_ylabel("fraction of samples")
             ax.set_ylim(-0.02, 1.02)
-            ax.legend(fontsize=6.5)
-    fig.tight_layout()
+    _shared_legend(fig, axes)
     return _png(fig)
 
 
 def tightness_table(results: Results) -> pd.DataFrame:
     """Per model, norm and verifier: the median and 10th percentile of certified radius /
     smallest adversarial distance over samples with both (1 = tight)."""
-    data = _correct_samples(results)
+    data = _per_sample(results)
     if "adv_distance" not in data:
         return pd.DataFrame()
     data = data[np.isfinite(data["adv_distance"]) & (data["adv_distance"] > 0)
@@ -215,7 +223,7 @@ def tightness_table(results: Results) -> pd.DataFrame:
 
 
 def figure_tightness(results: Results) -> bytes:
-    data = _correct_samples(results)
+    data = _per_sample(results)
     norms = sorted(results.ok["norm"].unique())
     fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
     for c, norm in enumerate(norms):
@@ -242,7 +250,7 @@ def model_tables(results: Results) -> dict[str, pd.DataFrame]:
     tables = {}
     for (model, norm), group in cells.groupby(["model", "norm"], sort=True):
         table = group.set_index("cell_key")[["shown", "clean_acc"]].rename(
-            columns={"shown": "verifier"})
+            columns={"shown": "verifier", "clean_acc": "clean"})
         acc = results.certified[results.certified["cell_key"].isin(group["cell_key"])]
         if not acc.empty:
             wide = acc.pivot(index="cell_key", columns="eps", values="certified_acc")
@@ -262,7 +270,7 @@ def model_tables(results: Results) -> dict[str, pd.DataFrame]:
         attack = acc.dropna(subset=["attack_upper_bound"]).groupby("eps")[
             "attack_upper_bound"].first()
         if not attack.empty:
-            row = {"verifier": "PGD upper bound", "clean_acc": group["clean_acc"].iloc[0]}
+            row = {"verifier": "PGD upper bound", "clean": group["clean_acc"].iloc[0]}
             row.update({f"cert@{e:g}": v for e, v in attack.items()})
             table = pd.concat([table, pd.DataFrame([row], index=["attack"])])
         tables[f"{model}, l{norm}"] = table.reset_index(drop=True)
