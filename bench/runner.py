@@ -61,6 +61,7 @@ from certbench.train import recipe_args, train_model
 from certbench.verifiers import ABSTAIN, VERDICTS, Certificate, Verdict, get_verifier
 
 WARMUP_SAMPLES = 2
+SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (x noise copies)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,13 +284,13 @@ def _check_smoothing(
     largest = torch.where(certified_at, grid, torch.zeros_like(grid)).max(dim=1).values
     checked = (largest > 0).nonzero().flatten()
     flipped = torch.zeros(len(x), dtype=torch.bool)
-    if len(checked):
-        idx = checked.to(x.device)
-        target = cert.prediction[checked].to(x.device)
-        points = smoothed_pgd(model, x[idx], target, largest[checked].to(x.device), norm,
+    for chunk in checked.split(SMOOTHED_ATTACK_BATCH):
+        idx = chunk.to(x.device)
+        target = cert.prediction[chunk].to(x.device)
+        points = smoothed_pgd(model, x[idx], target, largest[chunk].to(x.device), norm,
                               verifier.sigma, attack.smoothing_noise_samples, attack.steps)
         decided = verifier.predict(points, n=attack.smoothing_check_n)
-        flipped[checked] = (decided != ABSTAIN) & (decided != cert.prediction[checked])
+        flipped[chunk] = (decided != ABSTAIN) & (decided != cert.prediction[chunk])
     samples["smoothed_attack_flipped"] = flipped.repeat_interleave(len(eps)).numpy()
     return int(flipped.sum())
 
@@ -332,7 +333,7 @@ def run_matrix(
                 a = spec.attack
                 attacks[loaded.sha256, norm] = attack_grid(
                     loaded.model, x, spec.eps_for(norm), norm, a.steps, a.restarts,
-                    a.bisection_steps, seed=spec.seed,
+                    a.bisection_steps, seed=spec.seed, batch_size=spec.batch_size,
                 )
             attack = attacks[loaded.sha256, norm]
         bar.set_postfix_str(f"{loaded.spec.name} / {verifier_spec.display} / l{norm}")
