@@ -16,8 +16,9 @@ neuron is stable the interval is a point and L_j(r) is the exact local constant.
 Certified at eps: m_j(x) - slack > L_j(eps) * eps for every j != y, or certified by the
 global GloRo bound of the same model (so the local radius is never below the global one).
 Radius: bisection on r from the global radius up to ``radius_max`` (the lower end of the
-last interval, itself a checked radius). L is inflated by ``REL_SLACK`` for float32
-rounding; the margin allowance is ``float_slack``.
+last interval, itself a checked radius), after one probe at the global radius plus
+``radius_tol`` that ends the search where the local bound cannot improve on it. L is
+inflated by ``REL_SLACK`` for float32 rounding; the margin allowance is ``float_slack``.
 
 Estimate: the largest dual gradient norm of any margin found at ``estimate_points``
 uniform points of the ball and along ``estimate_steps`` projected descent steps on the
@@ -202,6 +203,12 @@ class LocalLipschitzVerifier:
         hi = torch.full_like(lo, self.radius_max)
         top, _ = self._holds(x, spec, margins, hi, norm)
         lo = torch.where(top, hi, lo)
+        # one probe just above the start: where the local bound cannot beat the global
+        # radius even there (all neurons unstable, say), the search ends at once
+        step = torch.minimum(lo + self.radius_tol, hi)
+        near, _ = self._holds(x, spec, margins, step, norm)
+        hi = torch.where(near | top, hi, step)
+        lo = torch.where(near & ~top, step, lo)
         while ((hi - lo) > self.radius_tol).any():
             mid = (lo + hi) / 2
             ok, _ = self._holds(x, spec, margins, mid, norm)
