@@ -71,8 +71,15 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _line_style(probabilistic: bool) -> dict:
-    return {"linestyle": "--" if probabilistic else "-", "marker": "o", "markersize": 3}
+MARKERS = "osD^vP*Xph<>"
+
+
+def _line_style(results: Results, shown: str, probabilistic: bool) -> dict:
+    """Dashed for probabilistic; one marker per verifier, so that lines lying on top of
+    each other (two methods with the same figures) stay visible."""
+    index = sorted(results.ok["shown"].unique()).index(shown)
+    return {"linestyle": "--" if probabilistic else "-", "marker": MARKERS[index % 11],
+            "markersize": 4, "markerfacecolor": "none"}
 
 
 def _panels(results: Results, title: str):
@@ -104,7 +111,7 @@ def figure_certified_vs_eps(results: Results) -> bytes:
             part = data[(data["model"] == model) & (data["norm"] == norm)]
             for label, cell in part.groupby("shown", sort=True):
                 ax.plot(cell["eps"], cell["certified_acc"], label=label,
-                        **_line_style(bool(cell["probabilistic"].iloc[0])))
+                        **_line_style(results, label, bool(cell["probabilistic"].iloc[0])))
             attack = part.dropna(subset=["attack_upper_bound"]).groupby("eps")[
                 "attack_upper_bound"].first()
             if not attack.empty:
@@ -161,7 +168,9 @@ def figure_cost_vs_strength(results: Results) -> bytes:
 def figure_memory(results: Results) -> bytes:
     ok = results.ok.dropna(subset=["peak_mem_bytes"])
     norms = sorted(results.ok["norm"].unique())
-    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
+    bars = results.ok["shown"].nunique() * results.ok["model"].nunique()
+    fig, axes = plt.subplots(1, len(norms), squeeze=False,
+                             figsize=(5.5 * len(norms), max(4.0, 1.5 + 0.13 * bars)))
     kinds = ", ".join(sorted(ok["mem_kind"].dropna().unique())) or "none"
     for c, norm in enumerate(norms):
         ax = axes[0][c]
@@ -172,7 +181,8 @@ def figure_memory(results: Results) -> bytes:
         ax.set_xlabel(f"peak memory (MiB; {kinds})")
         ax.set_ylabel("verifier")
         ax.set_title(f"Peak memory per cell, l{norm}")
-        ax.legend(fontsize=6.5, title="model", title_fontsize=7)
+        ax.legend(fontsize=6.5, title="model", title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1, 1))
     fig.tight_layout()
     return _png(fig)
 
@@ -313,7 +323,10 @@ FIGURES = {
                          "certification time per sample; colour: verifier, marker: model; "
                          "hollow: probabilistic."),
     "memory": ("Peak memory", figure_memory,
-               "Peak memory of each cell (setup, warm-up and certification)."),
+               "Peak memory of each cell (setup, warm-up and certification). On CUDA: "
+               "max_memory_allocated; on CPU (rss): growth of the process's resident-set "
+               "high-water mark during the cell, near 0 for a cell that reuses memory the "
+               "process already held."),
     "radius": ("Certified radius", figure_radius,
                "Fraction of samples correctly classified with certified radius at least r "
                "(verifiers that report a radius)."),
