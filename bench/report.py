@@ -254,7 +254,8 @@ def figure_tightness(results: Results) -> bytes:
 
 
 def model_tables(results: Results) -> dict[str, pd.DataFrame]:
-    """Per model and norm: one row per verifier (and the attack's upper bound)."""
+    """Per model and norm: one row per verifier (and the attack's upper bound); ``#verdict``
+    columns count (sample, epsilon) pairs with that verdict."""
     cells = results.cells
     verdicts = results.samples.groupby(["cell_key", "verdict"]).size().unstack(fill_value=0)
     tables = {}
@@ -272,7 +273,7 @@ def model_tables(results: Results) -> dict[str, pd.DataFrame]:
         table["peak MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
         for verdict in ("certified", "not_certified", "abstain", "timeout", "error"):
             if verdict in verdicts:
-                table[verdict] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
+                table[f"#{verdict}"] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
         table["status"] = indexed["status"]
         if "soundness_violations" in indexed:
             table["violations"] = indexed["soundness_violations"].fillna(
