@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from certbench.compare import compare, format_comparison
 
     result = compare(args.baseline, args.candidate, args.max_slowdown, args.max_acc_drop,
-                     args.fail_on_missing)
+                     args.fail_on_missing, args.time_floor_s)
     print(format_comparison(result))
     return 0 if result.passed else 1
 
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fail if candidate time per sample / baseline exceeds this")
     comp.add_argument("--max-acc-drop", type=float, default=None,
                       help="fail if certified accuracy at any epsilon drops by more than this")
+    comp.add_argument("--time-floor-s", type=float, default=0.5,
+                      help="cells certified faster than this (seconds per cell, both sides) "
+                      "are not judged on time: their timings are mostly noise (default 0.5)")
     comp.add_argument("--fail-on-missing", action="store_true",
                       help="fail if a baseline cell is missing from the candidate")
     comp.set_defaults(func=cmd_compare)

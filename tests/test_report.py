@@ -109,10 +109,22 @@ def test_compare_passes_identical_runs_and_fails_planted_regressions(results, tm
             frame.loc[frame["verifier"] == "crown-ibp", "per_sample_s"] *= 1.5
         return frame
 
-    assert main(["compare", str(results), str(_planted(results, tmp_path, "slow", slower)),
-                 *args]) == 1
+    def slower_and_long(table, frame):
+        if table == "cells":
+            frame.loc[frame["verifier"] == "crown-ibp", "certify_s"] = 10.0
+        return slower(table, frame)
+
+    assert main(["compare", str(results), str(_planted(results, tmp_path, "slow",
+                                                       slower_and_long)), *args]) == 1
     out = capsys.readouterr().out
     assert "1.50x slower" in out and "comparison failed" in out
+    # a cell certified in milliseconds is below the time floor: shown, not judged
+    assert main(["compare", str(results), str(_planted(results, tmp_path, "quick-slow",
+                                                       slower)), *args]) == 0
+    assert main(["compare", str(results), str(_planted(results, tmp_path, "quick-slow2",
+                                                       slower)), *args,
+                 "--time-floor-s", "0"]) == 1
+    capsys.readouterr()
 
     def weaker(table, frame):
         if table == "certified":
