@@ -36,6 +36,9 @@ from certbench.store import ResultsStore  # noqa: E402
 PROB_MARK = "†"
 PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
              "1 - alpha over the sampling noise, not with certainty.")
+TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #abstain / #timeout / #error: "
+              "(sample, epsilon) pairs per verdict; viol.: certified samples the attack "
+              "flipped; PGD upper bound: robust accuracy can be no higher (not a certificate).")
 SECTIONS = ("violations", "tables", "certified-vs-eps", "cost-vs-strength", "memory",
             "radius", "tightness", "provenance")
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
@@ -253,9 +256,14 @@ def figure_tightness(results: Results) -> bytes:
     return _png(fig)
 
 
+VERDICT_COLUMNS = {"certified": "#cert", "not_certified": "#not", "abstain": "#abstain",
+                   "timeout": "#timeout", "error": "#error"}
+
+
 def model_tables(results: Results) -> dict[str, pd.DataFrame]:
-    """Per model and norm: one row per verifier (and the attack's upper bound); ``#verdict``
-    columns count (sample, epsilon) pairs with that verdict."""
+    """Per model and norm: one row per verifier (and the attack's upper bound); the ``#``
+    columns count (sample, epsilon) pairs per verdict (``#not``: not certified), ``viol.``
+    the samples with a soundness violation (probabilistic ones for smoothing)."""
     cells = results.cells
     verdicts = results.samples.groupby(["cell_key", "verdict"]).size().unstack(fill_value=0)
     tables = {}
@@ -271,12 +279,12 @@ def model_tables(results: Results) -> dict[str, pd.DataFrame]:
         table["setup s"] = indexed["setup_s"]
         table["ms/sample"] = indexed["per_sample_s"] * 1e3
         table["peak MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
-        for verdict in ("certified", "not_certified", "abstain", "timeout", "error"):
+        for verdict, short in VERDICT_COLUMNS.items():
             if verdict in verdicts:
-                table[f"#{verdict}"] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
+                table[short] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
         table["status"] = indexed["status"]
         if "soundness_violations" in indexed:
-            table["violations"] = indexed["soundness_violations"].fillna(
+            table["viol."] = indexed["soundness_violations"].fillna(
                 indexed["probabilistic_violations"])
         attack = acc.dropna(subset=["attack_upper_bound"]).groupby("eps")[
             "attack_upper_bound"].first()
@@ -372,7 +380,7 @@ def _markdown(name, tables, tight, prov, violations, has_prob) -> str:
     lines = [f"# certbench report: {name}", ""]
     if violations:
         lines += ["## Soundness violations", ""] + [f"- **{v}**" for v in violations] + [""]
-    lines += ["## Results per model", ""]
+    lines += ["## Results per model", "", TABLE_NOTE, ""]
     if has_prob:
         lines += [PROB_NOTE, ""]
     for title, table in tables.items():
@@ -386,10 +394,11 @@ def _markdown(name, tables, tight, prov, violations, has_prob) -> str:
 
 
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em;
+body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em;
        color: #222; }
-table { border-collapse: collapse; font-size: 0.82em; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.78em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.15em 0.4em; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 tr:last-child td { color: #555; font-style: italic; }
 .violations { border: 2px solid #c00; color: #c00; padding: 0.5em 1em; }
@@ -410,11 +419,13 @@ def _html(name, tables, tight, prov, violations, has_prob, images) -> str:
         items = "".join(f"<li>{esc(v)}</li>" for v in violations)
         parts.append(f"<section id='violations' class='violations'><h2>Soundness violations"
                      f"</h2><ul>{items}</ul></section>")
-    parts.append("<section id='tables'><h2>Results per model</h2>")
+    parts.append(f"<section id='tables'><h2>Results per model</h2>"
+                 f"<p class='note'>{esc(TABLE_NOTE)}</p>")
     if has_prob:
         parts.append(f"<p class='note'>{esc(PROB_NOTE)}</p>")
     for title, table in tables.items():
-        parts.append(f"<h3>{esc(title)}</h3>" + table.map(_fmt).to_html(index=False))
+        parts.append(f"<h3>{esc(title)}</h3><div class='scroll'>"
+                     f"{table.map(_fmt).to_html(index=False)}</div>")
     parts.append("</section>")
     for key, (title, _, caption) in FIGURES.items():
         data = base64.b64encode(images[key]).decode()
