@@ -63,8 +63,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         spec.device = args.device
     results = Path(args.results or Path("results") / spec.name)
+    source = Path(args.matrix)
+    matrix_file = str(source.resolve()) if source.exists() else f"packaged: {args.matrix}"
     cells = run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
-                       progress=not args.quiet)
+                       progress=not args.quiet, matrix_file=matrix_file)
     print(format_summary(results))
     violations = cells.get("soundness_violations")
     if violations is not None and (violations.fillna(0) > 0).any():

@@ -303,6 +303,8 @@ def provenance(results: Results, folder: Path) -> dict[str, str]:
     return {
         "results": str(folder),
         "matrix": ", ".join(sorted(set(cells.get("matrix", pd.Series()).dropna()))) or "-",
+        "matrix file": ", ".join(sorted(set(cells.get("matrix_file", pd.Series()).dropna())))
+        or "-",
         "device": ", ".join(devices),
         "git commit": ", ".join(sorted(set(cells["git_commit"].dropna()))) or "-",
         "runs": ", ".join(sorted(set(cells["run_id"].dropna()))),

@@ -303,8 +303,10 @@ def run_matrix(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    matrix_file: str | None = None,
 ) -> pd.DataFrame:
-    """Run every cell of ``spec``; returns the per-cell rows of the whole results folder."""
+    """Run every cell of ``spec``; returns the per-cell rows of the whole results folder.
+    ``matrix_file`` (where the spec was read from) is recorded in every cell row."""
     device = resolve_device(spec.device)
     dataset = load_dataset(spec.dataset, data_dir, download=spec.download)
     indices = eval_indices(len(dataset.y_test), spec.samples, spec.seed)
@@ -314,7 +316,7 @@ def run_matrix(
     context = {
         "run_id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
         "versions": canonical_json(library_versions()), "git_commit": git_commit(),
-        "matrix": spec.name,
+        "matrix": spec.name, "matrix_file": matrix_file,
     }
     models = [ensure_model(m, dataset, checkpoint_dir, device, progress) for m in spec.models]
     cells = [(m, v, norm) for m in models for v in spec.verifiers for norm in spec.norms]
