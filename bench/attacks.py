@@ -57,11 +57,14 @@ def pgd(
     restarts: int = 5,
     step_size: float = 2.5,
     seed: int = 0,
+    targeted: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Search the ball of radius ``eps`` (scalar or one per sample) around each x for a
     point classified other than y. Returns (best points, success mask). The step is
     ``step_size * eps / steps``; the first restart starts at x, later ones at random
-    points of the ball."""
+    points of the ball. ``targeted`` more runs from x each ascend f_t - f_y for one of the
+    classes t with the highest logits at x (the untargeted loss follows the currently
+    strongest class, which need not have the nearest boundary)."""
     model.eval()
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     eps_t = eps_t.expand(len(x)) if eps_t.dim() == 0 else eps_t
@@ -70,13 +73,20 @@ def pgd(
     gen = torch.Generator().manual_seed(seed)
     best = x.clone()
     best_loss = torch.full((len(x),), -torch.inf, device=x.device)
-    for restart in range(restarts):
-        delta = torch.zeros_like(x) if restart == 0 else _random_start(x, eps_b, norm, gen)
+    with torch.no_grad():
+        ranked = model(x).scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)
+    runs = [None] * restarts + [ranked[:, t] for t in range(min(targeted, ranked.shape[1] - 1))]
+    for restart, target in enumerate(runs):
+        start = restart == 0 or target is not None
+        delta = torch.zeros_like(x) if start else _random_start(x, eps_b, norm, gen)
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = margin_loss(model(x + delta), y)
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            logits = model(x + delta)
+            loss = margin_loss(logits, y)
+            ascent = loss if target is None else (
+                logits.gather(1, target[:, None]) - logits.gather(1, y[:, None]))[:, 0]
+            (grad,) = torch.autograd.grad(ascent.sum(), delta)
             with torch.no_grad():
                 improved = loss.detach() > best_loss
                 best[improved] = (x + delta.detach())[improved]
@@ -121,19 +131,21 @@ class AttackOutcome:
 def attack_grid(
     model: nn.Module, x: torch.Tensor, eps: list[float], norm: str, steps: int = 50,
     restarts: int = 3, bisection_steps: int = 8, seed: int = 0, batch_size: int = 256,
+    targeted: int = 0,
 ) -> AttackOutcome:
     """PGD at every epsilon of the grid against the model's predictions, then a bisection
     per sample for the smallest adversarial distance: between the largest grid epsilon
     that failed and the smallest that succeeded (or ``4 * max(eps)``, 1 for l_inf).
-    Samples are attacked ``batch_size`` at a time."""
+    Samples are attacked ``batch_size`` at a time; ``targeted`` as for `pgd`."""
     started = time.perf_counter()
     parts = [_attack_batch(model, x[i : i + batch_size], eps, norm, steps, restarts,
-                           bisection_steps, seed) for i in range(0, len(x), batch_size)]
+                           bisection_steps, seed, targeted)
+             for i in range(0, len(x), batch_size)]
     return AttackOutcome(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                          time.perf_counter() - started)
 
 
-def _attack_batch(model, x, eps, norm, steps, restarts, bisection_steps, seed):
+def _attack_batch(model, x, eps, norm, steps, restarts, bisection_steps, seed, targeted):
     with torch.no_grad():
         target = model(x).argmax(1)
     n = len(x)
@@ -141,7 +153,8 @@ def _attack_batch(model, x, eps, norm, steps, restarts, bisection_steps, seed):
     best = torch.full((n,), math.inf, dtype=torch.float64)
     lo = torch.zeros(n, dtype=torch.float64)
     for e in sorted(eps):
-        points, found = pgd(model, x, target, e, norm, steps, restarts, seed=seed)
+        points, found = pgd(model, x, target, e, norm, steps, restarts, seed=seed,
+                            targeted=targeted)
         found = found.cpu()
         success[:, eps.index(e)] = found
         best = torch.where(found, torch.minimum(best, distance(points, x, norm).cpu()), best)
@@ -151,7 +164,8 @@ def _attack_batch(model, x, eps, norm, steps, restarts, bisection_steps, seed):
     missing = best == math.inf
     if missing.any():
         idx = missing.nonzero().flatten()
-        points, found = pgd(model, x[idx], target[idx], top, norm, steps, restarts, seed=seed)
+        points, found = pgd(model, x[idx], target[idx], top, norm, steps, restarts, seed=seed,
+                            targeted=targeted)
         dist = distance(points, x[idx], norm).cpu()
         best[idx] = torch.where(found.cpu(), dist, best[idx])
         hi[idx] = torch.where(found.cpu(), dist, hi[idx])
@@ -160,7 +174,8 @@ def _attack_batch(model, x, eps, norm, steps, restarts, bisection_steps, seed):
         mid = (lo[searching] + hi[searching]) / 2
         device_idx = searching.to(x.device)
         points, found = pgd(model, x[device_idx], target[device_idx],
-                            mid.to(x.device, x.dtype), norm, steps, restarts, seed=seed)
+                            mid.to(x.device, x.dtype), norm, steps, restarts, seed=seed,
+                            targeted=targeted)
         found = found.cpu()
         dist = distance(points, x[device_idx], norm).cpu()
         best[searching] = torch.where(found, torch.minimum(best[searching], dist),

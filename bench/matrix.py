@@ -98,12 +98,14 @@ class VerifierSpec(_Strict):
 class AttackSpec(_Strict):
     """The per-cell attack (bench/attacks.py): PGD with ``restarts`` random restarts of
     ``steps`` steps at every epsilon, ``bisection_steps`` for the smallest adversarial
-    distance; for smoothing cells, ``smoothing_noise_samples`` noisy copies per PGD step
-    and PREDICT with ``smoothing_check_n`` samples at the attacked point."""
+    distance; ``targeted`` extra runs toward the classes with the next-highest logits;
+    for smoothing cells, ``smoothing_noise_samples`` noisy copies per PGD step and PREDICT
+    with ``smoothing_check_n`` samples at the attacked point."""
 
     enabled: bool = True
     steps: int = Field(default=50, gt=0)
     restarts: int = Field(default=3, gt=0)
+    targeted: int = Field(default=2, ge=0)
     bisection_steps: int = Field(default=8, ge=0)
     smoothing_noise_samples: int = Field(default=16, gt=0)
     smoothing_check_n: int = Field(default=10_000, gt=0)

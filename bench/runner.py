@@ -177,6 +177,7 @@ def run_cell(
         "per_sample_s": float("nan"), "peak_mem_bytes": None, "mem_kind": None,
         "probabilistic": False, "alpha": None, "eps_grid": json.dumps(eps),
         "soundness_violations": None, "probabilistic_violations": None,
+        "attack": canonical_json(spec.attack.model_dump()) if spec.attack.enabled else None,
         "attack_s": None if attack is None else attack.seconds,
         "started_at": pd.Timestamp.now(tz="UTC"), **context,
     }
@@ -336,6 +337,7 @@ def run_matrix(
                 attacks[loaded.sha256, norm] = attack_grid(
                     loaded.model, x, spec.eps_for(norm), norm, a.steps, a.restarts,
                     a.bisection_steps, seed=spec.seed, batch_size=spec.batch_size,
+                    targeted=a.targeted,
                 )
             attack = attacks[loaded.sha256, norm]
         bar.set_postfix_str(f"{loaded.spec.name} / {verifier_spec.display} / l{norm}")
