@@ -95,6 +95,13 @@ def _panels(results: Results, title: str):
     return fig, axes, models, norms
 
 
+def _norm_panels(results: Results, height: float = 4.0):
+    """One axes per norm, side by side."""
+    norms = sorted(results.ok["norm"].unique())
+    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), height))
+    return fig, axes[0], norms
+
+
 def _shared_legend(fig, axes) -> None:
     """One legend for all panels, below them (the panels stay readable)."""
     entries = {}
@@ -139,15 +146,13 @@ def _strength_eps(results: Results, norm: str) -> float:
 
 
 def figure_cost_vs_strength(results: Results) -> bytes:
-    norms = sorted(results.ok["norm"].unique())
-    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
-    markers = "osD^v<>pP*Xh"
+    fig, axes, norms = _norm_panels(results)
+    markers = MARKERS
     models = sorted(results.ok["model"].unique())
     labels = sorted(results.ok["shown"].unique())
     colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
     data = results.certified.merge(results.ok, on="cell_key")
-    for c, norm in enumerate(norms):
-        ax = axes[0][c]
+    for ax, norm in zip(axes, norms, strict=True):
         eps = _strength_eps(results, norm)
         part = data[(data["norm"] == norm) & np.isclose(data["eps"], eps)]
         for _, row in part.iterrows():
@@ -170,13 +175,10 @@ def figure_cost_vs_strength(results: Results) -> bytes:
 
 def figure_memory(results: Results) -> bytes:
     ok = results.ok.dropna(subset=["peak_mem_bytes"])
-    norms = sorted(results.ok["norm"].unique())
     bars = results.ok["shown"].nunique() * results.ok["model"].nunique()
-    fig, axes = plt.subplots(1, len(norms), squeeze=False,
-                             figsize=(5.5 * len(norms), max(4.0, 1.5 + 0.13 * bars)))
+    fig, axes, norms = _norm_panels(results, max(4.0, 1.5 + 0.13 * bars))
     kinds = ", ".join(sorted(ok["mem_kind"].dropna().unique())) or "none"
-    for c, norm in enumerate(norms):
-        ax = axes[0][c]
+    for ax, norm in zip(axes, norms, strict=True):
         table = ok[ok["norm"] == norm].pivot_table(
             index="shown", columns="model", values="peak_mem_bytes", aggfunc="max") / 2**20
         if not table.empty:
@@ -237,10 +239,8 @@ def tightness_table(results: Results) -> pd.DataFrame:
 
 def figure_tightness(results: Results) -> bytes:
     data = _per_sample(results)
-    norms = sorted(results.ok["norm"].unique())
-    fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), 4))
-    for c, norm in enumerate(norms):
-        ax = axes[0][c]
+    fig, axes, norms = _norm_panels(results)
+    for ax, norm in zip(axes, norms, strict=True):
         if "adv_distance" in data:
             part = data[(data["norm"] == norm) & np.isfinite(data["adv_distance"])
                         & (data["adv_distance"] > 0) & data["radius"].notna()]
