@@ -16,10 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _rowsum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension after (batch, rows)."""
-    return t.flatten(2).sum(-1)
+from certbench.verifiers.bound_propagation.patches import Patches, rowsum
 
 
 def _fold(a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -37,6 +34,7 @@ class Operation:
     operations are `Activation`s and relax themselves given their input bounds."""
 
     linear = True
+    accepts_patches = False  # backward takes `Patches` as well as dense coefficients
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -115,43 +113,58 @@ class Conv(Operation):
         rad = self._conv(rad, self.module.weight.abs(), None)
         return mid - rad, mid + rad
 
+    accepts_patches = True
+
     def backward(self, a):
         m = self.module
+        if isinstance(a, Patches):
+            const = 0.0 if m.bias is None else a.values.sum((-2, -1)) @ m.bias
+            return [self._transpose_patches(a)], const
         flat, lead = _fold(a)
         grad = self._transpose(flat, m.weight)
         const = 0.0 if m.bias is None else (a.sum(dim=(-2, -1)) @ m.bias)
         return [_unfold(grad, lead)], const
 
     def backward_rows(self, index, output_shape, dtype):
-        """The kernel of each indexed output neuron placed on its receptive field: the
-        transpose of a one-hot map without a convolution (what auto_LiRPA's patches
-        mode exploits), one scatter per kernel position."""
+        """The kernel of each indexed output neuron, as a patch on its receptive field:
+        no convolution at all (patches.py)."""
         m = self.module
         c_out, h_out, w_out = output_shape
-        c_in, h_in, w_in = self.input_shape
-        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        ph, pw = m.padding
-        flat = index.reshape(-1)
-        channel, h, w = flat // (h_out * w_out), (flat // w_out) % h_out, flat % w_out
-        group_in = c_in // m.groups
-        first = (channel // (c_out // m.groups)) * group_in
-        channels = first[:, None] + torch.arange(group_in, device=index.device)
-        rows = torch.arange(len(flat), device=index.device)[:, None]
-        weight = m.weight[channel]  # (n, group_in, kh, kw)
-        padded = weight.new_zeros(len(flat), c_in, h_in + 2 * ph + sh, w_in + 2 * pw + sw)
-        for i in range(kh):
-            for j in range(kw):
-                padded[rows, channels, (h * sh + i * dh)[:, None], (w * sw + j * dw)[:, None]] = (
-                    weight[:, :, i, j]
-                )
-        a = padded[:, :, ph : ph + h_in, pw : pw + w_in].reshape(*index.shape, *self.input_shape)
-        const = 0.0 if m.bias is None else m.bias[channel].reshape(index.shape)
-        return [a], const
+        c_in = self.input_shape[0]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+        channel, h, w = index // (h_out * w_out), (index // w_out) % h_out, index % w_out
+        weight = m.weight[channel]  # (batch, rows, c_in / groups, kh, kw)
+        if m.groups == 1 and dh == dw == 1:
+            values = weight
+        else:
+            group_in = c_in // m.groups
+            values = weight.new_zeros(*index.shape, c_in, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+            first = (channel // (c_out // m.groups)) * group_in
+            channels = first[..., None] + torch.arange(group_in, device=index.device)
+            spread = values.new_zeros(*index.shape, group_in, *values.shape[-2:])
+            spread[..., ::dh, ::dw] = weight
+            values = values.scatter(2, channels[..., None, None].expand_as(spread), spread)
+        patches = Patches(values, h * sh - ph, w * sw - pw, self.input_shape)
+        patches = patches.with_values(values * patches.inside())
+        const = 0.0 if m.bias is None else m.bias[channel]
+        return [patches if patches.worth_keeping() else patches.to_dense()], const
 
     def abs_backward(self, a):
         m = self.module
         flat, lead = _fold(a)
         return [_unfold(self._transpose(flat, m.weight.abs()), lead)]
+
+    def _transpose_patches(self, a: Patches) -> Patches | torch.Tensor:
+        """A window's transpose is the transposed convolution of the window alone, placed
+        at corner * stride - padding."""
+        m = self.module
+        flat, lead = _fold(a.values)
+        values = _unfold(F.conv_transpose2d(flat, m.weight, None, m.stride, 0, 0, m.groups,
+                                            m.dilation), lead)
+        out = Patches(values, a.top * m.stride[0] - m.padding[0],
+                      a.left * m.stride[1] - m.padding[1], self.input_shape)
+        out = out.with_values(values * out.inside())
+        return out if out.worth_keeping() else out.to_dense()
 
     def _transpose(self, a, weight):
         """conv2d's transpose, with the output padding that recovers the input size
@@ -179,10 +192,18 @@ class Elementwise(Operation):
         a, b = lower * self.scale + self.shift, upper * self.scale + self.shift
         return torch.minimum(a, b), torch.maximum(a, b)
 
+    accepts_patches = True
+
     def backward(self, a):
-        shift = torch.as_tensor(self.shift, dtype=a.dtype, device=a.device)
-        const = _rowsum(a * shift) if shift.any() else 0.0
-        return [a * self.scale], const
+        values = a.values if isinstance(a, Patches) else a
+        scale, shift = (torch.as_tensor(t, dtype=values.dtype, device=values.device)
+                        for t in (self.scale, self.shift))
+        if isinstance(a, Patches):  # per-channel constants: their windows
+            scale = a.gather(scale.expand(1, *a.shape)) if scale.dim() else scale
+            shift = a.gather(shift.expand(1, *a.shape)) if shift.dim() else shift
+        const = rowsum(values * shift) if shift.any() else 0.0
+        values = values * scale
+        return [a.with_values(values) if isinstance(a, Patches) else values], const
 
     def abs_backward(self, a):
         return [a * abs(self.scale)]
@@ -251,6 +272,19 @@ class Sum(Operation):
         return [a * abs(s) for s in self.signs]
 
 
+def _row_view(a, lower, upper, alpha):
+    """Coefficient values, and the input bounds and slopes aligned with them: windows for
+    `Patches`, a broadcast rows dimension for dense coefficients."""
+    if isinstance(a, Patches):
+        alpha = None if alpha is None else a.gather(alpha)
+        return a.values, a.gather(lower), a.gather(upper), alpha
+    return a, lower.unsqueeze(1), upper.unsqueeze(1), alpha
+
+
+def _like(a, values):
+    return a.with_values(values) if isinstance(a, Patches) else values
+
+
 class Activation(Operation):
     """A non-linear elementwise operation y = g(z). Its backward step needs the bounds
     [lower, upper] of its input and its linear relaxation there,
@@ -261,6 +295,7 @@ class Activation(Operation):
     relaxations; ``initial_alpha`` returns its start value, or None if it has none."""
 
     linear = False
+    accepts_patches = True
 
     def relaxation(self, lower, upper, alpha=None) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
@@ -271,12 +306,11 @@ class Activation(Operation):
     def relaxed_backward(self, a, lower, upper, alpha=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward step for a lower bound of sum(a * y): positive coefficients take the
         lower relaxation, negative ones the upper (each row separately)."""
-        lower_slope, lower_icpt, upper_slope, upper_icpt = self.relaxation(
-            lower.unsqueeze(1), upper.unsqueeze(1), alpha
-        )
-        a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-        const = _rowsum(a_pos * lower_icpt + a_neg * upper_icpt)
-        return a_pos * lower_slope + a_neg * upper_slope, const
+        values, lower, upper, alpha = _row_view(a, lower, upper, alpha)
+        lower_slope, lower_icpt, upper_slope, upper_icpt = self.relaxation(lower, upper, alpha)
+        a_pos, a_neg = values.clamp(min=0), values.clamp(max=0)
+        const = rowsum(a_pos * lower_icpt + a_neg * upper_icpt)
+        return _like(a, a_pos * lower_slope + a_neg * upper_slope), const
 
     def backward(self, a):
         raise TypeError(f"{type(self).__name__} is not linear: use relaxed_backward")
@@ -317,10 +351,13 @@ class Relu(Activation):
         CROWN): the lower relaxation has no intercept, and the upper one's intercept is
         -slope * lower, so the constant is -sum(min(a', 0) * lower) over unstable
         neurons, with a' the new coefficients."""
-        lower_slope, _, upper_slope, _ = self.relaxation(
-            lower.unsqueeze(1), upper.unsqueeze(1), alpha
-        )
-        a_in = a * torch.where(a >= 0, lower_slope, upper_slope)
+        values, lower, upper, alpha = _row_view(a, lower, upper, alpha)
+        lower_slope, _, upper_slope, _ = self.relaxation(lower, upper, alpha)
+        a_in = values * torch.where(values >= 0, lower_slope, upper_slope)
         shift = torch.where((lower < 0) & (upper > 0), -lower, torch.zeros_like(lower))
-        const = (a_in.clamp(max=0).flatten(2) @ shift.flatten(1).unsqueeze(-1)).squeeze(-1)
-        return a_in, const
+        if isinstance(a, Patches):
+            const = rowsum(a_in.clamp(max=0) * shift)
+        else:
+            shift = shift.squeeze(1).flatten(1).unsqueeze(-1)
+            const = (a_in.clamp(max=0).flatten(2) @ shift).squeeze(-1)
+        return _like(a, a_in), const

@@ -42,6 +42,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Elementwise,
     Reshape,
 )
+from certbench.verifiers.bound_propagation.patches import Patches, rowsum
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
@@ -69,8 +70,10 @@ class Ball:
             lower, upper = lower.clamp(min=0.0), upper.clamp(max=1.0)
         return lower, upper
 
-    def concretize(self, a: torch.Tensor) -> torch.Tensor:
+    def concretize(self, a: torch.Tensor | Patches) -> torch.Tensor:
         """min over the set of sum(a[b, r] * x), for a of shape (batch, rows, *input)."""
+        if isinstance(a, Patches):
+            return self._concretize_patches(a)
         flat = a.flatten(2)
         lower, upper = self.box()
         mid = ((upper + lower) / 2).flatten(1).unsqueeze(-1)
@@ -82,6 +85,18 @@ class Ball:
         center = self.center.flatten(1).unsqueeze(-1)
         over_ball = (flat @ center).squeeze(-1) - eps * flat.norm(dim=2)
         # the set lies in both the ball and the box, so both minima are lower bounds
+        return torch.maximum(over_ball, over_box) if self.clip else over_ball
+
+
+    def _concretize_patches(self, a: Patches) -> torch.Tensor:
+        lower, upper = self.box()
+        mid, rad = a.gather((upper + lower) / 2), a.gather((upper - lower) / 2)
+        over_box = rowsum(a.values * mid) - rowsum(a.values.abs() * rad)
+        if self.norm == "inf":
+            return over_box
+        eps = self._eps().reshape(-1, 1)
+        over_ball = rowsum(a.values * a.gather(self.center)) - eps * a.values.flatten(2).norm(
+            dim=2)
         return torch.maximum(over_ball, over_box) if self.clip else over_ball
 
 
@@ -105,6 +120,20 @@ def _scatter_rows(full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
     target = torch.cat([flat, flat[:, :1]], 1)
     target = target.scatter(1, torch.where(valid, index, spill), values)
     return target[:, :spill].reshape(full.shape)
+
+
+def _both_signs(a: torch.Tensor | Patches) -> torch.Tensor | Patches:
+    """Rows a then -a (lower and upper bounds of the same neurons)."""
+    if isinstance(a, Patches):
+        return Patches(torch.cat([a.values, -a.values], 1), a.top.repeat(1, 2),
+                       a.left.repeat(1, 2), a.shape)
+    return torch.cat([a, -a], 1)
+
+
+def _add(a, b):
+    """Sum of two coefficient sets (residual connections); patches go dense."""
+    a = a.to_dense() if isinstance(a, Patches) else a
+    return a + (b.to_dense() if isinstance(b, Patches) else b)
 
 
 class BoundPropagator:
@@ -229,6 +258,8 @@ class BoundPropagator:
                 constant = constant + ball.concretize(a)
                 continue
             node = nodes[i]
+            if isinstance(a, Patches) and not node.op.accepts_patches:
+                a = a.to_dense()
             if node.op.linear:
                 inputs, const = node.op.backward(a)
             else:
@@ -238,7 +269,7 @@ class BoundPropagator:
                 inputs = [a_in]
             constant = constant + const
             for j, a_j in zip(node.inputs, inputs, strict=True):
-                coefficients[j] = coefficients[j] + a_j if j in coefficients else a_j
+                coefficients[j] = _add(coefficients[j], a_j) if j in coefficients else a_j
         return constant
 
     def _backward_rows(self, target, index, ball, bounds, alphas=None) -> torch.Tensor:
@@ -251,8 +282,8 @@ class BoundPropagator:
         const = torch.cat([const, -const], 1) if const.dim() else const
         coefficients = {}
         for j, a_j in zip(node.inputs, inputs, strict=True):
-            a_j = torch.cat([a_j, -a_j], 1)
-            coefficients[j] = coefficients[j] + a_j if j in coefficients else a_j
+            a_j = _both_signs(a_j)
+            coefficients[j] = _add(coefficients[j], a_j) if j in coefficients else a_j
         return self._walk(coefficients, const, ball, bounds, alphas)
 
     def _rows_per_chunk(self, target: int, batch: int, itemsize: int) -> int:

@@ -1,0 +1,94 @@
+"""Backward coefficients of convolutional nodes kept as patches, not dense tensors.
+
+A row that bounds one neuron of a convolution's output depends, k layers down, only on
+that neuron's receptive field. Stored densely its coefficients fill the whole feature
+map, mostly with zeros, and every later step (the activation's relaxation, the next
+transposed convolution, the input's concretisation) pays for the zeros. auto_LiRPA's
+"patches mode" (Xu et al. 2020, "Automatic Perturbation Analysis", App. D) stores each
+row as a small window instead; this module does the same with one window per row, placed
+at its own corner, which suits rows chosen per sample (the unstable neurons).
+
+Invariant: a window's entries that fall outside the feature map are zero, so a window
+means exactly the dense tensor it would scatter to. Operations that know patches
+(convolutions, elementwise maps, activations, the input) use them; the walker turns a
+patch into its dense tensor before any other operation, and when a window grows to the
+size of its feature map it stops paying off and goes dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Patches:
+    """Row r of sample b is ``values[b, r]`` (C, kh, kw) with its top-left corner at
+    (``top[b, r]``, ``left[b, r]``) of a (C, H, W) feature map (corners may lie outside
+    it, by up to the window's size)."""
+
+    values: torch.Tensor  # (batch, rows, C, kh, kw)
+    top: torch.Tensor  # (batch, rows) long
+    left: torch.Tensor  # (batch, rows) long
+    shape: tuple[int, int, int]  # (C, H, W) of the feature map
+
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.values.shape[-2], self.values.shape[-1]
+
+    def _flat_index(self) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Index (batch, rows, C*kh*kw) of every window entry into the feature map padded
+        by the window size on each side and flattened, and that padding."""
+        c, h, w = self.shape
+        kh, kw = self.window
+        hp, wp = h + 2 * kh, w + 2 * kw
+        device = self.top.device
+        rows = (self.top + kh)[..., None, None] + torch.arange(kh, device=device)[:, None]
+        cols = (self.left + kw)[..., None, None] + torch.arange(kw, device=device)[None]
+        spatial = rows * wp + cols  # (batch, rows, kh, kw)
+        channel = torch.arange(c, device=device).reshape(c, 1, 1) * (hp * wp)
+        return (channel + spatial.unsqueeze(-3)).flatten(2), (kh, kw)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The windows at every row of a tensor shaped (batch or 1, C, H, W), or of one
+        per row (batch, rows, C, H, W): (batch, rows, C, kh, kw), zero outside the map."""
+        index, (kh, kw) = self._flat_index()
+        t = F.pad(t, (kw, kw, kh, kh))
+        if t.dim() == 4:
+            flat = t.expand(len(self.values), *t.shape[1:]).flatten(1)
+            return flat.gather(1, index.flatten(1)).reshape(self.values.shape)
+        return t.flatten(2).gather(2, index).reshape(self.values.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense coefficients (batch, rows, C, H, W)."""
+        batch, rows = self.values.shape[:2]
+        c, h, w = self.shape
+        index, (kh, kw) = self._flat_index()
+        dense = self.values.new_zeros(batch, rows, c * (h + 2 * kh) * (w + 2 * kw))
+        dense = dense.scatter(2, index, self.values.flatten(2))
+        dense = dense.reshape(batch, rows, c, h + 2 * kh, w + 2 * kw)
+        return dense[..., kh : kh + h, kw : kw + w]
+
+    def with_values(self, values: torch.Tensor) -> Patches:
+        return Patches(values, self.top, self.left, self.shape)
+
+    def inside(self) -> torch.Tensor:
+        """(batch, rows, 1, kh, kw) mask of the window entries inside the feature map."""
+        kh, kw = self.window
+        h, w = self.shape[1:]
+        rows = self.top[..., None] + torch.arange(kh, device=self.top.device)
+        cols = self.left[..., None] + torch.arange(kw, device=self.top.device)
+        ok_rows = (rows >= 0) & (rows < h)
+        ok_cols = (cols >= 0) & (cols < w)
+        return (ok_rows[..., :, None] & ok_cols[..., None, :]).unsqueeze(-3)
+
+    def worth_keeping(self) -> bool:
+        kh, kw = self.window
+        return kh * kw < self.shape[1] * self.shape[2]
+
+
+def rowsum(a: torch.Tensor | Patches) -> torch.Tensor:
+    values = a.values if isinstance(a, Patches) else a
+    return values.flatten(2).sum(-1)
