@@ -409,9 +409,13 @@ class AlphaOptimiser:
     node are its unstable neurons under CROWN's bounds, as lower and upper rows. Adam on
     -sum(output bounds) with exponential learning-rate decay (0.98 per step, auto_LiRPA's
     default), slopes projected onto [0, 1]; every step's intermediate bounds are
-    intersected with the best so far, and the best output bound is kept per row."""
+    intersected with the best so far, and the best output bound is kept per row. A
+    sample stops counting in the loss once certified (``threshold``); the optimisation
+    stops when none is left, or after ``PATIENCE`` steps without a gain (auto_LiRPA's
+    early stop)."""
 
     DECAY = 0.98
+    PATIENCE = 10
 
     def __init__(self, prop: BoundPropagator, spec, ball: Ball, crown: dict[int, Bounds],
                  lr: float):
@@ -462,16 +466,19 @@ class AlphaOptimiser:
             return best
         optimiser = torch.optim.Adam(params, lr=self.lr)
         schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, self.DECAY)
+        stale = 0
         for _ in range(iterations):
             open_ = torch.ones(len(best), dtype=torch.bool, device=best.device)
             if threshold is not None:
                 open_ = (best <= threshold[:, None]).any(1)
-                if not open_.any():
-                    break
+            if not open_.any() or stale >= self.PATIENCE:
+                break
             with torch.enable_grad():
                 lb = self._bounds()
                 loss = -(lb * open_[:, None]).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+            gain = lb.detach() - best > 1e-4 * (1 + best.abs())
+            stale = 0 if gain[open_].any() else stale + 1
             best = torch.maximum(best, lb.detach())
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad
