@@ -36,6 +36,7 @@ from torch import nn
 
 from certbench.verifiers.base import (
     Certificate,
+    UnsupportedLayerError,
     Verdict,
     check_certify_call,
     float_slack,
@@ -162,6 +163,12 @@ class ExactVerifier:
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = copy.deepcopy(model).eval().double()  # the caller's model stays float32
         self.net = TracedNetwork(self.model, input_shape)
+        for node in self.net.nodes[1:]:
+            if not node.op.linear and not isinstance(node.op, Relu):
+                raise UnsupportedLayerError(
+                    f"the exact verifier has no MILP encoding for {type(node.op).__name__} "
+                    f"(node {node.name!r}): it encodes linear operations and ReLU only"
+                )
         self.propagator = BoundPropagator(self.net)
         self.counterexamples: dict[tuple[int, int], torch.Tensor] = {}
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from certbench.verifiers.base import (
     Certificate,
+    UnsupportedLayerError,
     Verdict,
     check_certify_call,
     float_slack,
@@ -147,9 +148,14 @@ class LocalLipschitzVerifier:
 
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()
-        self.propagator = BoundPropagator(
-            TracedNetwork(model, input_shape), self.memory_budget_bytes
-        )
+        network = TracedNetwork(model, input_shape)
+        for node in network.nodes[1:]:
+            if not node.op.linear and not isinstance(node.op, Relu):
+                raise UnsupportedLayerError(
+                    f"local-lipschitz has no gradient bound for {type(node.op).__name__} "
+                    f"(node {node.name!r}): it handles linear operations and ReLU only"
+                )
+        self.propagator = BoundPropagator(network, self.memory_budget_bytes)
         self.global_verifier = GlobalLipschitzVerifier("gloro")
         self.global_verifier.prepare(model, input_shape)
 

@@ -1,10 +1,11 @@
 """A network traced with `torch.fx` into a list of bound-propagation nodes.
 
 Each node holds an `Operation` (operators.py) and the indices of its inputs; node 0 is
-the network input and the list is in topological order. Supported: Linear, Conv2d, ReLU,
-Flatten / view / reshape, AvgPool2d, AdaptiveAvgPool2d, BatchNorm (eval), residual
-additions and differences, and arithmetic with constants (the normalisation layer).
-Anything else raises UnsupportedLayerError naming the layer: no bound is guessed.
+the network input and the list is in topological order. Modules and one-input functions
+convert through the tables `MODULE_OPERATIONS` and `FUNCTION_OPERATIONS`; residual
+additions and differences, concatenation and arithmetic with constants (the
+normalisation layer) by the rules of `_convert`. Anything else raises
+UnsupportedLayerError naming the layer: no bound is guessed.
 """
 
 from __future__ import annotations
@@ -14,51 +15,47 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation.operators import (
     AvgPool,
+    BatchNormEval,
+    Concat,
     Conv,
     Dense,
     Elementwise,
     Operation,
     Relu,
     Reshape,
+    Sigmoid,
     Sum,
+    Tanh,
 )
 
-_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-
-
-class BatchNormEval(Elementwise):
-    """BatchNorm with its running statistics, read from the module at every use so that
-    certified training sees the current parameters."""
-
-    def __init__(self, module: nn.modules.batchnorm._BatchNorm, channels_shape: tuple):
-        if module.running_var is None:
-            raise UnsupportedLayerError("BatchNorm without running statistics")
-        self.module, self.view = module, channels_shape
-
-    @property
-    def scale(self):
-        m = self.module
-        scale = torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            scale = scale * m.weight
-        return scale.view(self.view)
-
-    @property
-    def shift(self):
-        m = self.module
-        shift = -m.running_mean * torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            shift = shift * m.weight
-        if m.bias is not None:
-            shift = shift + m.bias
-        return shift.view(self.view)
+# Conversion tables: adding an operation is one class in operators.py and one entry here.
+MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
+    nn.Linear: Dense,
+    nn.Conv2d: Conv,
+    nn.ReLU: Relu,
+    nn.Sigmoid: Sigmoid,
+    nn.Tanh: Tanh,
+    nn.Flatten: Reshape,
+    nn.BatchNorm1d: BatchNormEval,
+    nn.BatchNorm2d: BatchNormEval,
+    nn.AvgPool2d: AvgPool,
+    nn.AdaptiveAvgPool2d: AvgPool,
+}
+FUNCTION_OPERATIONS: dict[object, type[Operation]] = {  # one-input functions and methods
+    torch.relu: Relu, F.relu: Relu, "relu": Relu,
+    torch.sigmoid: Sigmoid, F.sigmoid: Sigmoid, "sigmoid": Sigmoid,
+    torch.tanh: Tanh, F.tanh: Tanh, "tanh": Tanh,
+    torch.flatten: Reshape, torch.reshape: Reshape,
+    "view": Reshape, "reshape": Reshape, "flatten": Reshape,
+}
+PASS_THROUGH = (nn.Identity, nn.Dropout)
 
 
 @dataclass
@@ -131,7 +128,8 @@ class TracedNetwork:
             )
         shape = self._shape(fx_node)
         args = fx_node.args
-        deps = [a for a in args if isinstance(a, fx.Node) and a in index]
+        flat_args = [b for a in args for b in (a if isinstance(a, (list, tuple)) else [a])]
+        deps = [a for a in flat_args if isinstance(a, fx.Node) and a in index]
         if not deps:  # arithmetic on constants only
             if fx_node.op == "call_function" and fx_node.target in (
                 operator.add, operator.sub, operator.mul, operator.truediv, operator.neg
@@ -145,37 +143,33 @@ class TracedNetwork:
         def add(op: Operation, inputs=(source,)) -> None:
             index[fx_node] = self._add(fx_node.name, op, tuple(inputs), shape)
 
+        target = fx_node.target
         if fx_node.op == "call_module":
             module = self.graph_module.get_submodule(fx_node.target)
-            if isinstance(module, _PASS_THROUGH_MODULES):
+            if isinstance(module, PASS_THROUGH):
                 index[fx_node] = source
-            elif isinstance(module, nn.Linear):
-                add(Dense(module))
-            elif isinstance(module, nn.Conv2d):
-                add(Conv(module, in_shape))
-            elif isinstance(module, nn.ReLU):
-                add(Relu())
-            elif isinstance(module, nn.Flatten):
-                add(Reshape(in_shape, shape))
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                view = (-1,) + (1,) * (len(in_shape) - 1)
-                add(BatchNormEval(module, view))
-            elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-                add(AvgPool(module, in_shape))
-            else:
+                return
+            kind = MODULE_OPERATIONS.get(type(module))
+            if kind is None:
                 raise UnsupportedLayerError(f"unsupported {self._describe(fx_node)}")
+            add(kind.from_module(module, in_shape, shape))
             return
-        target = fx_node.target
-        if fx_node.op == "call_method" and target in _RESHAPE_METHODS:
-            add(Reshape(in_shape, shape))
+        rule = FUNCTION_OPERATIONS.get(target) if isinstance(target, str) == (
+            fx_node.op == "call_method") else None
+        if rule is not None and len(deps) == 1:
+            add(rule.from_module(None, in_shape, shape))
         elif fx_node.op == "call_method" and target == "contiguous":
             index[fx_node] = source
-        elif target in (torch.flatten, torch.reshape):
-            add(Reshape(in_shape, shape))
-        elif target in (torch.relu, nn.functional.relu) or (
-            fx_node.op == "call_method" and target == "relu"
-        ):
-            add(Relu())
+        elif target is torch.cat:
+            parts = args[0]
+            dim = fx_node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if not all(isinstance(p, fx.Node) and p in index for p in parts):
+                raise UnsupportedLayerError(f"concatenation with a constant at {fx_node.name}")
+            dim = dim % (len(shape) + 1)
+            if dim == 0:
+                raise UnsupportedLayerError(f"concatenation along the batch at {fx_node.name}")
+            sizes = [self.nodes[index[p]].shape[dim - 1] for p in parts]
+            add(Concat(dim, sizes), [index[p] for p in parts])
         elif target in (operator.add, operator.sub, torch.add, torch.sub) and not fx_node.kwargs:
             sign = -1.0 if target in (operator.sub, torch.sub) else 1.0
             if len(deps) == 2:

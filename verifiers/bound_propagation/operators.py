@@ -10,13 +10,19 @@ linear function of the operation's input plus a constant (batch, rows).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation.patches import Patches, rowsum
+from certbench.verifiers.bound_propagation.s_shaped import (
+    s_shaped_relaxation,
+    sigmoid_derivative,
+    tanh_derivative,
+)
 
 
 def _fold(a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -35,6 +41,12 @@ class Operation:
 
     linear = True
     accepts_patches = False  # backward takes `Patches` as well as dense coefficients
+
+    @classmethod
+    def from_module(cls, module: nn.Module, input_shape: tuple, output_shape: tuple):
+        """The operation of a module, given its input and output shapes (no batch
+        dimension): graph.py's conversion table calls this."""
+        return cls()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,6 +77,10 @@ class Operation:
 class Dense(Operation):
     """y = x W^T + b."""
 
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module)
+
     def __init__(self, module: nn.Linear):
         self.weight, self.bias = module.weight, module.bias
 
@@ -92,6 +108,10 @@ class Dense(Operation):
 
 class Conv(Operation):
     """y = conv2d(x, W) + b, transposed with ``torch.nn.grad.conv2d_input``."""
+
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module, input_shape)
 
     def __init__(self, module: nn.Conv2d, input_shape: Sequence[int]):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -212,6 +232,10 @@ class Elementwise(Operation):
 class AvgPool(Operation):
     """Average pooling: linear with non-negative weights; transposed through autograd."""
 
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module, input_shape)
+
     def __init__(self, module: nn.Module, input_shape: Sequence[int]):
         self.module = module
         self.input_shape = tuple(input_shape)
@@ -234,6 +258,10 @@ class AvgPool(Operation):
 
 class Reshape(Operation):
     """Flatten / view: the same numbers in another shape."""
+
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(input_shape, output_shape)
 
     def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int]):
         self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
@@ -303,6 +331,11 @@ class Activation(Operation):
     def initial_alpha(self, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def inexact(self, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        """Neurons whose relaxation is not exact on [lower, upper]: the ones that a
+        tighter input bound can help, and so the only ones CROWN bounds."""
+        return upper > lower
+
     def relaxed_backward(self, a, lower, upper, alpha=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward step for a lower bound of sum(a * y): positive coefficients take the
         lower relaxation, negative ones the upper (each row separately)."""
@@ -346,6 +379,9 @@ class Relu(Activation):
     def initial_alpha(self, lower, upper):
         return (upper > -lower).to(lower.dtype)
 
+    def inexact(self, lower, upper):
+        return (lower < 0) & (upper > 0)
+
     def relaxed_backward(self, a, lower, upper, alpha=None):
         """`Activation.relaxed_backward` in fewer passes over ``a`` (the hot loop of
         CROWN): the lower relaxation has no intercept, and the upper one's intercept is
@@ -361,3 +397,81 @@ class Relu(Activation):
             shift = shift.squeeze(1).flatten(1).unsqueeze(-1)
             const = (a_in.clamp(max=0).flatten(2) @ shift).squeeze(-1)
         return _like(a, a_in), const
+
+
+class _SShaped(Activation):
+    """A monotone S-shaped activation: IBP maps the ends; the relaxation is CROWN's
+    chord / tangent construction (s_shaped.py). No free slope: alpha-CROWN keeps it."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    derivative: Callable[[torch.Tensor], torch.Tensor]
+
+    def forward(self, x):
+        return type(self).fn(x)
+
+    def ibp(self, bounds):
+        return type(self).fn(bounds[0]), type(self).fn(bounds[1])
+
+    def relaxation(self, lower, upper, alpha=None):
+        return s_shaped_relaxation(lower, upper, type(self).fn, type(self).derivative)
+
+
+class Sigmoid(_SShaped):
+    fn, derivative = torch.sigmoid, sigmoid_derivative
+
+
+class Tanh(_SShaped):
+    fn, derivative = torch.tanh, tanh_derivative
+
+
+class Concat(Operation):
+    """y = cat(x_1, ..., x_k) along a feature dimension (DenseNet-style blocks); its
+    transpose splits the coefficients."""
+
+    def __init__(self, dim: int, sizes: Sequence[int]):
+        self.dim, self.sizes = dim, tuple(sizes)  # dim counts the batch dimension
+
+    def forward(self, *xs):
+        return torch.cat(xs, self.dim)
+
+    def ibp(self, *bounds):
+        return (torch.cat([lo for lo, _ in bounds], self.dim),
+                torch.cat([hi for _, hi in bounds], self.dim))
+
+    def backward(self, a):
+        return list(a.split(self.sizes, self.dim + 1)), 0.0
+
+    def abs_backward(self, a):
+        return self.backward(a)[0]
+
+
+class BatchNormEval(Elementwise):
+    """BatchNorm with its running statistics, read from the module at every use so that
+    certified training sees the current parameters."""
+
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module, input_shape)
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm, input_shape: Sequence[int]):
+        if module.running_var is None:
+            raise UnsupportedLayerError("BatchNorm without running statistics")
+        self.module, self.view = module, (-1,) + (1,) * (len(input_shape) - 1)
+
+    @property
+    def scale(self):
+        m = self.module
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        return scale.view(self.view)
+
+    @property
+    def shift(self):
+        m = self.module
+        shift = -m.running_mean * torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            shift = shift * m.weight
+        if m.bias is not None:
+            shift = shift + m.bias
+        return shift.view(self.view)

@@ -100,14 +100,14 @@ class Ball:
         return torch.maximum(over_ball, over_box) if self.clip else over_ball
 
 
-def unstable_rows(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (batch, R) of each sample's neurons with lower < 0 < upper, padded to
-    the largest count R, and the mask (batch, R) of the real (not padding) entries."""
-    unstable = ((lower < 0) & (upper > 0)).flatten(1)
+def unstable_rows(unstable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (batch, R) of each sample's neurons where ``unstable`` (batch, *shape)
+    holds, padded to the largest count R, and the mask (batch, R) of the real entries."""
+    unstable = unstable.flatten(1)
     counts = unstable.sum(1)
     width = int(counts.max()) if len(counts) else 0
     order = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=lower.device)[None] < counts[:, None]
+    valid = torch.arange(width, device=unstable.device)[None] < counts[:, None]
     return order, valid
 
 
@@ -149,6 +149,8 @@ class BoundPropagator:
         self.activations = [i for i, node in enumerate(network.nodes) if node.op is not None
                             and not node.op.linear]
         self.relu_inputs = [network.nodes[i].inputs[0] for i in self.activations]
+        self.activation_of = {network.nodes[i].inputs[0]: network.nodes[i].op
+                              for i in self.activations}
         self.affine: set[int] = set()  # nodes that are affine functions of the input
         self.one_layer: set[int] = set()  # ... through at most one non-diagonal layer
         for i, node in enumerate(network.nodes):
@@ -322,9 +324,9 @@ class BoundPropagator:
     def intermediate_bounds(self, ball: Ball, method: str) -> dict[int, Bounds]:
         """Bounds of every activation's input: by IBP ("ibp") or by CROWN ("crown").
 
-        For CROWN, only neurons that IBP leaves unstable get a backward pass, each sample
-        its own: an activation whose input is proven non-negative or non-positive is
-        relaxed exactly, whatever tighter bound CROWN would give. CROWN's bound is
+        For CROWN, only neurons whose relaxation IBP's bounds leave inexact get a backward
+        pass, each sample its own: a ReLU whose input is proven non-negative or
+        non-positive is relaxed exactly, whatever tighter bound CROWN would give. CROWN's bound is
         intersected with IBP's (both are sound)."""
         ibp = self.ibp(ball)
         reference = {i: ibp[i] for i in self.relu_inputs}
@@ -335,7 +337,7 @@ class BoundPropagator:
             if self.exact_by_ibp(i, ball):
                 bounds[i] = reference[i]
             else:
-                rows = unstable_rows(*reference[i])
+                rows = unstable_rows(self.activation_of[i].inexact(*reference[i]))
                 bounds[i], _ = self.refine(i, rows, ball, bounds, reference[i])
         return bounds
 
@@ -428,7 +430,8 @@ class AlphaOptimiser:
             if target != prop.net.output:
                 if prop.exact_by_ibp(target, ball):
                     continue
-                self.rows[target] = unstable_rows(*self.reference[target])
+                inexact = prop.activation_of[target].inexact(*self.reference[target])
+                self.rows[target] = unstable_rows(inexact)
                 lead = (2, self.rows[target][0].shape[1])
             else:
                 lead = (spec.shape[1],)
