@@ -1,0 +1,143 @@
+"""CROWN and alpha-CROWN on the field's reference networks, certbench's engine beside
+auto_LiRPA (when installed), same batch, same specification:
+
+- ERAN's normally trained MNIST MLP 9x200 (``models/eran_mlp_pth``), l_inf 0.015;
+- ``cnn-small`` (2C2F) trained here on MNIST for one epoch, l_inf 0.02;
+- oval21's ``cifar_base_kw`` (VNN-COMP 2021; Conv-Conv-FC-FC), l_inf 2/255;
+
+each on a batch of 8 test images. Peak memory of one call goes to extra_info. The
+engine's CROWN bound equals auto_LiRPA's to 1e-4 (relative), and its alpha-CROWN is at
+least as tight as auto_LiRPA's CROWN. Networks come from the shared data folder (skipped
+with the reason where it is absent).
+
+Run: pytest tests/benchmarks/test_reference_networks_speed.py --benchmark-enable
+     --benchmark-group-by=param:case --benchmark-columns=median,min,rounds
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from certbench.data import load_dataset
+from certbench.measure import PeakMemory
+from certbench.models import Normalize
+from certbench.train import train_model
+from certbench.verifiers import get_verifier
+from certbench.verifiers.bound_propagation import margin_spec
+from certbench.verifiers.lirpa import lirpa_status
+from conftest import SHARED_DATA
+
+LIRPA, LIRPA_DETAIL = lirpa_status()
+BATCH = 8
+
+
+def _require(path):
+    if not path.exists():
+        pytest.skip(f"{path} not found (the shared data folder)")
+    return path
+
+
+def eran_mlp(name: str = "mnist_9_200_nat") -> nn.Module:
+    """ERAN's MLP from its state dict: Flatten, then Linear/ReLU pairs (keys 1, 3, ...)."""
+    path = _require(SHARED_DATA / "models" / "eran_mlp_pth" / f"{name}.pth")
+    state = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+    weights = [state[k] for k in state if k.endswith("weight")]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for k, w in enumerate(weights):
+        layers.append(nn.Linear(w.shape[1], w.shape[0]))
+        if k < len(weights) - 1:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def cifar_base_kw() -> nn.Module:
+    """oval21's cifar_base_kw (its .pth holds the weights in layer order), behind the
+    CIFAR normalisation its authors use."""
+    path = _require(SHARED_DATA / "vnncomp2021" / "oval21" / "nets" / "cifar_base_kw.pth")
+    state = torch.load(path, weights_only=True, map_location="cpu")["state_dict"][0]
+    body = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 4, 2, 1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(1024, 100), nn.ReLU(),
+                         nn.Linear(100, 10))
+    body.load_state_dict(dict(zip(body.state_dict(), state.values(), strict=True)))
+    return nn.Sequential(Normalize((0.485, 0.456, 0.406), (0.225, 0.225, 0.225)), *body).eval()
+
+
+def _test_images(name: str) -> torch.Tensor:
+    path = _require(SHARED_DATA / "eran_data" / f"{name}_test.csv")
+    rows = np.loadtxt(path, delimiter=",", max_rows=BATCH)[:, 1:] / 255
+    x = torch.tensor(rows, dtype=torch.float32)
+    if name == "cifar10":  # HWC order in the file
+        return x.reshape(-1, 32, 32, 3).permute(0, 3, 1, 2).contiguous()
+    return x.reshape(-1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    mnist = _require(SHARED_DATA / "mnist")
+    dataset = load_dataset("mnist", mnist.parent)
+    stem = tmp_path_factory.mktemp("cnn") / "cnn-small"
+    cnn, _ = train_model(stem, dataset, "cnn-small", {"linear_size": 100}, "standard",
+                         {"epochs": 1, "batch_size": 256}, progress=False)
+    return {
+        "eran-9x200": (eran_mlp, (1, 28, 28), "mnist", 0.015),
+        "cnn-small-mnist": (lambda: cnn.eval(), (1, 28, 28), "mnist", 0.02),
+        "cifar-base-kw": (cifar_base_kw, (3, 32, 32), "cifar10", 2 / 255),
+    }
+
+
+def _run(benchmark, cases, case: str, name: str) -> torch.Tensor:
+    build, shape, images, eps = cases[case]
+    model = build()
+    x = _test_images(images)
+    spec = margin_spec(model(x).argmax(1), 10).detach()
+    verifier = get_verifier(name)
+    verifier.prepare(model, shape)
+
+    def bound():
+        with torch.no_grad():
+            return verifier.margin_lower_bounds(x, spec, eps, "inf")
+
+    if benchmark.disabled:  # the plain test run: once, as a test
+        return benchmark(bound)
+    bound()  # warm-up
+    with PeakMemory(x.device) as memory:
+        result = bound()
+    benchmark.extra_info["peak_mem_bytes"] = memory.peak_bytes
+    benchmark.pedantic(bound, rounds=5, iterations=1)
+    return result
+
+
+CASES = ["eran-9x200", "cnn-small-mnist", "cifar-base-kw"]
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+@pytest.mark.parametrize("case", CASES)
+def test_engine(benchmark, cases, case, method):
+    assert torch.isfinite(_run(benchmark, cases, case, method)).all()
+
+
+@pytest.mark.skipif(not LIRPA, reason=f"optional backend absent: {LIRPA_DETAIL}")
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+@pytest.mark.parametrize("case", CASES)
+def test_auto_lirpa(benchmark, cases, case, method):
+    theirs = _run(benchmark, cases, case, f"lirpa:{method}")
+    build, shape, images, eps = cases[case]
+    model, x = build(), _test_images(images)
+    spec = margin_spec(model(x).argmax(1), 10).detach()
+    ours = get_verifier(method)
+    ours.prepare(model, shape)
+    with torch.no_grad():
+        engine = ours.margin_lower_bounds(x, spec, eps, "inf")
+    if method == "crown":
+        torch.testing.assert_close(engine, theirs, rtol=1e-4, atol=1e-4)
+    else:  # never looser than auto_LiRPA's CROWN
+        crown = get_verifier("lirpa:crown")
+        crown.prepare(model, shape)
+        with torch.no_grad():
+            reference = crown.margin_lower_bounds(x, spec, eps, "inf")
+        assert (engine >= reference - 1e-4 * reference.abs().clamp(min=1)).all()
