@@ -15,6 +15,10 @@ Options:
   default): alpha-CROWN's Adam steps; a sample leaves the optimisation once certified or
   after 10 steps without improvement (auto_LiRPA's patience). On ERAN 6x100 at eps 0.026
   20 steps verify 26 of 99 images, 35 or more 27 (auto_LiRPA: 27 with its 20);
+- alpha-CROWN optimises a sample at an eps only if it certified it at every smaller eps
+  of the grid (robustness is monotone in eps); elsewhere its bound is CROWN's, recorded
+  as computed. On the default matrix this cut alpha-CROWN's l2 cells' time by about
+  half;
 - ``memory_budget_mb``: cap on one backward pass's coefficients (chunking); the default
   64 MiB was measured faster than 256 MiB or 1 GiB on CPU (cache-sized chunks);
 - ``clip``: intersect the ball with the [0, 1] input box (default true).
@@ -107,11 +111,14 @@ class LinearRelaxationVerifier:
         slack = float_slack(logits).to(x.dtype)
         verdicts = torch.full((len(x), len(eps)), verdict_code(Verdict.TIMEOUT), dtype=torch.int8)
         margin_lb = torch.full((len(x), len(eps)), math.nan, dtype=torch.float64)
-        for k, e in enumerate(eps):
+        open_ = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for k in sorted(range(len(eps)), key=lambda k: eps[k]):
             if time.perf_counter() - started > budget:
                 break
-            lb = self.margin_lower_bounds(x, spec, e, norm, slack).min(dim=1).values
+            threshold = torch.where(open_, slack, -math.inf)
+            lb = self.margin_lower_bounds(x, spec, eps[k], norm, threshold).min(dim=1).values
             margin_lb[:, k] = lb.double().cpu()
+            open_ &= lb > slack
             certified = (lb > slack).cpu()
             verdicts[:, k] = torch.where(
                 certified, verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.NOT_CERTIFIED)
