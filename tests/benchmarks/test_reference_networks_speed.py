@@ -43,7 +43,7 @@ def _require(path):
 def eran_mlp(name: str = "mnist_9_200_nat") -> nn.Module:
     """ERAN's MLP from its state dict: Flatten, then Linear/ReLU pairs (keys 1, 3, ...)."""
     path = _require(SHARED_DATA / "models" / "eran_mlp_pth" / f"{name}.pth")
-    state = torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+    state = torch.load(path, weights_only=True, map_location="cpu")["state_dict"][0]
     weights = [state[k] for k in state if k.endswith("weight")]
     layers: list[nn.Module] = [nn.Flatten()]
     for k, w in enumerate(weights):

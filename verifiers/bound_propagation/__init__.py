@@ -1,15 +1,29 @@
 """Linear-relaxation verifiers: IBP, CROWN, CROWN-IBP and alpha-CROWN, in pure torch.
 
-`graph.py` traces a network into nodes, `operators.py` holds the bound rules of each
-operation, `propagation.py` the walker that composes them, and `verifier.py` the
-registered verifiers that turn margin bounds into verdicts and radii.
+`graph.py` traces a network into nodes through its conversion tables, `operators.py`
+holds one class per operation with its bound rules (`s_shaped.py` the sigmoid and tanh
+relaxations, `patches.py` the patch form of convolution coefficients), `propagation.py`
+the walker that composes them, and `verifier.py` the registered verifiers that turn
+margin bounds into verdicts and radii.
 """
 
-from certbench.verifiers.bound_propagation.graph import TracedNetwork
+from certbench.verifiers.bound_propagation.graph import (
+    FUNCTION_OPERATIONS,
+    MODULE_OPERATIONS,
+    TracedNetwork,
+)
 from certbench.verifiers.bound_propagation.propagation import Ball, BoundPropagator
 from certbench.verifiers.bound_propagation.verifier import (
     LinearRelaxationVerifier,
     margin_spec,
 )
 
-__all__ = ["Ball", "BoundPropagator", "LinearRelaxationVerifier", "TracedNetwork", "margin_spec"]
+__all__ = [
+    "FUNCTION_OPERATIONS",
+    "MODULE_OPERATIONS",
+    "Ball",
+    "BoundPropagator",
+    "LinearRelaxationVerifier",
+    "TracedNetwork",
+    "margin_spec",
+]
