@@ -107,9 +107,10 @@ class LirpaVerifier:
         else:
             ptb = PerturbationLpNorm(norm=2, eps=eps)
         bounded = BoundedTensor(x, ptb)
-        lower, _ = self.module.compute_bounds(
-            x=(bounded,), C=spec, method=_METHOD_NAMES[self.method], bound_upper=False
-        )
+        with torch.enable_grad():  # alpha-CROWN optimises: a caller's no_grad would stop it
+            lower, _ = self.module.compute_bounds(
+                x=(bounded,), C=spec, method=_METHOD_NAMES[self.method], bound_upper=False
+            )
         return lower.detach()
 
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:

@@ -17,7 +17,7 @@ size of its feature map it stops paying off and goes dense.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class Patches:
     top: torch.Tensor  # (batch, rows) long
     left: torch.Tensor  # (batch, rows) long
     shape: tuple[int, int, int]  # (C, H, W) of the feature map
+    _index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def window(self) -> tuple[int, int]:
@@ -40,16 +41,20 @@ class Patches:
 
     def _flat_index(self) -> tuple[torch.Tensor, tuple[int, int]]:
         """Index (batch, rows, C*kh*kw) of every window entry into the feature map padded
-        by the window size on each side and flattened, and that padding."""
+        by the window size on each side and flattened, and that padding (computed once
+        per placement: `with_values` keeps it)."""
         c, h, w = self.shape
         kh, kw = self.window
+        if self._index is not None:
+            return self._index, (kh, kw)
         hp, wp = h + 2 * kh, w + 2 * kw
         device = self.top.device
         rows = (self.top + kh)[..., None, None] + torch.arange(kh, device=device)[:, None]
         cols = (self.left + kw)[..., None, None] + torch.arange(kw, device=device)[None]
         spatial = rows * wp + cols  # (batch, rows, kh, kw)
         channel = torch.arange(c, device=device).reshape(c, 1, 1) * (hp * wp)
-        return (channel + spatial.unsqueeze(-3)).flatten(2), (kh, kw)
+        self._index = (channel + spatial.unsqueeze(-3)).flatten(2)
+        return self._index, (kh, kw)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """The windows at every row of a tensor shaped (batch or 1, C, H, W), or of one
@@ -72,7 +77,8 @@ class Patches:
         return dense[..., kh : kh + h, kw : kw + w]
 
     def with_values(self, values: torch.Tensor) -> Patches:
-        return Patches(values, self.top, self.left, self.shape)
+        """The same placement with other values of the same window size."""
+        return Patches(values, self.top, self.left, self.shape, self._index)
 
     def inside(self) -> torch.Tensor:
         """(batch, rows, 1, kh, kw) mask of the window entries inside the feature map."""

@@ -152,6 +152,7 @@ class BoundPropagator:
     def __init__(self, network: TracedNetwork, memory_budget_bytes: int = 64 << 20):
         self.net = network
         self.memory_budget_bytes = memory_budget_bytes
+        self._widest_row = 1  # elements of one row's coefficients, widest in the last walk
         self.activations = [i for i, node in enumerate(network.nodes) if node.op is not None
                             and not node.op.linear]
         self.relu_inputs = [network.nodes[i].inputs[0] for i in self.activations]
@@ -262,6 +263,8 @@ class BoundPropagator:
             a = coefficients.pop(i, None)
             if a is None:
                 continue
+            values = a.values if isinstance(a, Patches) else a
+            self._widest_row = max(self._widest_row, values[0, 0].numel())
             if i == 0:
                 constant = constant + ball.concretize(a)
                 continue
@@ -304,16 +307,23 @@ class BoundPropagator:
         (batch, R), in memory-bounded chunks of rows. ``alphas[node]`` has shape
         (batch, 2, R, *shape): slopes for the lower-bound and the upper-bound rows."""
         x = ball.center
+        # the first chunk is sized for dense coefficients of the widest node; its widest
+        # row as walked (patches are much narrower) sizes the rest
         step = max(1, self._rows_per_chunk(target, len(x), x.element_size()) // 2)
         lowers, uppers = [], []
-        for start in range(0, index.shape[1], step):
+        start = 0
+        while start < index.shape[1]:
             rows = index[:, start : start + step]
             chunk = None if alphas is None else {
                 j: alpha[:, :, start : start + step].flatten(1, 2) for j, alpha in alphas.items()
             }
+            self._widest_row = 1
             lb = self._backward_rows(target, rows, ball, bounds, chunk)
             lowers.append(lb[:, : rows.shape[1]])
             uppers.append(-lb[:, rows.shape[1]:])
+            start += rows.shape[1]
+            fit = self.memory_budget_bytes // (4 * len(x) * self._widest_row * x.element_size())
+            step = max(1, fit // 2)
         if not lowers:
             empty = x.new_zeros(len(x), 0)
             return empty, empty
