@@ -20,6 +20,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Conv,
     Dense,
     Elementwise,
+    MaxPool,
     Relu,
     Reshape,
     Sigmoid,
@@ -186,14 +187,15 @@ def _double(op):
 
 
 class _Dense(nn.Module):
-    """Conv stem, a DenseNet-style concatenation, a grouped conv and an S-shaped head."""
+    """Conv stem, a DenseNet-style concatenation, a grouped conv, max pooling and an
+    S-shaped head."""
 
     def __init__(self, activation):
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
         self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 16), activation(),
-                                  nn.Linear(16, 10))
+        self.head = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 16),
+                                  activation(), nn.Linear(16, 10))
 
     def forward(self, x):
         h = torch.relu(self.stem(x))
@@ -244,3 +246,32 @@ def test_relu_fast_backward_equals_the_generic_relaxation():
         fast = Relu().relaxed_backward(a, lower, upper, slopes)
         generic = Activation.relaxed_backward(Relu(), a, lower, upper, slopes)
         torch.testing.assert_close(fast, generic)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)])
+def test_maxpool_relaxation_is_a_lower_bound(kernel, stride, padding):
+    """Also with narrow boxes, where one input of a window often dominates (exact)."""
+    gen = torch.Generator().manual_seed(kernel + stride)
+    op = MaxPool(nn.MaxPool2d(kernel, stride, padding), (3, 7, 7))
+    for width in (2.0, 0.05):
+        lower = torch.randn(2, 3, 7, 7, generator=gen)
+        upper = lower + width * torch.rand(2, 3, 7, 7, generator=gen)
+        a = torch.randn(2, 4, *op.forward(lower).shape[1:], generator=gen)
+        a_in, const = op.relaxed_backward(a, lower, upper)
+
+        def gap(z, a_in=a_in, const=const):
+            true = (a * op.forward(z).unsqueeze(1)).flatten(2).sum(-1)
+            return true - ((a_in * z.unsqueeze(1)).flatten(2).sum(-1) + const)
+
+        z = lower + torch.rand(512, *lower.shape, generator=gen) * (upper - lower)
+        assert (torch.stack([gap(p) for p in z]) >= -1e-5).all()
+        z = (lower + upper) / 2
+        for _ in range(50):
+            z = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(gap(z).sum(), z)
+            z = torch.minimum(torch.maximum(z - 0.1 * width * grad.sign(), lower), upper)
+        assert (gap(z.detach()) >= -1e-5).all()
+    point = torch.rand(2, 3, 7, 7, generator=gen)  # a point box: the bound is exact
+    a_in, const = op.relaxed_backward(a, point, point)
+    exact = (a * op.forward(point).unsqueeze(1)).flatten(2).sum(-1)
+    torch.testing.assert_close((a_in * point.unsqueeze(1)).flatten(2).sum(-1) + const, exact)

@@ -27,6 +27,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Conv,
     Dense,
     Elementwise,
+    MaxPool,
     Operation,
     Relu,
     Reshape,
@@ -47,6 +48,7 @@ MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.BatchNorm2d: BatchNormEval,
     nn.AvgPool2d: AvgPool,
     nn.AdaptiveAvgPool2d: AvgPool,
+    nn.MaxPool2d: MaxPool,
 }
 FUNCTION_OPERATIONS: dict[object, type[Operation]] = {  # one-input functions and methods
     torch.relu: Relu, F.relu: Relu, "relu": Relu,

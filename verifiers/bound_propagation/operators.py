@@ -494,3 +494,59 @@ class BatchNormEval(Elementwise):
         if m.bias is not None:
             shift = shift + m.bias
         return shift.view(self.view)
+
+
+class MaxPool(Activation):
+    """y = max over each window of the input (MaxPool2d; dilation 1, floor mode).
+
+    Relaxation (DeepPoly, Singh et al. 2019, Sec. 4.4; auto_LiRPA's BoundMaxPool), per
+    window with input bounds [l_i, u_i] and j = argmax_i l_i: below, y >= x_j; above, y <=
+    x_j when j dominates (l_j >= max_{i != j} u_i, so y = x_j on the box), else y <= max_i
+    u_i. Not elementwise: the backward step routes each window's coefficient to its j
+    (summing where windows overlap) and has no free slope."""
+
+    accepts_patches = False
+
+    def __init__(self, module: nn.MaxPool2d, input_shape: Sequence[int]):
+        pair = nn.modules.utils._pair
+        if module.ceil_mode or pair(module.dilation) != (1, 1):
+            raise UnsupportedLayerError("MaxPool2d with ceil_mode or dilation is not supported")
+        self.module, self.input_shape = module, tuple(input_shape)
+        self.kernel, self.stride = pair(module.kernel_size), pair(module.stride)
+        self.padding = pair(module.padding)
+
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module, input_shape)
+
+    def forward(self, x):
+        return self.module(x)
+
+    def ibp(self, bounds):
+        return self.module(bounds[0]), self.module(bounds[1])
+
+    def _windows(self, t: torch.Tensor) -> torch.Tensor:
+        """(batch, C, k*k, L): every window's entries, -inf on the padding."""
+        ph, pw = self.padding
+        t = F.pad(t, (pw, pw, ph, ph), value=-math.inf)
+        cols = F.unfold(t, self.kernel, stride=self.stride)
+        return cols.reshape(t.shape[0], t.shape[1], -1, cols.shape[-1])
+
+    def relaxed_backward(self, a, lower, upper, alpha=None):
+        low, up = self._windows(lower), self._windows(upper)
+        best = low.argmax(2, keepdim=True)  # j of each window
+        others = up.scatter(2, best, -math.inf).amax(2, keepdim=True)
+        dominant = (low.gather(2, best) >= others).squeeze(2)  # (batch, C, L)
+        u_max = up.amax(2)
+        flat = a.flatten(-2)  # (batch, rows, C, L)
+        routed = flat.clamp(min=0) + flat.clamp(max=0) * dominant.unsqueeze(1)
+        const = (flat.clamp(max=0) * (u_max * ~dominant).unsqueeze(1)).flatten(2).sum(-1)
+        batch, rows, c, windows = flat.shape
+        cols = flat.new_zeros(batch, rows, c, self.kernel[0] * self.kernel[1], windows)
+        index = best.unsqueeze(1).expand(batch, rows, c, 1, windows)
+        cols = cols.scatter(3, index, routed.unsqueeze(3))
+        (ph, pw), (h, w) = self.padding, self.input_shape[1:]
+        dense = F.fold(cols.reshape(batch * rows, c * cols.shape[3], windows),
+                       (h + 2 * ph, w + 2 * pw), self.kernel, stride=self.stride)
+        dense = dense[..., ph : ph + h, pw : pw + w]
+        return dense.reshape(batch, rows, *self.input_shape), const
