@@ -159,7 +159,8 @@ def test_time_budget_exhausted_is_timeout_not_failure(trained, digits):
 
 @pytest.mark.parametrize(
     "layer,name",
-    [(nn.Softmax(dim=1), "Softmax"), (nn.MaxPool2d(2, ceil_mode=True), "MaxPool2d"), (nn.GELU(), "GELU")],
+    [(nn.Softmax(dim=1), "Softmax"), (nn.MaxPool2d(2, ceil_mode=True), "MaxPool2d"),
+     (nn.GELU(), "GELU")],
 )
 def test_unsupported_layer_is_named(layer, name):
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, nn.Flatten(), nn.LazyLinear(10))

@@ -259,7 +259,7 @@ def test_maxpool_relaxation_is_a_lower_bound(kernel, stride, padding):
         a = torch.randn(2, 4, *op.forward(lower).shape[1:], generator=gen)
         a_in, const = op.relaxed_backward(a, lower, upper)
 
-        def gap(z, a_in=a_in, const=const):
+        def gap(z, a=a, a_in=a_in, const=const):
             true = (a * op.forward(z).unsqueeze(1)).flatten(2).sum(-1)
             return true - ((a_in * z.unsqueeze(1)).flatten(2).sum(-1) + const)
 
