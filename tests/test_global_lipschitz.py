@@ -12,6 +12,8 @@ from torch import nn
 
 from certbench.attacks import pgd
 from certbench.verifiers import UnsupportedLayerError, Verdict, get_verifier, verdict_code
+from certbench.verifiers.bound_propagation import graph as traced_graph
+from certbench.verifiers.bound_propagation.operators import Activation
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
@@ -163,7 +165,7 @@ def test_linf_radius_is_the_l2_radius_over_sqrt_d():
     torch.testing.assert_close(rinf, r2 / 8.0)
 
 
-@pytest.mark.parametrize("layer", [nn.MaxPool2d(2), nn.Softmax(dim=1), nn.Sigmoid()])
+@pytest.mark.parametrize("layer", [nn.MaxPool2d(2), nn.Softmax(dim=1), nn.GELU()])
 def test_unsupported_layers_are_named_not_bounded(layer):
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, nn.Flatten(),
                           nn.LazyLinear(10))
@@ -191,7 +193,7 @@ class _ScaledSkip(nn.Module):
 
 def test_arithmetic_with_keyword_arguments_is_refused():
     model = nn.Sequential(nn.Flatten(), _ScaledSkip(), nn.Linear(64, 10))
-    with pytest.raises(UnsupportedLayerError, match="alpha"):
+    with pytest.raises(UnsupportedLayerError, match="operation 'add'"):
         get_verifier("global-lipschitz").prepare(model.eval(), DIGITS_SHAPE)
 
 
@@ -212,3 +214,94 @@ def test_residual_connection_is_one_plus_the_branch():
     last = torch.linalg.matrix_norm(model[2].weight.double(), ord=2)
     torch.testing.assert_close(bounds.penultimate, 1 + branch.detach())
     torch.testing.assert_close(bounds.network, (1 + branch.detach()) * last.detach())
+
+
+class _TwoBranches(nn.Module):
+    """cat(relu(conv(x)), tanh(conv(x))) along the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=1)
+
+
+class _DenseResidual(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(width, width), nn.Sigmoid(), nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def _graph_model(kind: str) -> nn.Module:
+    torch.manual_seed(7)
+    layers = {
+        "sigmoid": [nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10)],
+        "tanh": [nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 10)],
+        "concat": [_TwoBranches(), nn.Flatten(), nn.Linear(5 * 64, 10)],
+        "residual": [nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), _DenseResidual(32),
+                     nn.Linear(32, 10)],
+    }[kind]
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():  # weights large enough to reach the saturated and steep regions
+        for param in model.parameters():
+            param.mul_(3.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "concat", "residual"])
+def test_bounds_dominate_sampled_jacobians_on_general_graphs(kind):
+    model = _graph_model(kind)
+    bounds = LipschitzGraph(model, DIGITS_SHAPE).bounds()
+    k = bounds.pairwise()
+    x = 2 * torch.randn(400, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        jac = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)
+    assert torch.linalg.matrix_norm(jac, ord=2).max() <= bounds.network
+    slopes = (jac[:, :, None] - jac[:, None, :]).norm(dim=-1).amax(0)  # (classes, classes)
+    assert slopes.max() > 0
+    assert (slopes <= k).all(), (slopes - k).max()
+
+
+def test_sigmoid_rule_is_its_largest_slope():
+    model = _graph_model("sigmoid")
+    norms = [torch.linalg.matrix_norm(model[i].weight.double(), ord=2) for i in (1, 3)]
+    bound = LipschitzGraph(model, DIGITS_SHAPE).bounds().network
+    torch.testing.assert_close(bound, (norms[0] * norms[1] / 4).detach())
+
+
+class _NoRule(Activation):
+    def forward(self, x):
+        return nn.functional.gelu(x)
+
+
+def test_an_operation_without_a_lipschitz_rule_is_named(monkeypatch):
+    """The walker asks every operation for its rule; one without a rule (here GELU traced
+    as a made-up operation) is refused by name, with the layer it came from."""
+    monkeypatch.setitem(traced_graph.MODULE_OPERATIONS, nn.GELU, _NoRule)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10))
+    graph = LipschitzGraph(model.eval(), DIGITS_SHAPE)
+    with pytest.raises(UnsupportedLayerError, match=r"no Lipschitz rule for _NoRule.*GELU"):
+        graph.bounds()
+
+
+@pytest.mark.parametrize("pool", [
+    nn.AvgPool2d(3, ceil_mode=True), nn.AvgPool2d(2, divisor_override=1), nn.AdaptiveAvgPool2d(2),
+])
+def test_average_pools_without_a_sound_rule_are_refused(pool):
+    model = nn.Sequential(pool, nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, *DIGITS_SHAPE))
+    with pytest.raises(UnsupportedLayerError, match=type(pool).__name__):
+        LipschitzGraph(model.eval(), DIGITS_SHAPE).bounds()
+
+
+def test_grouped_and_same_padded_convolutions_are_refused():
+    for conv in (nn.Conv2d(1, 2, 3, padding="same"), nn.Conv2d(2, 2, 3, groups=2)):
+        first = [] if conv.in_channels == 1 else [nn.Conv2d(1, 2, 1)]
+        model = nn.Sequential(*first, conv, nn.Flatten(), nn.LazyLinear(10))
+        model(torch.zeros(1, *DIGITS_SHAPE))
+        with pytest.raises(UnsupportedLayerError, match="Conv2d"):
+            LipschitzGraph(model.eval(), DIGITS_SHAPE).bounds()

@@ -1,14 +1,21 @@
 """Global-Lipschitz certification: GloRo nets and Lipschitz-Margin Training bounds.
 
-An l2 Lipschitz upper bound of the network is composed along its `torch.fx` graph, node
-by node, as the Lipschitz constant of each node *as a function of the network input*:
+An l2 Lipschitz upper bound of the network is composed along the graph that the
+bound-propagation engine traces (`bound_propagation.graph.TracedNetwork`, the graph that
+also serves CROWN, the local-Lipschitz bound and the MILP), node by node, as the
+Lipschitz constant of each node *as a function of the network input*. Each operation
+states its own rule (``Operation.lipschitz`` in bound_propagation/operators.py), so
+adding an operation is one class plus one conversion-table entry:
 
-- a layer g applied to node h:      L(g(h)) <= ||g|| * L(h)   (operator_norms.py)
-- a sum or difference of nodes:     L(a +- b) <= L(a) + L(b)  (so a residual block
+- a linear layer g applied to node h:  L(g(h)) <= ||g|| * L(h)   (operator_norms.py:
+  dense, convolution on its padded input, average pooling, BatchNorm in eval mode)
+- a sum or difference of nodes:        L(a +- b) <= L(a) + L(b)  (so a residual block
   x + branch(x) gets (1 + L(branch)) * L(x))
-- a node times / divided by a constant c:  L * max|c|  /  L / min|c|  (the
-  normalisation layer's 1/std is this rule)
-- ReLU, flatten and reshape:        L unchanged (1-Lipschitz, isometries).
+- a node times / divided by a constant c, or plus a constant:  L * max|c|  /
+  L * max|1 / c|  /  L (the normalisation layer's 1/std is this rule)
+- a concatenation of nodes:            L(cat(a, b)) <= sqrt(L(a)^2 + L(b)^2)
+- ReLU, tanh, flatten and reshape:     L unchanged (1-Lipschitz, isometries);
+  sigmoid: L / 4 (its largest slope).
 
 Any other operation raises UnsupportedLayerError naming it: no bound is guessed.
 
@@ -31,14 +38,12 @@ conservative allowance, not a rigorous floating-point analysis of the forward pa
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
 
 from certbench.verifiers import operator_norms
 from certbench.verifiers.base import (
@@ -50,13 +55,11 @@ from certbench.verifiers.base import (
     register,
     verdict_code,
 )
+from certbench.verifiers.bound_propagation.graph import Node, TracedNetwork
+from certbench.verifiers.bound_propagation.operators import Dense
 
 CERTIFIED, NOT_CERTIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.NOT_CERTIFIED)
 REL_SLACK = 1e-6
-
-_IDENTITY_FUNCTIONS = {torch.flatten, torch.relu, nn.functional.relu, torch.reshape}
-_IDENTITY_METHODS = {"view", "reshape", "flatten", "contiguous", "relu"}
-_IDENTITY_MODULES = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 @dataclass
@@ -82,168 +85,68 @@ class LipschitzBounds:
 class LipschitzGraph:
     """A traced network whose Lipschitz bound can be recomputed from its current weights.
 
-    Tracing and shape propagation happen once here; ``bounds`` re-reads the parameters on
-    each call (differentiably), so training recipes call it every step.
+    The engine's tracing (`TracedNetwork`, shapes included) happens once here; ``bounds``
+    re-reads the parameters on each call (differentiably), so training recipes call it
+    every step.
 
     ``power_iteration=True`` replaces the exact norms of dense and convolutional layers by
     power-iteration *estimates* with vectors kept between calls (the explicit cache
-    ``_vectors``): cheap enough to train 4C3F-sized models on a CPU, but the result can
-    fall below the true constant, so it is for training only; the verifier never sets it.
+    ``_vectors``, one per node): cheap enough to train 4C3F-sized models on a CPU, but the
+    result can fall below the true constant, so it is for training only; the verifier
+    never sets it. The estimator is handed to every operation's ``lipschitz`` rule, and
+    the layers whose exact norm is an SVD apply it to their linear map (see
+    ``Operation.lipschitz``), so this class never asks which operation a node holds.
     """
 
     def __init__(
         self, model: nn.Module, input_shape: Sequence[int], power_iteration: bool = False
     ):
+        self.network = TracedNetwork(model, input_shape)
         self.power_iteration = power_iteration
-        self._vectors: dict[str, torch.Tensor] = {}
-        try:
-            self.graph_module = fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types for untraceable code
-            raise UnsupportedLayerError(f"cannot trace the model with torch.fx: {exc}") from exc
+        self._vectors: dict[int, torch.Tensor] = {}
         param = next(model.parameters(), None)
-        example = torch.zeros(1, *input_shape, device=param.device if param is not None else None)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            ShapeProp(self.graph_module).propagate(example)
-        model.train(was_training)
+        self._device = param.device if param is not None else None
+        self._dtype = param.dtype if param is not None else torch.get_default_dtype()
 
     def bounds(self, dtype: torch.dtype = torch.float64) -> LipschitzBounds:
-        gm = self.graph_module
-        lip: dict[fx.Node, torch.Tensor | None] = {}  # None: the node is a constant
-        result = None
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                lip[node] = torch.ones((), dtype=dtype)
-            elif node.op == "get_attr":
-                lip[node] = None
-            elif node.op == "output":
-                result = node.args[0]
-            elif node.op == "call_module":
-                module = gm.get_submodule(node.target)
-                lip[node] = self._layer_norm(module, node, dtype) * lip[node.args[0]]
-            else:
-                lip[node] = self._function_rule(node, lip)
-        if not isinstance(result, fx.Node) or lip.get(result) is None:
-            raise UnsupportedLayerError("the network output is not a single tensor of the input")
+        net = self.network
+        lip = [torch.ones((), dtype=dtype, device=self._device)]  # node 0: the input
+        for index, node in enumerate(net.nodes[1:], start=1):
+            estimate = partial(self._estimate, index) if self.power_iteration else None
+            try:
+                lip.append(node.op.lipschitz([lip[i] for i in node.inputs], estimate))
+            except UnsupportedLayerError as exc:
+                raise UnsupportedLayerError(f"{exc} ({self._describe(node)})") from exc
+        final = net.nodes[net.output]
         penultimate = last_weight = None
-        if result.op == "call_module":
-            last = gm.get_submodule(result.target)
-            if isinstance(last, nn.Linear):
-                penultimate = lip[result.args[0]]
-                last_weight = last.weight.to(dtype)
-        return LipschitzBounds(lip[result], penultimate, last_weight)
+        if isinstance(final.op, Dense):  # GloRo's pairwise bound needs a dense last layer
+            penultimate = lip[final.inputs[0]]
+            last_weight = final.op.weight.to(dtype)
+        return LipschitzBounds(lip[net.output], penultimate, last_weight)
 
     def _estimate(
-        self, node: fx.Node, apply: Callable[[torch.Tensor], torch.Tensor]
+        self, index: int, apply: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        u = self._vectors.get(node.name)
+        """Power-iteration estimate of ||apply|| for node ``index``: 30 steps from a
+        seeded random vector the first time, then one step from the kept vector."""
+        u = self._vectors.get(index)
         steps = 1
         if u is None:
-            meta = node.args[0].meta["tensor_meta"]
+            shape = self.network.nodes[self.network.nodes[index].inputs[0]].shape
             generator = torch.Generator().manual_seed(0)
-            u = torch.randn(tuple(meta.shape), generator=generator).to(meta.dtype)
-            u = u.to(next(iter(self.graph_module.parameters())).device)
+            u = torch.randn((1, *shape), generator=generator).to(self._device, self._dtype)
             steps = 30
-        sigma, self._vectors[node.name] = operator_norms.power_iteration_estimate(apply, u, steps)
+        sigma, self._vectors[index] = operator_norms.power_iteration_estimate(apply, u, steps)
         return sigma
 
-    @staticmethod
-    def _input_hw(node: fx.Node) -> tuple[int, int]:
-        shape = node.args[0].meta["tensor_meta"].shape
-        return int(shape[-2]), int(shape[-1])
-
-    def _layer_norm(self, module: nn.Module, node: fx.Node, dtype: torch.dtype) -> torch.Tensor:
-        one = torch.ones((), dtype=dtype)
-        if isinstance(module, _IDENTITY_MODULES):
-            return one
-        if isinstance(module, nn.Linear):
-            if self.power_iteration:
-                return self._estimate(node, lambda t: F.linear(t, module.weight))
-            return operator_norms.dense_norm(module.weight.to(dtype))
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(
-                module.padding, str
-            ):
-                raise UnsupportedLayerError(
-                    f"Conv2d {node.target!r}: only groups=1 with numeric zero padding is supported"
-                )
-            if self.power_iteration:
-                return self._estimate(node, lambda t: F.conv2d(
-                    t, module.weight, None, module.stride, module.padding, module.dilation
-                ))
-            return operator_norms.conv2d_norm(
-                module.weight.to(dtype),
-                self._input_hw(node),
-                module.padding,
-                module.stride,
-                module.dilation,
-            )
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return operator_norms.batchnorm_norm(module, dtype)
-        if isinstance(module, nn.AvgPool2d):
-            if module.padding not in (0, (0, 0)) and not module.count_include_pad:
-                raise UnsupportedLayerError(
-                    f"AvgPool2d {node.target!r} with count_include_pad=False"
-                )
-            kernel = _pair(module.kernel_size)
-            stride = _pair(module.stride if module.stride is not None else kernel)
-            return one * operator_norms.avg_pool2d_norm(kernel, stride)
-        if isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == (1, 1):
-            return one * operator_norms.global_avg_pool_norm(self._input_hw(node))
-        raise UnsupportedLayerError(
-            f"no Lipschitz bound for layer {node.target!r} ({type(module).__name__})"
-        )
-
-    def _function_rule(
-        self, node: fx.Node, lip: dict[fx.Node, torch.Tensor | None]
-    ) -> torch.Tensor | None:
-        def of(arg: object) -> torch.Tensor | None:
-            return lip[arg] if isinstance(arg, fx.Node) else None
-
-        target = node.target
-        args = [of(a) for a in node.args]
-        arithmetic = (operator.add, operator.sub, torch.add, operator.mul, torch.mul,
-                      operator.truediv, torch.div)
-        if node.kwargs and target in arithmetic:  # e.g. torch.add(x, y, alpha=2)
-            raise UnsupportedLayerError(f"no Lipschitz rule for {target!r} with {node.kwargs}")
-        if node.op == "call_method" and target in _IDENTITY_METHODS:
-            return args[0]
-        if node.op == "call_function" and target in _IDENTITY_FUNCTIONS:
-            return args[0]
-        if node.op == "call_function" and target in (operator.add, operator.sub, torch.add):
-            dependent = [a for a in args[:2] if a is not None]
-            return sum(dependent[1:], dependent[0]) if dependent else None
-        if node.op == "call_function" and target in (operator.mul, torch.mul):
-            if args[0] is not None and args[1] is not None:
-                raise UnsupportedLayerError(f"product of two input-dependent tensors at {node}")
-            var, const = (0, 1) if args[0] is not None else (1, 0)
-            if args[var] is None:
-                return None
-            return args[var] * self._constant(node.args[const]).abs().max()
-        if node.op == "call_function" and target in (operator.truediv, torch.div):
-            if args[1] is not None:
-                raise UnsupportedLayerError(f"division by an input-dependent tensor at {node}")
-            if args[0] is None:
-                return None
-            return args[0] / self._constant(node.args[1]).abs().min()
-        if all(a is None for a in args):
-            return None  # arithmetic on constants only
-        raise UnsupportedLayerError(f"no Lipschitz rule for operation {target!r} at node {node}")
-
-    def _constant(self, arg: object) -> torch.Tensor:
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            value = self.graph_module
-            for part in arg.target.split("."):
-                value = getattr(value, part)
-            return value.detach().to(torch.float64)
-        if isinstance(arg, (int, float)):
-            return torch.tensor(float(arg), dtype=torch.float64)
-        raise UnsupportedLayerError(f"cannot evaluate constant {arg!r}")
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    def _describe(self, node: Node) -> str:
+        """The layer behind a node, for error messages."""
+        gm = self.network.graph_module
+        for fx_node in gm.graph.nodes:
+            if fx_node.name == node.name and fx_node.op == "call_module":
+                module = gm.get_submodule(fx_node.target)
+                return f"layer {fx_node.target!r} ({type(module).__name__})"
+        return f"node {node.name!r}"
 
 
 def margins(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

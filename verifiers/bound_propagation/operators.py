@@ -5,6 +5,9 @@ Shapes: activations are (batch, *shape). A backward coefficient tensor ``a`` has
 (batch, rows, *shape): row r of sample b is the linear function sum(a[b, r] * y) of this
 operation's output y that is being bounded from below. ``backward`` rewrites it as a
 linear function of the operation's input plus a constant (batch, rows).
+
+Each operation also has its global l2 Lipschitz rule, ``lipschitz`` (composed along the
+graph by global_lipschitz.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.verifiers import operator_norms
 from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation.patches import Patches, rowsum
 from certbench.verifiers.bound_propagation.s_shaped import (
@@ -32,6 +36,10 @@ def _fold(a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
 
 def _unfold(t: torch.Tensor, lead: tuple[int, int]) -> torch.Tensor:
     return t.reshape(*lead, *t.shape[1:])
+
+
+NormEstimate = Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+"""Given a linear map x -> A x (on a batch of one input), an estimate of ||A||_2."""
 
 
 class Operation:
@@ -73,6 +81,23 @@ class Operation:
         coefficients (local Lipschitz bounds)."""
         raise NotImplementedError
 
+    def lipschitz(
+        self, inputs: Sequence[torch.Tensor], estimate: NormEstimate | None = None
+    ) -> torch.Tensor:
+        """An upper bound on the l2 Lipschitz constant of this operation's output as a
+        function of the network input, given such bounds ``inputs`` for its inputs (0-dim
+        tensors of one dtype, which the result keeps). Differentiable in the weights:
+        training recipes backpropagate through it.
+
+        ``estimate``, if given, replaces the proven operator norm of a linear layer by the
+        caller's estimate of it, computed from the layer's map alone. Operations whose
+        proven norm is costly (Dense, Conv: an SVD) pass it their map x -> A x; the others
+        ignore it. So the caller's estimator (power iteration with vectors kept per node,
+        global_lipschitz.py) needs no knowledge of the operation, nor the operation of the
+        estimator. An estimate can fall below the true norm: training only.
+        """
+        raise UnsupportedLayerError(f"no Lipschitz rule for {type(self).__name__}")
+
 
 class Dense(Operation):
     """y = x W^T + b."""
@@ -105,6 +130,12 @@ class Dense(Operation):
         const = 0.0 if self.bias is None else self.bias[index]
         return [self.weight[index]], const
 
+    def lipschitz(self, inputs, estimate=None):
+        """||W||_2 L_in: the exact spectral norm (or the caller's estimate of it)."""
+        if estimate is not None:
+            return estimate(lambda x: F.linear(x, self.weight)) * inputs[0]
+        return operator_norms.dense_norm(self.weight.to(inputs[0].dtype)) * inputs[0]
+
 
 class Conv(Operation):
     """y = conv2d(x, W) + b, transposed with ``torch.nn.grad.conv2d_input``."""
@@ -115,7 +146,7 @@ class Conv(Operation):
 
     def __init__(self, module: nn.Conv2d, input_shape: Sequence[int]):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError("only numeric zero padding is supported")
+            raise UnsupportedLayerError("Conv2d: only numeric zero padding is supported")
         self.module = module
         self.input_shape = tuple(input_shape)
 
@@ -173,6 +204,22 @@ class Conv(Operation):
         m = self.module
         flat, lead = _fold(a)
         return [_unfold(self._transpose(flat, m.weight.abs()), lead)]
+
+    def lipschitz(self, inputs, estimate=None):
+        """||conv|| L_in, the norm bounded on the zero-padded input of this size
+        (operator_norms.conv2d_norm), or the caller's estimate of it."""
+        m = self.module
+        if m.groups != 1:
+            raise UnsupportedLayerError(
+                f"Conv2d with groups={m.groups}: the Lipschitz bound handles groups=1 only"
+            )
+        if estimate is not None:
+            return estimate(lambda x: self._conv(x, m.weight, None)) * inputs[0]
+        norm = operator_norms.conv2d_norm(
+            m.weight.to(inputs[0].dtype), self.input_shape[-2:], m.padding, m.stride,
+            m.dilation,
+        )
+        return norm * inputs[0]
 
     def _transpose_patches(self, a: Patches) -> Patches | torch.Tensor:
         """A window's transpose is the transposed convolution of the window alone, placed
@@ -238,6 +285,11 @@ class Elementwise(Operation):
     def abs_backward(self, a):
         return [a * abs(self.scale)]
 
+    def lipschitz(self, inputs, estimate=None):
+        """max |scale| L_in: a diagonal scaling (division by c is scaling by 1 / c)."""
+        scale = torch.as_tensor(self.scale, dtype=inputs[0].dtype)
+        return scale.abs().max() * inputs[0]
+
 
 class AvgPool(Operation):
     """Average pooling: linear with non-negative weights; transposed through autograd."""
@@ -265,6 +317,31 @@ class AvgPool(Operation):
     def abs_backward(self, a):  # averaging weights are non-negative
         return self.backward(a)[0]
 
+    def lipschitz(self, inputs, estimate=None):
+        """AvgPool2d: Schur's test (operator_norms.avg_pool2d_norm), which needs every
+        weight to be 1 / (kh kw): refused with a custom divisor, with partial windows at the
+        border (ceil_mode) and with count_include_pad=False and padding. Global average
+        pooling: exactly 1 / sqrt(H W). Other adaptive pools are refused."""
+        m, pair = self.module, nn.modules.utils._pair
+        if isinstance(m, nn.AvgPool2d):
+            kernel = pair(m.kernel_size)
+            stride = pair(m.stride or kernel)
+            padding = pair(m.padding)
+            partial = m.ceil_mode and any(
+                (n + 2 * p - k) % s
+                for n, p, k, s in zip(self.input_shape[-2:], padding, kernel, stride, strict=True)
+            )
+            if m.divisor_override is not None or partial or (
+                    any(padding) and not m.count_include_pad):
+                raise UnsupportedLayerError(
+                    "AvgPool2d with divisor_override, ceil_mode partial windows or "
+                    "count_include_pad=False with padding has no Lipschitz rule"
+                )
+            return operator_norms.avg_pool2d_norm(kernel, stride) * inputs[0]
+        if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
+            return operator_norms.global_avg_pool_norm(self.input_shape[-2:]) * inputs[0]
+        raise UnsupportedLayerError(f"no Lipschitz rule for {type(m).__name__} {m}")
+
 
 class Reshape(Operation):
     """Flatten / view: the same numbers in another shape."""
@@ -288,6 +365,9 @@ class Reshape(Operation):
     def abs_backward(self, a):
         return self.backward(a)[0]
 
+    def lipschitz(self, inputs, estimate=None):
+        return inputs[0]  # an isometry
+
 
 class Sum(Operation):
     """y = sum_i sign_i * x_i (residual additions, differences of two activations)."""
@@ -308,6 +388,10 @@ class Sum(Operation):
 
     def abs_backward(self, a):
         return [a * abs(s) for s in self.signs]
+
+    def lipschitz(self, inputs, estimate=None):
+        """sum_i |sign_i| L_i (triangle inequality)."""
+        return sum(abs(s) * lip for s, lip in zip(self.signs, inputs, strict=True))
 
 
 def _row_view(a, lower, upper, alpha):
@@ -389,6 +473,9 @@ class Relu(Activation):
     def initial_alpha(self, lower, upper):
         return (upper > -lower).to(lower.dtype)
 
+    def lipschitz(self, inputs, estimate=None):
+        return inputs[0]  # 1-Lipschitz
+
     def inexact(self, lower, upper):
         return (lower < 0) & (upper > 0)
 
@@ -434,13 +521,20 @@ class _SShaped(Activation):
     def relaxation(self, lower, upper, alpha=None):
         return s_shaped_relaxation(lower, upper, type(self).fn, type(self).derivative)
 
+    max_slope: float  # sup of the derivative: the Lipschitz constant of fn
+
+    def lipschitz(self, inputs, estimate=None):
+        return self.max_slope * inputs[0]
+
 
 class Sigmoid(_SShaped):
     fn, derivative = torch.sigmoid, sigmoid_derivative
+    max_slope = 0.25  # sigmoid'(0)
 
 
 class Tanh(_SShaped):
     fn, derivative = torch.tanh, tanh_derivative
+    max_slope = 1.0  # tanh'(0)
 
 
 class Concat(Operation):
@@ -462,6 +556,10 @@ class Concat(Operation):
 
     def abs_backward(self, a):
         return self.backward(a)[0]
+
+    def lipschitz(self, inputs, estimate=None):
+        """sqrt(sum_i L_i^2): the squared distances of the parts add up."""
+        return torch.linalg.vector_norm(torch.stack(list(inputs)))
 
 
 class BatchNormEval(Elementwise):
@@ -494,6 +592,10 @@ class BatchNormEval(Elementwise):
         if m.bias is not None:
             shift = shift + m.bias
         return shift.view(self.view)
+
+    def lipschitz(self, inputs, estimate=None):
+        """max |gamma / sqrt(running_var + eps)| L_in, computed in the requested dtype."""
+        return operator_norms.batchnorm_norm(self.module, inputs[0].dtype) * inputs[0]
 
 
 class MaxPool(Activation):
