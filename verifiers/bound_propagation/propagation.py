@@ -400,8 +400,30 @@ class BoundPropagator:
         crown = self.backward(out, spec, ball, bounds)
         if method == "crown" or alpha_iterations <= 0:
             return crown
-        optimiser = AlphaOptimiser(self, spec, ball, bounds, alpha_lr)
-        return optimiser.run(crown, alpha_iterations, threshold)
+        best = crown.clone()
+        for samples in self._alpha_chunks(bounds, spec.shape[1], ball):
+            part = {i: (lo[samples], hi[samples]) for i, (lo, hi) in bounds.items()}
+            optimiser = AlphaOptimiser(self, spec[samples], ball.subset(samples), part, alpha_lr)
+            best[samples] = optimiser.run(
+                crown[samples], alpha_iterations, None if threshold is None else threshold[samples]
+            )
+        return best
+
+    def _alpha_chunks(self, bounds: dict[int, Bounds], spec_rows: int, ball: Ball):
+        """Sample index chunks for alpha-CROWN whose autograd graph fits the memory budget
+        x 16 (slopes are per sample and the loss is a sum over samples, so optimising
+        chunks apart is the same optimisation). Per sample, a pass keeps about three
+        tensors of (rows of each bounded node) x (width of every node before it)."""
+        widths = [math.prod(node.shape) for node in self.net.nodes]
+        rows = {i: 2 * int(self.activation_of[i].inexact(*b).flatten(1).sum(1).max())
+                for i, b in bounds.items()}
+        rows[self.net.output] = spec_rows
+        elements = sum(r * sum(widths[: t + 1]) for t, r in rows.items())
+        per_sample = 3 * elements * ball.center.element_size()
+        size = max(1, 16 * self.memory_budget_bytes // max(per_sample, 1))
+        n = len(ball.center)
+        return [torch.arange(s, min(s + size, n), device=ball.center.device)
+                for s in range(0, n, size)]
 
     def _ibp_margins(self, spec: torch.Tensor, ball: Ball) -> torch.Tensor:
         """IBP bounds of spec . f, with the spec merged into a final dense layer
