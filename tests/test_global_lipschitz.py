@@ -165,7 +165,7 @@ def test_linf_radius_is_the_l2_radius_over_sqrt_d():
     torch.testing.assert_close(rinf, r2 / 8.0)
 
 
-@pytest.mark.parametrize("layer", [nn.MaxPool2d(2), nn.Softmax(dim=1), nn.GELU()])
+@pytest.mark.parametrize("layer", [nn.MaxPool2d(2, ceil_mode=True), nn.Softmax(dim=1), nn.GELU()])
 def test_unsupported_layers_are_named_not_bounded(layer):
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, nn.Flatten(),
                           nn.LazyLinear(10))
@@ -244,6 +244,8 @@ def _graph_model(kind: str) -> nn.Module:
         "concat": [_TwoBranches(), nn.Flatten(), nn.Linear(5 * 64, 10)],
         "residual": [nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), _DenseResidual(32),
                      nn.Linear(32, 10)],
+        "maxpool": [nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(3, 1, 1), nn.Flatten(),
+                    nn.Linear(256, 10)],
     }[kind]
     model = nn.Sequential(*layers).eval()
     with torch.no_grad():  # weights large enough to reach the saturated and steep regions
@@ -252,7 +254,7 @@ def _graph_model(kind: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "concat", "residual"])
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh", "concat", "residual", "maxpool"])
 def test_bounds_dominate_sampled_jacobians_on_general_graphs(kind):
     model = _graph_model(kind)
     bounds = LipschitzGraph(model, DIGITS_SHAPE).bounds()
@@ -305,3 +307,15 @@ def test_grouped_and_same_padded_convolutions_are_refused():
         model(torch.zeros(1, *DIGITS_SHAPE))
         with pytest.raises(UnsupportedLayerError, match="Conv2d"):
             LipschitzGraph(model.eval(), DIGITS_SHAPE).bounds()
+
+
+def test_max_pool_rule_covers_an_input_shared_by_every_window():
+    """A spike that is the maximum of all 9 overlapping 3x3 windows around it: the
+    Jacobian there has 9 equal rows, norm 3 = sqrt(ceil(3/1)^2), the rule's value."""
+    model = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Flatten()).eval()
+    x = torch.zeros(1, *DIGITS_SHAPE)
+    x[0, 0, 4, 4] = 1.0
+    jac = torch.autograd.functional.jacobian(lambda v: model(v)[0], x).flatten(1)
+    bound = LipschitzGraph(model, DIGITS_SHAPE).bounds().network
+    assert torch.linalg.matrix_norm(jac, ord=2) == pytest.approx(3.0)
+    assert bound >= 3.0 - 1e-9

@@ -652,3 +652,11 @@ class MaxPool(Activation):
                        (h + 2 * ph, w + 2 * pw), self.kernel, stride=self.stride)
         dense = dense[..., ph : ph + h, pw : pw + w]
         return dense.reshape(batch, rows, *self.input_shape), const
+
+    def lipschitz(self, inputs, estimate=None):
+        """sqrt(ceil(kh/sh) ceil(kw/sw)) L_in: |max_w x - max_w y| <= max_{i in w} |x_i -
+        y_i|, so the squared distance is at most the sum over windows of their inputs'
+        squared differences, and no input lies in more than that many windows."""
+        overlap = math.ceil(self.kernel[0] / self.stride[0]) * math.ceil(
+            self.kernel[1] / self.stride[1])
+        return math.sqrt(overlap) * inputs[0]
