@@ -8,7 +8,10 @@ auto_LiRPA (when installed), same batch, same specification:
 each on a batch of 8 test images. Peak memory of one call goes to extra_info. The
 engine's CROWN bound equals auto_LiRPA's to 1e-4 (relative), and its alpha-CROWN is at
 least as tight as auto_LiRPA's CROWN. Networks come from the shared data folder (skipped
-with the reason where it is absent).
+with the reason where it is absent). auto_LiRPA runs through certbench's ``lirpa:*``
+verifiers, i.e. in matrix conv mode (its patches mode fails on alpha-CROWN here): on conv
+nets that is 5-12x slower than auto_LiRPA's defaults, so compare conv-net CROWN times
+with the README's figures, taken with auto_LiRPA's defaults.
 
 Run: pytest tests/benchmarks/test_reference_networks_speed.py --benchmark-enable
      --benchmark-group-by=param:case --benchmark-columns=median,min,rounds
