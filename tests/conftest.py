@@ -66,3 +66,23 @@ def mnist_dir() -> Path:
     if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST files not found in {SHARED_DATA / 'mnist'} (the shared data folder)")
     return SHARED_DATA
+
+
+def time_margin_bounds(benchmark, verifier, x, spec, eps: float, rounds: int = 3):
+    """The speed suites' measurement of one verifier's l_inf margin bounds: in the plain
+    test run once, as a test; under --benchmark-enable a warm-up, one call with peak
+    memory into extra_info, then ``rounds`` timed calls. Returns the bounds."""
+    from certbench.measure import PeakMemory
+
+    def bound():
+        with torch.no_grad():
+            return verifier.margin_lower_bounds(x, spec, eps, "inf")
+
+    if benchmark.disabled:
+        return benchmark(bound)
+    bound()
+    with PeakMemory(x.device) as memory:
+        result = bound()
+    benchmark.extra_info["peak_mem_bytes"] = memory.peak_bytes
+    benchmark.pedantic(bound, rounds=rounds, iterations=1)
+    return result

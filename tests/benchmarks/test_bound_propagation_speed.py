@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from certbench.measure import PeakMemory
 from certbench.models import build_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import margin_spec
 from certbench.verifiers.lirpa import lirpa_status
+from conftest import time_margin_bounds
 
 CASES = {  # architecture, arguments, input shape, batch, l_inf eps
     "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 64, 0.02),
@@ -39,19 +39,7 @@ def _run(benchmark, name: str, case: str) -> torch.Tensor:
     model, shape, x, spec, eps = _case(case)
     verifier = get_verifier(name)
     verifier.prepare(model, shape)
-
-    def bound():
-        with torch.no_grad():
-            return verifier.margin_lower_bounds(x, spec, eps, "inf")
-
-    if benchmark.disabled:  # the plain test run: once, as a test
-        return benchmark(bound)
-    bound()  # warm-up
-    with PeakMemory(x.device) as memory:
-        result = bound()
-    benchmark.extra_info["peak_mem_bytes"] = memory.peak_bytes
-    benchmark.pedantic(bound, rounds=3, iterations=1)
-    return result
+    return time_margin_bounds(benchmark, verifier, x, spec, eps, rounds=3)
 
 
 @pytest.mark.parametrize("method", METHODS)

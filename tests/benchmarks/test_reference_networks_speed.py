@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from certbench.data import load_dataset
-from certbench.measure import PeakMemory
 from certbench.models import Normalize
 from certbench.train import train_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import margin_spec
 from certbench.verifiers.lirpa import lirpa_status
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, time_margin_bounds
 
 LIRPA, LIRPA_DETAIL = lirpa_status()
 BATCH = 8
@@ -100,19 +99,7 @@ def _run(benchmark, cases, case: str, name: str) -> torch.Tensor:
     spec = margin_spec(model(x).argmax(1), 10).detach()
     verifier = get_verifier(name)
     verifier.prepare(model, shape)
-
-    def bound():
-        with torch.no_grad():
-            return verifier.margin_lower_bounds(x, spec, eps, "inf")
-
-    if benchmark.disabled:  # the plain test run: once, as a test
-        return benchmark(bound)
-    bound()  # warm-up
-    with PeakMemory(x.device) as memory:
-        result = bound()
-    benchmark.extra_info["peak_mem_bytes"] = memory.peak_bytes
-    benchmark.pedantic(bound, rounds=5, iterations=1)
-    return result
+    return time_margin_bounds(benchmark, verifier, x, spec, eps, rounds=5)
 
 
 CASES = ["eran-9x200", "cnn-small-mnist", "cifar-base-kw"]
