@@ -37,6 +37,7 @@ from certbench.verifiers.bound_propagation.operators import (
 )
 
 # Conversion tables: adding an operation is one class in operators.py and one entry here.
+# Modules match by exact type: a subclass may override forward, so it is refused.
 MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.Linear: Dense,
     nn.Conv2d: Conv,

@@ -159,27 +159,18 @@ class BoundPropagator:
         self.activation_of = {network.nodes[i].inputs[0]: network.nodes[i].op
                               for i in self.activations}
         self.affine: set[int] = set()  # nodes that are affine functions of the input
-        self.one_layer: set[int] = set()  # ... through at most one non-diagonal layer
+        # for nodes on a single-input linear chain from the input: how many of its layers
+        # are not diagonal (elementwise maps and reshapes map a box onto a box exactly)
+        self.layers: dict[int, int] = {0: 0}
         for i, node in enumerate(network.nodes):
             if i == 0:
                 self.affine.add(0)
-                self.one_layer.add(0)
-            elif node.op.linear and all(j in self.affine for j in node.inputs):
+                continue
+            if node.op.linear and all(j in self.affine for j in node.inputs):
                 self.affine.add(i)
-                single = len(node.inputs) == 1 and node.inputs[0] in self.one_layer
+            if node.op.linear and len(node.inputs) == 1 and node.inputs[0] in self.layers:
                 diagonal = isinstance(node.op, (Elementwise, Reshape))
-                upstream_diagonal = self._diagonal_chain(node.inputs[0]) if single else False
-                if single and (diagonal or upstream_diagonal):
-                    self.one_layer.add(i)
-
-    def _diagonal_chain(self, i: int) -> bool:
-        """True if node i is the input behind elementwise maps and reshapes only."""
-        while i != 0:
-            node = self.net.nodes[i]
-            if len(node.inputs) != 1 or not isinstance(node.op, (Elementwise, Reshape)):
-                return False
-            i = node.inputs[0]
-        return True
+                self.layers[i] = self.layers[node.inputs[0]] + (0 if diagonal else 1)
 
     # -- forward and intervals -------------------------------------------------------
     def ibp(self, ball: Ball) -> list[Bounds]:
@@ -241,7 +232,7 @@ class BoundPropagator:
     def exact_by_ibp(self, i: int, ball: Ball) -> bool:
         """Node i's interval is already exact: one affine layer over an l_inf box (IBP is
         exact for a single affine map of a box), or over an l2 ball (`_l2_first_layer`)."""
-        return i in self.one_layer if ball.norm == "inf" else i in self.affine
+        return self.layers.get(i, 2) <= 1 if ball.norm == "inf" else i in self.affine
 
     # -- the backward pass -----------------------------------------------------------
     def backward(
@@ -342,8 +333,8 @@ class BoundPropagator:
 
         For CROWN, only neurons whose relaxation IBP's bounds leave inexact get a backward
         pass, each sample its own: a ReLU whose input is proven non-negative or
-        non-positive is relaxed exactly, whatever tighter bound CROWN would give. CROWN's bound is
-        intersected with IBP's (both are sound)."""
+        non-positive is relaxed exactly, whatever tighter bound CROWN would give. CROWN's
+        bound is intersected with IBP's (both are sound)."""
         ibp = self.ibp(ball)
         reference = {i: ibp[i] for i in self.relu_inputs}
         if method == "ibp":
