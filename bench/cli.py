@@ -1,4 +1,4 @@
-"""The `certbench` command: train, run, report, compare, list, show.
+"""The `certbench` command: train, run, vnncomp, report, compare, list, show.
 
 A user's mistake prints one line ``certbench: error: ...`` and exits with code 2.
 """
@@ -20,6 +20,8 @@ EXAMPLES = {
     "list": "example: certbench list",
     "show": "example: certbench show results/quick",
     "report": "example: certbench report results/quick --out reports/quick",
+    "vnncomp": "example: certbench vnncomp ../shared/data/vnncomp2021/mnistfc/"
+    "mnistfc_instances.csv --verifiers crown alpha-crown exact --timeout-scale 0.25",
     "compare": "example: certbench compare results/baseline results/quick "
     "--max-slowdown 1.2 --max-acc-drop 0.0",
 }
@@ -101,8 +103,37 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from certbench.summary import format_summary
+    from certbench.vnncomp import TABLE, format_vnncomp
 
-    print(format_summary(args.results_dir))
+    folder = Path(args.results_dir)
+    if (folder / f"{TABLE}.parquet").exists():
+        print(format_vnncomp(folder))
+        if not (folder / "cells.parquet").exists():
+            return 0
+    print(format_summary(folder))
+    return 0
+
+
+def _verifier_arg(text: str) -> tuple[str, dict]:
+    """``name`` or ``name:{json options}``."""
+    name, _, options = text.partition(":")
+    if name == "lirpa":  # lirpa:crown is a name, not name:options
+        head, _, options = options.partition(":")
+        name = f"lirpa:{head}"
+    return name, (_json_dict(options) if options else {})
+
+
+def cmd_vnncomp(args: argparse.Namespace) -> int:
+    from certbench.vnncomp import format_vnncomp, run_vnncomp
+
+    csv_path = Path(args.instances_csv)
+    results = Path(args.results or Path("results") / f"vnncomp-{csv_path.parent.name}")
+    if args.timeout_scale <= 0:
+        raise UserError("--timeout-scale must be positive")
+    run_vnncomp(csv_path, results, args.verifiers, timeout_scale=args.timeout_scale,
+                attack={"enabled": not args.no_attack}, force=args.force,
+                progress=not args.quiet, limit=args.limit)
+    print(format_vnncomp(results))
     return 0
 
 
@@ -171,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", "List datasets, architectures, recipes, verifiers and matrices.").set_defaults(
         func=cmd_list
     )
+
+    vnn = add("vnncomp", "Answer VNN-COMP instances (ONNX network, VNN-LIB property, timeout) "
+              "with each verifier: unsat (proved), sat (counterexample confirmed by "
+              "onnxruntime), unknown, timeout or error. Writes instances.parquet and the "
+              "competition's result files; a rerun skips answered instances.")
+    vnn.add_argument("instances_csv", help="the benchmark's instances.csv (onnx,vnnlib,timeout)")
+    vnn.add_argument("--verifiers", nargs="+", type=_verifier_arg,
+                     default=[("crown", {}), ("alpha-crown", {}), ("exact", {})],
+                     help="verifier names, each optionally name:'{\"option\": value}' "
+                     "(default: crown alpha-crown exact)")
+    vnn.add_argument("--results", default=None,
+                     help="results folder (default: results/vnncomp-BENCHMARK)")
+    vnn.add_argument("--timeout-scale", type=float, default=1.0,
+                     help="multiply every instance's timeout (e.g. 2 on a slow machine)")
+    vnn.add_argument("--limit", type=int, default=None, help="only the first N instances")
+    vnn.add_argument("--no-attack", action="store_true",
+                     help="skip the PGD falsification before verification")
+    vnn.add_argument("--force", action="store_true", help="recompute answered instances")
+    vnn.add_argument("--quiet", action="store_true", help="no progress bars")
+    vnn.set_defaults(func=cmd_vnncomp)
 
     show = add("show", "Print the summary table of a results folder.")
     show.add_argument("results_dir")

@@ -5,6 +5,9 @@
 - ``mnist``, ``fashion-mnist``: the original IDX ``.gz`` files in ``DATA_DIR/<name>/``.
 - ``cifar10``: the python batches in ``DATA_DIR/cifar10/cifar-10-batches-py/``, read with
   an unpickler that only builds numpy arrays (a pickle may otherwise run code).
+- ``cifar10-test100``: the first 100 CIFAR-10 test images as ERAN ships them
+  (``DATA_DIR/eran_data/cifar10_test.csv``: ``label,p0,...`` with 0-255 pixels in HWC
+  order), the evaluation set of third-party CIFAR networks; no training images.
 
 ``DATA_DIR`` is ``--data-dir``, else ``$CERTBENCH_DATA``, else ``./data``. Files are only
 downloaded when asked (``download=True`` / ``--download``), and then checked against
@@ -71,6 +74,8 @@ _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 _CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+_ERAN_URL = "https://raw.githubusercontent.com/eth-sri/eran/8771d3158b2c64a360d5bdfd4433490863257dd6/data/"
+_ERAN_CIFAR_MD5 = "dbfd8ef523350d947880c8d68ee8d622"
 
 # mean/std of the training images, per channel (the model's Normalize layer)
 _STATS = {
@@ -78,6 +83,7 @@ _STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar10-test100": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 DATASETS = tuple(_STATS)
 
@@ -95,6 +101,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         parts = _digits()
     elif name == "cifar10":
         parts = _cifar10(data_dir / "cifar10", download)
+    elif name == "cifar10-test100":
+        parts = _eran_cifar(data_dir / "eran_data", download)
     else:
         parts = _idx_dataset(name, data_dir / name, download)
     mean, std = _STATS[name]
@@ -225,3 +233,21 @@ def _cifar10(folder: Path, download: bool):
     train = [read(f) for f in _CIFAR_FILES[:5]]
     x_test, y_test = read("test_batch")
     return torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), x_test, y_test
+
+
+def _eran_cifar(folder: Path, download: bool):
+    path = folder / "cifar10_test.csv"
+    if download and not path.exists():
+        _fetch(_ERAN_URL + "cifar10_test.csv", path, _ERAN_CIFAR_MD5)
+    _require(folder, ["cifar10_test.csv"], "cifar10-test100")
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise UserError(f"{path} is not ERAN's CIFAR-10 csv ({exc})") from exc
+    if table.shape[1] != 1 + 32 * 32 * 3:
+        raise UserError(f"{path}: expected 3073 columns (label, 32x32x3 pixels), "
+                        f"got {table.shape[1]}")
+    x = torch.from_numpy(table[:, 1:].reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2) / 255)
+    y = torch.from_numpy(table[:, 0].astype(np.int64))
+    empty = torch.zeros(0, 3, 32, 32)
+    return empty, torch.zeros(0, dtype=torch.int64), x.float().contiguous(), y

@@ -55,9 +55,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class InputNormalization(_Strict):
+    """The normalisation a third-party network expects but does not contain: certbench
+    puts (x - mean) / std in front of it, so epsilons stay in pixel space."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(not s > 0 for s in value):
+            raise ValueError("every std must be positive")
+        return value
+
+
 class ModelSpec(_Strict):
+    """One of: ``checkpoint`` (a certbench checkpoint), ``arch`` (+ recipe, trained if
+    missing) or ``onnx`` (a third-party network; a relative path is looked up as given,
+    then under the data directory; ``normalization`` if the network expects normalised
+    inputs)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     checkpoint: str | None = None
+    onnx: str | None = None
+    normalization: InputNormalization | None = None
     arch: str | None = None
     arch_args: dict[str, Any] = {}
     recipe: str = "standard"
@@ -190,8 +212,13 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
     if len(set(names)) != len(names):
         raise UserError(f"{source}: models: two models share a name; names must be unique")
     for i, model in enumerate(spec.models):
-        if model.checkpoint is None and model.arch is None:
-            raise UserError(f"{source}: models.{i}: give either `checkpoint` or `arch`")
+        given = [k for k in ("checkpoint", "arch", "onnx") if getattr(model, k) is not None]
+        if len(given) != 1:
+            raise UserError(f"{source}: models.{i}: give exactly one of `checkpoint`, `arch` "
+                            f"or `onnx` (got {', '.join(given) or 'none'})")
+        if model.normalization is not None and model.onnx is None:
+            raise UserError(f"{source}: models.{i}: `normalization` is for `onnx` models "
+                            "(certbench models carry their own)")
     for i, verifier in enumerate(spec.verifiers):
         if verifier.name not in known:
             raise UserError(

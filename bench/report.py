@@ -9,7 +9,9 @@ Sections, in order: soundness violations (in red, only if any), per-model tables
 accuracy versus epsilon, cost versus strength, peak memory, certified-radius curves,
 tightness (certified radius / smallest adversarial distance), provenance.
 
-Probabilistic certificates (randomized smoothing) are marked everywhere: a dagger after
+A results folder of `certbench vnncomp` (``instances.parquet``) gets a section of its own:
+instances per answer and verifier, and the competition's cactus plot. Probabilistic
+certificates (randomized smoothing) are marked everywhere: a dagger after
 the verifier's name in tables and legends, dashed lines in figures. Only cells with status
 ``ok`` enter the figures; failed cells are listed in the tables with their status.
 """
@@ -353,9 +355,92 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def figure_cactus(table: pd.DataFrame) -> bytes:
+    """VNN-COMP's cactus plot: per benchmark, for each verifier the verification times of
+    its solved instances (unsat or sat) sorted, against their count."""
+    benchmarks = sorted(table["benchmark"].unique())
+    fig, axes = plt.subplots(1, len(benchmarks), squeeze=False,
+                             figsize=(4.6 * len(benchmarks), 3.6), layout="constrained")
+    for ax, benchmark in zip(axes[0], benchmarks, strict=True):
+        rows = table[table["benchmark"] == benchmark]
+        for i, (verifier, group) in enumerate(sorted(rows.groupby("verifier"))):
+            times = np.sort(group.loc[group["result"].isin(["unsat", "sat"]), "time_s"])
+            ax.step(np.arange(1, len(times) + 1), times, where="post", label=verifier,
+                    marker=MARKERS[i % len(MARKERS)], markersize=3,
+                    markevery=max(1, len(times) // 8))
+        ax.set(title=f"{benchmark} ({rows['instance'].nunique()} instances)",
+               xlabel="instances solved", ylabel="verification time (s)", yscale="log")
+        ax.legend(fontsize=7.5)
+    return _png(fig)
+
+
+VNN_NOTE = ("unsat: proved (no input in the box reaches the unsafe set); sat: counterexample "
+            "confirmed by onnxruntime inside the box; unknown: not decided; timeout: over the "
+            "instance's timeout; error: the verifier failed. Times: median verification time of "
+            "solved instances and median overhead (loading, parsing, prepare).")
+CACTUS_CAPTION = ("Cactus plot (VNN-COMP's standard figure): the k-th point of a line is the "
+                  "time the verifier needed for its k-th fastest solved instance; further "
+                  "right is more solved, lower is faster.")
+
+
+def vnncomp_section(table: pd.DataFrame, out: Path) -> tuple[str, str]:
+    """The VNN-COMP section as Markdown and HTML; writes figures/cactus.png."""
+    from certbench.vnncomp import solved_table
+
+    image = figure_cactus(table)
+    (out / "figures" / "cactus.png").write_bytes(image)
+    summary = solved_table(table).map(_fmt)
+    md = "\n".join(["## VNN-COMP instances", "", VNN_NOTE, "", summary.to_markdown(index=False),
+                    "", "![cactus plot](figures/cactus.png)", "", CACTUS_CAPTION, ""])
+    data = base64.b64encode(image).decode()
+    page = (f"<section id='vnncomp'><h2>VNN-COMP instances</h2><p class='note'>"
+            f"{html.escape(VNN_NOTE)}</p>{summary.to_html(index=False)}"
+            f"<img alt='cactus plot' src='data:image/png;base64,{data}'>"
+            f"<p class='note'>{html.escape(CACTUS_CAPTION)}</p></section>")
+    return md, page
+
+
+def _vnncomp_provenance(table: pd.DataFrame, folder: Path) -> dict[str, str]:
+    versions = sorted(set(table["versions"].dropna()))
+    return {
+        "results": str(folder),
+        "benchmarks": ", ".join(sorted(table["benchmark"].unique())),
+        "device": ", ".join(sorted(set(table["device"].dropna()))),
+        "git commit": ", ".join(sorted(set(table["git_commit"].dropna()))) or "-",
+        "runs": ", ".join(sorted(set(table["run_id"].dropna()))),
+        "dates (UTC)": f"{table['started_at'].min()} to {table['finished_at'].max()}",
+        "library versions": "; ".join(
+            ", ".join(f"{k} {v}" for k, v in json.loads(text).items()) for text in versions),
+    }
+
+
+def _vnncomp_report(folder: Path, out: Path, table: pd.DataFrame) -> Path:
+    md, page = vnncomp_section(table, out)
+    name = folder.name
+    prov = _vnncomp_provenance(table, folder)
+    lines = [f"# certbench report: {name}", "", md, "## Provenance", ""]
+    lines += [f"- **{k}**: {v}" for k, v in prov.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                   for k, v in prov.items())
+    index = out / "index.html"
+    index.write_text(
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>certbench report: "
+        f"{html.escape(name)}</title><style>{CSS}</style></head><body><h1>certbench report: "
+        f"{html.escape(name)}</h1>{page}<section id='provenance'><h2>Provenance</h2><table>"
+        f"{rows}</table></section></body></html>", encoding="utf-8")
+    return index
+
+
 def build_report(results_dir: str | Path, out: str | Path) -> Path:
     """Write OUT/index.html, OUT/report.md and OUT/figures/; returns the HTML path."""
+    from certbench.vnncomp import read_table
+
     folder, out = Path(results_dir), Path(out)
+    vnn = read_table(folder)
+    if not vnn.empty and not ResultsStore(folder).path("cells").exists():
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        return _vnncomp_report(folder, out, vnn)
     results = Results.load(folder)
     if results.ok.empty:
         raise UserError(f"{folder}: no cell finished with status ok; nothing to plot")
@@ -370,15 +455,16 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     violations = violation_lines(results)
     has_prob = bool(results.cells["probabilistic"].any())
     name = prov["matrix"]
+    extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")
     (out / "report.md").write_text(
-        _markdown(name, tables, tight, prov, violations, has_prob), encoding="utf-8")
+        _markdown(name, tables, tight, prov, violations, has_prob, extra[0]), encoding="utf-8")
     page = out / "index.html"
-    page.write_text(_html(name, tables, tight, prov, violations, has_prob, images),
+    page.write_text(_html(name, tables, tight, prov, violations, has_prob, images, extra[1]),
                     encoding="utf-8")
     return page
 
 
-def _markdown(name, tables, tight, prov, violations, has_prob) -> str:
+def _markdown(name, tables, tight, prov, violations, has_prob, vnncomp_md="") -> str:
     lines = [f"# certbench report: {name}", ""]
     if violations:
         lines += ["## Soundness violations", ""] + [f"- **{v}**" for v in violations] + [""]
@@ -391,6 +477,7 @@ def _markdown(name, tables, tight, prov, violations, has_prob) -> str:
         lines += [f"## {title}", "", f"![{title}](figures/{key}.png)", "", caption, ""]
         if key == "tightness" and not tight.empty:
             lines += [tight.map(_fmt).to_markdown(index=False), ""]
+    lines += [vnncomp_md] if vnncomp_md else []
     lines += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov.items()]
     return "\n".join(lines) + "\n"
 
@@ -409,7 +496,7 @@ img { max-width: 100%; }
 """
 
 
-def _html(name, tables, tight, prov, violations, has_prob, images) -> str:
+def _html(name, tables, tight, prov, violations, has_prob, images, vnncomp_html="") -> str:
     esc = html.escape
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>certbench report: {esc(name)}</title><style>{CSS}</style></head><body>",
@@ -437,6 +524,7 @@ def _html(name, tables, tight, prov, violations, has_prob, images) -> str:
         if key == "tightness" and not tight.empty:
             parts.append(tight.map(_fmt).to_html(index=False))
         parts.append("</section>")
+    parts.append(vnncomp_html)
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in prov.items())
     parts.append(f"<section id='provenance'><h2>Provenance</h2><table>{rows}</table></section>")
     parts.append("</body></html>")

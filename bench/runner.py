@@ -50,11 +50,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certbench.attacks import AttackOutcome, attack_grid, smoothed_pgd
-from certbench.data import Dataset, eval_indices, load_dataset
+from certbench.data import Dataset, default_data_dir, eval_indices, load_dataset
 from certbench.errors import UserError
 from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
 from certbench.measure import PeakMemory, timed
 from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
+from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
 from certbench.provenance import git_commit, library_versions
 from certbench.store import ResultsStore
 from certbench.train import recipe_args, train_model
@@ -98,10 +99,41 @@ def model_stem(spec: ModelSpec, dataset: str, checkpoint_dir: Path) -> Path:
     return checkpoint_dir / f"{dataset}-{spec.name}-{digest}"
 
 
+def onnx_path(spec: ModelSpec, data_dir: str | Path | None) -> Path:
+    """An ONNX model's file: the path as given, else under the data directory."""
+    path = Path(spec.onnx)
+    if path.exists() or path.is_absolute():
+        return path
+    under_data = (Path(data_dir) if data_dir is not None else default_data_dir()) / path
+    if under_data.exists() or Path(str(under_data) + ".gz").exists():
+        return under_data
+    raise UserError(f"model {spec.name!r}: ONNX file {path} not found (also looked in "
+                    f"{under_data.parent}); check the path or --data-dir")
+
+
+def load_onnx_model(spec: ModelSpec, dataset: Dataset, data_dir: str | Path | None,
+                    device: torch.device) -> LoadedModel:
+    """A third-party ONNX network as a classifier of the dataset (onnx_import.py). Its
+    card records the file and the normalisation put in front; ``sha256`` is the file's."""
+    path = onnx_path(spec, data_dir)
+    norm = spec.normalization
+    model = as_classifier(load_onnx(path), dataset.input_shape, dataset.num_classes,
+                          norm.mean if norm else None, norm.std if norm else None)
+    card = {"arch": "onnx", "recipe": "external", "onnx": str(path), "dataset": dataset.name,
+            "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+            "normalization": norm.model_dump() if norm else None}
+    return LoadedModel(spec, model.to(device), card, hashlib.sha256(
+        read_onnx_bytes(path)).hexdigest())
+
+
 def ensure_model(
-    spec: ModelSpec, dataset: Dataset, checkpoint_dir: Path, device: torch.device, progress: bool
+    spec: ModelSpec, dataset: Dataset, checkpoint_dir: Path, device: torch.device, progress: bool,
+    data_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Load the model's checkpoint, training it first if it is a recipe without one."""
+    """Load the model's checkpoint, training it first if it is a recipe without one; or
+    convert its ONNX file."""
+    if spec.onnx is not None:
+        return load_onnx_model(spec, dataset, data_dir, device)
     stem = model_stem(spec, dataset.name, checkpoint_dir)
     weights, _ = checkpoint_paths(stem)
     if spec.checkpoint is None and not weights.exists():
@@ -127,6 +159,8 @@ def cell_key(
         "dataset": spec.dataset, "samples": spec.samples, "seed": spec.seed,
         "device": device.type, "attack": spec.attack.model_dump(),
     }
+    if loaded.card.get("normalization"):  # an ONNX network's input transform
+        identity["normalization"] = loaded.card["normalization"]
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
@@ -319,7 +353,8 @@ def run_matrix(
         "versions": canonical_json(library_versions()), "git_commit": git_commit(),
         "matrix": spec.name, "matrix_file": matrix_file,
     }
-    models = [ensure_model(m, dataset, checkpoint_dir, device, progress) for m in spec.models]
+    models = [ensure_model(m, dataset, checkpoint_dir, device, progress, data_dir)
+              for m in spec.models]
     cells = [(m, v, norm) for m in models for v in spec.verifiers for norm in spec.norms]
     attacks: dict[tuple[str, str], AttackOutcome] = {}
     ran = skipped = 0

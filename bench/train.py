@@ -198,6 +198,9 @@ def train_model(
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train and save a checkpoint at ``stem``; resume from ``STEM.train-state.pt``."""
+    if len(dataset.x_train) == 0:
+        raise UserError(f"dataset {dataset.name!r} has no training images; train on another "
+                        "dataset or give the model as a checkpoint or an ONNX file")
     hp = recipe_args(recipe, args)
     torch.manual_seed(seed)
     model = build_model(

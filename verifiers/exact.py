@@ -45,6 +45,12 @@ from certbench.verifiers.base import (
 )
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
 from certbench.verifiers.bound_propagation.operators import Relu
+from certbench.verifiers.specification import (
+    OutputSpec,
+    SpecResult,
+    SpecVerdict,
+    box_center_radius,
+)
 
 
 class _Program:
@@ -128,25 +134,47 @@ class _Program:
             c_total += jac @ c
         return m_total, c_total
 
-    def minimise(self, objective: np.ndarray, offset: float, time_limit: float):
+    def minimise_max(self, objectives: np.ndarray, offsets: np.ndarray, time_limit: float):
+        """min of max_j (objectives[j] . v + offsets[j]) over the program; several rows go
+        through an epigraph variable t (rows . v - t <= -offset_j, minimise t). Returns
+        the solver's result (``x`` cut to the program's variables), the value of the
+        maximum at ``x`` (None without a solution) and its proven lower bound (the dual
+        bound; None if the solver gave none), offsets included."""
         width = len(self.lb)
-        if self.constraints:
-            matrix = csr_array(np.array([r[0] for r in self.constraints]))
-            constraints = [LinearConstraint(
-                matrix, [r[1] for r in self.constraints], [r[2] for r in self.constraints]
-            )]
+        k = len(objectives)
+        lb, ub, integrality = list(self.lb), list(self.ub), list(self.integrality)
+        rows = [(np.pad(r[0], (0, max(0, width + (k > 1) - r[0].size))), r[1], r[2])
+                for r in self.constraints]
+        c = np.zeros(width + (k > 1))
+        if k == 1:
+            c[: objectives.shape[1]] = objectives[0]
+            shift = float(offsets[0])
         else:
-            constraints = []
-        c = np.zeros(width)
-        c[: objective.size] = objective
+            lb.append(-math.inf)
+            ub.append(math.inf)
+            integrality.append(0)
+            for objective, offset in zip(objectives, offsets, strict=True):
+                a = np.zeros(width + 1)
+                a[: objective.size] = objective
+                a[width] = -1.0
+                rows.append((a, -math.inf, -float(offset)))
+            c[width] = 1.0
+            shift = 0.0
+        constraints = []
+        if rows:
+            matrix = csr_array(np.array([r[0] for r in rows]))
+            constraints = [LinearConstraint(matrix, [r[1] for r in rows], [r[2] for r in rows])]
         result = milp(
-            c, integrality=np.array(self.integrality), bounds=VariableBounds(self.lb, self.ub),
+            c, integrality=np.array(integrality), bounds=VariableBounds(lb, ub),
             constraints=constraints, options={"time_limit": max(time_limit, 1e-3)},
         )
         dual = getattr(result, "mip_dual_bound", None)
         if result.status == 0 and dual is None:
             dual = result.fun
-        return result, (None if dual is None else dual + offset)
+        if result.x is None:
+            return result, None, None if dual is None else dual + shift
+        result.x = result.x[:width]
+        return result, result.fun + shift, None if dual is None else dual + shift
 
 
 @register("exact", "exact l_inf verification of small ReLU networks by MILP (HiGHS)")
@@ -206,12 +234,7 @@ class ExactVerifier:
             return Verdict.CERTIFIED, float(crown.min()), None
         relu_bounds = {i: (lo[0].reshape(-1).numpy(), hi[0].reshape(-1).numpy())
                        for i, (lo, hi) in bounds.items()}
-        unstable = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in relu_bounds.values())
-        if unstable > self.max_binaries:
-            raise ValueError(
-                f"{unstable} unstable ReLUs exceed max_binaries={self.max_binaries}; the exact "
-                "verifier is meant for small networks"
-            )
+        self._check_size(relu_bounds)
         lower, upper = (t[0].reshape(-1).numpy() for t in ball.box())
         program = _Program(self.net, lower, upper, relu_bounds)
         m, c = program.output
@@ -224,12 +247,12 @@ class ExactVerifier:
             if remaining <= 0:
                 return Verdict.TIMEOUT, math.nan, None
             s = spec[0, row].numpy()
-            result, dual = program.minimise(s @ m, float(s @ c), remaining)
-            if result.x is not None and result.fun + float(s @ c) < 0:
+            result, value, dual = program.minimise_max(
+                (s @ m)[None], np.array([float(s @ c)]), remaining)
+            if value is not None and value < 0:
                 point = torch.from_numpy(result.x[: lower.size]).reshape(x.shape)
                 point = point.clamp(torch.from_numpy(lower).reshape(x.shape),
                                     torch.from_numpy(upper).reshape(x.shape))
-                value = result.fun + float(s @ c)
                 if self.model(point).argmax(1) != spec[0, row].argmax():
                     return Verdict.FALSIFIED, value, point
                 return Verdict.NOT_CERTIFIED, value, None
@@ -238,3 +261,55 @@ class ExactVerifier:
                 return verdict, math.nan, None
             proven = min(proven, dual)
         return Verdict.CERTIFIED, proven, None
+
+    def _check_size(self, relu_bounds) -> None:
+        unstable = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in relu_bounds.values())
+        if unstable > self.max_binaries:
+            raise ValueError(
+                f"{unstable} unstable ReLUs exceed max_binaries={self.max_binaries}; the exact "
+                "verifier is meant for small networks"
+            )
+
+    @torch.no_grad()
+    def check_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: OutputSpec,
+                   time_limit_s: float) -> SpecResult:
+        """Decide a VNN-LIB property exactly: per disjunct not already emptied by CROWN,
+        the MILP minimum of max_j (C_j f(x) - d_j) over the box; above the float allowance
+        the disjunct is empty, at or below 0 its solution is a counterexample if a float64
+        forward pass of the model puts it in the unsafe set (the harness then confirms it
+        with onnxruntime). ``time_limit_s`` covers the whole property."""
+        check_certify_call(self.model, "inf")
+        started = time.perf_counter()
+        center, radius = box_center_radius(lower, upper, torch.float64)
+        ball = Ball(center, radius, "inf", clip=False)
+        spec = spec.to(torch.float64)
+        c_all, d_all, owner = spec.stacked()
+        slack = float(float_slack(self.model(center)))
+        bounds = self.propagator.intermediate_bounds(ball, "crown")
+        crown = self.propagator.backward(self.net.output, c_all[None], ball, bounds)[0]
+        open_ = [i for i in range(len(spec.disjuncts))
+                 if not bool(((crown - d_all)[owner == i] > slack).any())]
+        if not open_:
+            return SpecResult(SpecVerdict.UNSAT, columns={"milp_solves": 0})
+        relu_bounds = {i: (lo[0].reshape(-1).numpy(), hi[0].reshape(-1).numpy())
+                       for i, (lo, hi) in bounds.items()}
+        self._check_size(relu_bounds)
+        box_lower, box_upper = (t.double().reshape(-1).numpy() for t in (lower, upper))
+        program = _Program(self.net, box_lower, box_upper, relu_bounds)
+        m, c = program.output
+        for solves, i in enumerate(open_, start=1):
+            remaining = time_limit_s - (time.perf_counter() - started)
+            if remaining <= 0:
+                return SpecResult(SpecVerdict.TIMEOUT, columns={"milp_solves": solves - 1})
+            ci, di = (t.numpy() for t in spec.disjuncts[i])
+            result, value, dual = program.minimise_max(ci @ m, ci @ c - di, remaining)
+            if value is not None and value <= 0:
+                point = torch.from_numpy(result.x[: box_lower.size]).reshape(lower.shape)
+                point = point.clamp(lower.double(), upper.double())
+                if spec.violation(self.model(point)) <= 0:
+                    return SpecResult(SpecVerdict.SAT, point, {"milp_solves": solves})
+                return SpecResult(SpecVerdict.UNKNOWN, columns={"milp_solves": solves})
+            if dual is None or dual <= slack:
+                verdict = SpecVerdict.TIMEOUT if result.status == 1 else SpecVerdict.UNKNOWN
+                return SpecResult(verdict, columns={"milp_solves": solves})
+        return SpecResult(SpecVerdict.UNSAT, columns={"milp_solves": len(open_)})

@@ -45,6 +45,7 @@ MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.Sigmoid: Sigmoid,
     nn.Tanh: Tanh,
     nn.Flatten: Reshape,
+    nn.Unflatten: Reshape,
     nn.BatchNorm1d: BatchNormEval,
     nn.BatchNorm2d: BatchNormEval,
     nn.AvgPool2d: AvgPool,

@@ -51,7 +51,8 @@ Bounds = tuple[torch.Tensor, torch.Tensor]
 class Ball:
     """{x : ||x - center||_p <= eps} intersected with [0, 1]^d (if ``clip``).
 
-    ``eps`` is a float or a (batch,) tensor (one radius per sample, for bisection)."""
+    ``eps`` is a float, a (batch,) tensor (one radius per sample, for bisection) or, for
+    l_inf, a tensor of the centre's shape (one radius per coordinate: any input box)."""
 
     center: torch.Tensor
     eps: float | torch.Tensor
@@ -60,6 +61,10 @@ class Ball:
 
     def _eps(self) -> torch.Tensor:
         eps = torch.as_tensor(self.eps, dtype=self.center.dtype, device=self.center.device)
+        if eps.shape == self.center.shape and eps.dim() > 1:
+            if self.norm != "inf":
+                raise ValueError("a radius per coordinate is an l_inf box; use norm 'inf'")
+            return eps
         return eps.reshape(-1, *([1] * (self.center.dim() - 1)))
 
     def subset(self, samples: torch.Tensor) -> Ball:

@@ -42,6 +42,12 @@ from certbench.verifiers.base import (
 )
 from certbench.verifiers.bound_propagation.graph import TracedNetwork
 from certbench.verifiers.bound_propagation.propagation import Ball, BoundPropagator
+from certbench.verifiers.specification import (
+    OutputSpec,
+    SpecResult,
+    SpecVerdict,
+    box_center_radius,
+)
 
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
@@ -129,6 +135,26 @@ class LinearRelaxationVerifier:
             prediction=prediction.cpu(), verdicts=verdicts, radius=radius,
             columns={"margin_lb": margin_lb},
         )
+
+    @torch.no_grad()
+    def check_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: OutputSpec,
+                   time_limit_s: float) -> SpecResult:
+        """``unsat`` if lower bounds of every row of the stacked C x f over the box prove
+        each disjunct empty (specification.py), else ``unknown``: a bound method never
+        claims a counterexample. Column ``bound``: min over disjuncts of the best row's
+        lower bound of c.f - d (> 0 proves the property)."""
+        check_certify_call(self.model, "inf")
+        param = next(self.model.parameters())
+        center, radius = (t.to(param.device) for t in box_center_radius(lower, upper, param.dtype))
+        ball = Ball(center, radius, "inf", clip=False)
+        c, d, owner = spec.to(center.dtype, center.device).stacked()
+        slack = float(float_slack(self.model(center)))
+        lb = self.propagator.lower_bound(
+            c[None], ball, self.method, self.alpha_iterations, self.alpha_lr)[0]
+        gap = (lb.double() - d.double()).cpu()
+        bound = min(float(gap[owner == i].max()) for i in range(len(spec.disjuncts)))
+        verdict = SpecVerdict.UNSAT if spec.proves_safe(lb, slack) else SpecVerdict.UNKNOWN
+        return SpecResult(verdict, columns={"bound": bound})
 
     def _bisect(self, x, spec, slack, norm, started, budget) -> torch.Tensor:
         """Largest certified eps per sample, to radius_tol (the certified lower end)."""
