@@ -119,7 +119,7 @@ class _Converter:
     def constant(self, value: np.ndarray) -> fx.Node:
         name = f"c{self.count}"
         self.count += 1
-        self.root.register_buffer(name, torch.as_tensor(np.array(value, dtype=np.float32)))
+        self.root.register_buffer(name, _tensor(value))
         return self.graph.get_attr(name)
 
     def module(self, out: str, layer: nn.Module, source: str) -> None:
@@ -140,7 +140,7 @@ class _Converter:
                 examples.append(self.examples[arg])
             elif isinstance(arg, np.ndarray):
                 nodes.append(self.constant(arg))
-                examples.append(torch.as_tensor(arg.astype(np.float32)))
+                examples.append(_tensor(arg))
             else:
                 nodes.append(arg)
                 examples.append(arg)
@@ -158,6 +158,11 @@ class _Converter:
         else:
             raise UnsupportedLayerError(f"a reshape to {onnx_shape} that moves the batch dimension")
         self.function(out, torch.reshape, source, target)
+
+
+def _tensor(array) -> torch.Tensor:
+    """A float32 copy (ONNX initialisers are read-only numpy views)."""
+    return torch.tensor(np.array(array, dtype=np.float32))
 
 
 def _attributes(node) -> dict:
@@ -179,11 +184,10 @@ def _gemm(conv: _Converter, node, attrs) -> None:
     weight = _constant_operand(conv, node, 1) * attrs.get("alpha", 1.0)
     weight = weight if attrs.get("transB", 0) else weight.T
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=len(node.input) > 2)
-    layer.weight.data = torch.tensor(np.array(weight), dtype=torch.float32)
+    layer.weight.data = _tensor(weight)
     if len(node.input) > 2:
         bias = _constant_operand(conv, node, 2) * attrs.get("beta", 1.0)
-        layer.bias.data = torch.as_tensor(
-            np.broadcast_to(bias, (weight.shape[0],)).copy(), dtype=torch.float32)
+        layer.bias.data = _tensor(np.broadcast_to(bias, (weight.shape[0],)))
     conv.module(node.output[0], layer, node.input[0])
 
 
@@ -199,7 +203,7 @@ def _matmul(conv: _Converter, node, attrs) -> None:
     if weight.ndim != 2:
         raise UnsupportedLayerError(f"MatMul with a {weight.ndim}-D weight")
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight.data = torch.tensor(np.array(weight), dtype=torch.float32)
+    layer.weight.data = _tensor(weight)
     conv.module(node.output[0], layer, source)
 
 
@@ -237,9 +241,9 @@ def _conv(conv: _Converter, node, attrs) -> None:
         dilation=tuple(attrs.get("dilations", [1, 1])), groups=attrs.get("group", 1),
         bias=len(node.input) > 2,
     )
-    layer.weight.data = torch.as_tensor(weight.copy(), dtype=torch.float32)
+    layer.weight.data = _tensor(weight)
     if len(node.input) > 2:
-        layer.bias.data = torch.as_tensor(_constant_operand(conv, node, 2), dtype=torch.float32)
+        layer.bias.data = _tensor(_constant_operand(conv, node, 2))
     conv.module(node.output[0], layer, node.input[0])
 
 
@@ -250,7 +254,7 @@ def _batchnorm(conv: _Converter, node, attrs) -> None:
     layer = kind(len(scale), eps=attrs.get("epsilon", 1e-5))
     for target, value in ((layer.weight, scale), (layer.bias, bias),
                           (layer.running_mean, mean), (layer.running_var, var)):
-        target.data = torch.as_tensor(value, dtype=torch.float32)
+        target.data = _tensor(value)
     conv.module(node.output[0], layer, node.input[0])
 
 

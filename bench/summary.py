@@ -20,7 +20,11 @@ def summary_tables(results_dir: str | Path) -> dict[str, pd.DataFrame]:
         raise UserError(
             f"no results in {results_dir} (expected cells.parquet); run `certbench run`"
         )
-    cells, certified = store.read("cells"), store.read("certified")
+    return summary_of(store.read("cells"), store.read("certified"))
+
+
+def summary_of(cells: pd.DataFrame, certified: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """`summary_tables` of the two tables given as frames."""
     tables = {}
     for norm, group in cells.groupby("norm", sort=True):
         table = group.set_index("cell_key")[["model", "verifier", "clean_acc"]].copy()

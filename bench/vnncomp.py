@@ -169,50 +169,51 @@ def answer_instance(
     verifier: SpecificationVerifier, network: OnnxNetwork, runtime: OnnxRuntime,
     prop: Property, budget_s: float, attack: dict,
 ) -> Answer:
-    """Falsify, then verify, region by region; see the module docstring."""
+    """Falsify, then verify, region by region (module docstring); any answer that came
+    after ``budget_s`` is a timeout."""
     started = time.perf_counter()
+    answer = _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, started)
+    answer.time_s = time.perf_counter() - started
+    if answer.time_s > budget_s:
+        answer.result, answer.counterexample = "timeout", None
+    return answer
+
+
+def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, started) -> Answer:
     param = next(network.module.parameters())
     shape = (1, *network.input_shape)
-    specs, attack_s, columns = [], 0.0, {}
+    regions, attack_s, columns = [], 0.0, {}
     for region in prop.regions:
         spec = OutputSpec(tuple((torch.from_numpy(c), torch.from_numpy(d))
                                 for c, d in region.constraints))
         lower = torch.from_numpy(region.lower).reshape(shape)
         upper = torch.from_numpy(region.upper).reshape(shape)
-        specs.append((spec, lower, upper, region))
+        regions.append((spec, lower, upper, region))
         if attack.get("enabled", True):
             t0 = time.perf_counter()
             point, value = box_pgd(
                 network.module, lower.to(param), upper.to(param), spec.to(param.dtype).violation,
                 steps=attack.get("steps", 50), restarts=attack.get("restarts", 8))
             attack_s += time.perf_counter() - t0
-            if value <= 0:
-                found = confirm(runtime, point, region.lower, region.upper, spec)
-                if found is not None:
-                    return Answer("sat", time.perf_counter() - started, attack_s, found, "attack")
-    verdict = SpecVerdict.UNSAT
-    for spec, lower, upper, region in specs:
+            found = None if value > 0 else confirm(runtime, point, region.lower, region.upper,
+                                                   spec)
+            if found is not None:
+                return Answer("sat", 0.0, attack_s, found, "attack")
+    for spec, lower, upper, region in regions:
         remaining = budget_s - (time.perf_counter() - started)
         if remaining <= 0:
-            verdict = SpecVerdict.TIMEOUT
-            break
+            return Answer("timeout", 0.0, attack_s, columns=columns)
         result: SpecResult = verifier.check_spec(lower, upper, spec, remaining)
         columns.update(result.columns)
         if result.verdict == SpecVerdict.SAT:
             found = confirm(runtime, result.counterexample, region.lower, region.upper, spec)
             if found is not None:
-                return Answer("sat", time.perf_counter() - started, attack_s, found, "verifier",
-                              columns=columns)
-            verdict = SpecVerdict.UNKNOWN
+                return Answer("sat", 0.0, attack_s, found, "verifier", columns=columns)
             columns["unconfirmed_counterexample"] = 1.0
-            continue
+            return Answer("unknown", 0.0, attack_s, columns=columns)
         if result.verdict != SpecVerdict.UNSAT:
-            verdict = result.verdict
-            break
-    elapsed = time.perf_counter() - started
-    if elapsed > budget_s:
-        return Answer("timeout", elapsed, attack_s, columns=columns)
-    return Answer(verdict.value, elapsed, attack_s, columns=columns)
+            return Answer(result.verdict.value, 0.0, attack_s, columns=columns)
+    return Answer("unsat", 0.0, attack_s, columns=columns)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -346,6 +347,7 @@ def _run_one(instance, network, runtime, load_s, prepared, prop, name, options, 
         "found_by": answer.found_by, "counterexample_confirmed": answer.counterexample is not None,
         "error": answer.error, "bound": columns.get("bound", math.nan),
         "milp_solves": columns.get("milp_solves", math.nan),
+        "unconfirmed_counterexample": bool(columns.get("unconfirmed_counterexample", False)),
         "device": str(next(network.module.parameters()).device),
         "started_at": started_at, "finished_at": pd.Timestamp.now(tz="UTC").isoformat(),
         "_file_text": text,

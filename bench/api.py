@@ -1,0 +1,178 @@
+"""The Python API: certify your own network from a notebook, no TOML file.
+
+    import certbench
+    result = certbench.evaluate(model, x, y, verifiers=["crown", "alpha-crown"],
+                                eps={"inf": [1 / 255, 2 / 255]})
+    result.summary()          # one row per verifier and norm: accuracy per eps, time, memory
+    result.samples            # the per-sample table of `certbench run`, as a DataFrame
+    result.save("results/mine"); then `certbench report results/mine`
+
+``model`` is an ``nn.Module`` mapping inputs in [0, 1] to logits (put any normalisation
+inside it, so epsilon is in pixel space) or the path of an ONNX file (with
+``normalization=(mean, std)`` if the network expects normalised inputs). Every
+(verifier, norm) pair is one cell run by the same code as `certbench run`
+(`runner.run_cell`): the same verifiers, timing, memory probe, PGD attack and soundness
+cross-check, and the same three tables (README, "Outputs").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certbench.attacks import attack_grid
+from certbench.errors import UserError
+from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
+from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
+from certbench.provenance import git_commit, library_versions
+from certbench.runner import LoadedModel, run_cell
+from certbench.store import ResultsStore
+from certbench.summary import summary_of
+from certbench.verifiers import get_verifier
+
+
+@dataclass
+class Evaluation:
+    """The three tables of a run (README, "Outputs"), as pandas DataFrames."""
+
+    cells: pd.DataFrame
+    certified: pd.DataFrame
+    samples: pd.DataFrame
+
+    def summary(self) -> pd.DataFrame:
+        """One row per cell (and the PGD upper bound per model and norm): clean and
+        certified accuracy per epsilon, setup time, ms per sample, peak memory, status,
+        soundness violations; the table `certbench show` prints, all norms together."""
+        tables = summary_of(self.cells, self.certified)
+        return pd.concat([t.assign(norm=n) for n, t in tables.items()], ignore_index=True)
+
+    def save(self, results_dir: str | Path) -> Path:
+        """Write the tables to a results folder (merged with what is there, by cell key),
+        for `certbench show`, `report` and `compare`."""
+        store = ResultsStore(results_dir)
+        for key in self.cells["cell_key"]:
+            store.write_cell({name: frame[frame["cell_key"] == key]
+                              for name, frame in self.tables().items()})
+        return Path(results_dir)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"cells": self.cells, "certified": self.certified, "samples": self.samples}
+
+
+def _verifier_specs(verifiers: Sequence[Any]) -> list[VerifierSpec]:
+    """Names, (name, options) pairs or dicts as VerifierSpecs; UserError for an unknown
+    name or option."""
+    specs = []
+    for item in verifiers:
+        if isinstance(item, str):
+            specs.append(VerifierSpec(name=item))
+        elif isinstance(item, tuple) and len(item) == 2:
+            specs.append(VerifierSpec(name=item[0], options=dict(item[1])))
+        elif isinstance(item, dict):
+            specs.append(VerifierSpec(**item))
+        else:
+            raise UserError(f"verifier {item!r}: give a name, (name, options) or a dict with "
+                            "name, options and label")
+    for spec in specs:
+        try:
+            get_verifier(spec.name, **spec.options)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(str(exc).strip("'\"")) from exc
+    return specs
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def evaluate(
+    model: nn.Module | str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    verifiers: Sequence[Any] = ("crown",),
+    eps: Sequence[float] | dict[str, Sequence[float]] = (0.01,),
+    norms: str | Sequence[str] = "inf",
+    name: str = "model",
+    attack: bool | dict[str, Any] = True,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    batch_size: int = 256,
+    dataset: str = "user",
+    progress: bool = True,
+) -> Evaluation:
+    """Certify ``model`` on the points ``x`` (inputs in [0, 1], on the model's device) with
+    labels ``y``, with every verifier (a name such as ``"crown"``, or ``(name, options)``)
+    in every norm (``"inf"``, ``"2"``) at every epsilon (one grid, or one per norm as
+    ``{"inf": [...], "2": [...]}``). ``attack``: PGD and the soundness cross-check (True,
+    False, or the settings of a matrix's ``[attack]``). See the module docstring."""
+    norms = [norms] if isinstance(norms, str) else list(norms)
+    if isinstance(model, (str, Path)):
+        network = load_onnx(model)
+        mean, std = normalization if normalization is not None else (None, None)
+        sha = hashlib.sha256(read_onnx_bytes(model)).hexdigest()
+        model = as_classifier(network, tuple(x.shape[1:]), network.num_outputs, mean, std)
+        card = {"arch": "onnx", "recipe": "external", "onnx": str(network.path)}
+    else:
+        if normalization is not None:
+            raise UserError("normalization is for ONNX paths; put it inside your nn.Module")
+        sha = _weights_sha256(model)
+        card = {"arch": type(model).__name__, "recipe": "external"}
+    model.eval()
+    if len(x) != len(y):
+        raise UserError(f"x has {len(x)} points but y has {len(y)} labels")
+    if x.min() < 0 or x.max() > 1:
+        raise UserError("inputs must lie in [0, 1] (epsilon is in pixel space); put "
+                        "normalisation inside the model")
+    model_spec = ModelSpec(name=name, checkpoint="-")  # not a file: the model is given
+    attack_settings = attack if isinstance(attack, dict) else {"enabled": bool(attack)}
+    try:
+        spec = MatrixSpec(
+            name=name, dataset="digits", samples=len(x), norms=norms,
+            eps=({str(k): list(v) for k, v in eps.items()} if isinstance(eps, dict)
+                 else list(eps)),
+            batch_size=batch_size, attack=AttackSpec(**attack_settings),
+            models=[model_spec],
+            verifiers=[v.model_dump() for v in _verifier_specs(verifiers)],
+        )
+    except Exception as exc:  # pydantic's message names the bad field
+        raise UserError(f"evaluate: {exc}") from exc
+    spec.dataset = dataset
+    device = next(model.parameters()).device
+    loaded = LoadedModel(model_spec, model, card, sha)
+    context = {"run_id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+               "versions": canonical_json(library_versions()), "git_commit": git_commit(),
+               "matrix": name, "matrix_file": "certbench.evaluate"}
+    indices = torch.arange(len(x))
+    data_sha = hashlib.sha256(x.detach().cpu().numpy().tobytes() + y.cpu().numpy().tobytes())
+    tables: dict[str, list[pd.DataFrame]] = {"cells": [], "certified": [], "samples": []}
+    attacks = {}
+    cells = [(v, norm) for v in spec.verifiers for norm in norms]
+    for verifier, norm in tqdm(cells, desc=f"evaluate {name}", unit="cell",
+                               disable=not progress):
+        if spec.attack.enabled and norm not in attacks:
+            a = spec.attack
+            attacks[norm] = attack_grid(model, x, spec.eps_for(norm), norm, a.steps,
+                                        a.restarts, a.bisection_steps, seed=spec.seed,
+                                        batch_size=batch_size, targeted=a.targeted)
+        key = hashlib.sha256(canonical_json({
+            "sha": sha, "verifier": verifier.name, "options": verifier.options,
+            "norm": norm, "eps": spec.eps_for(norm), "data": data_sha.hexdigest(),
+            "attack": spec.attack.model_dump()}).encode()).hexdigest()[:16]
+        cell = run_cell(spec, loaded, verifier, norm, x, y, indices, device, key, context,
+                        attacks.get(norm))
+        for table, frame in cell.items():
+            tables[table].append(frame)
+    return Evaluation(**{k: pd.concat(v, ignore_index=True) for k, v in tables.items()})
