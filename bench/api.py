@@ -54,7 +54,8 @@ class Evaluation:
         certified accuracy per epsilon, setup time, ms per sample, peak memory, status,
         soundness violations; the table `certbench show` prints, all norms together."""
         tables = summary_of(self.cells, self.certified)
-        return pd.concat([t.assign(norm=n) for n, t in tables.items()], ignore_index=True)
+        frames = [t.assign(norm=n)[["norm", *t.columns]] for n, t in tables.items()]
+        return pd.concat(frames, ignore_index=True)
 
     def save(self, results_dir: str | Path) -> Path:
         """Write the tables to a results folder (merged with what is there, by cell key),

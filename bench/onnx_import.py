@@ -49,7 +49,7 @@ def read_onnx_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if not path.exists() and Path(str(path) + ".gz").exists():
         path = Path(str(path) + ".gz")
-    if not path.exists():
+    if not path.is_file():
         raise OnnxImportError(f"ONNX file {path} not found; check the path")
     data = path.read_bytes()
     if path.suffix == ".gz":
@@ -187,7 +187,7 @@ def _gemm(conv: _Converter, node, attrs) -> None:
     layer.weight.data = _tensor(weight)
     if len(node.input) > 2:
         bias = _constant_operand(conv, node, 2) * attrs.get("beta", 1.0)
-        layer.bias.data = _tensor(np.broadcast_to(bias, (weight.shape[0],)))
+        layer.bias.data = _tensor(np.broadcast_to(bias, (1, weight.shape[0])).reshape(-1))
     conv.module(node.output[0], layer, node.input[0])
 
 
@@ -290,7 +290,8 @@ def _reshape_like(shape_of: Callable) -> Callable:
 
 
 def _flatten_shape(conv, node, attrs, shape):
-    axis = attrs.get("axis", 1) % (len(shape) + 1) if shape else 0
+    axis = attrs.get("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
     return (math.prod(shape[:axis]), math.prod(shape[axis:]))
 
 
@@ -371,18 +372,33 @@ CONVERTERS: dict[str, Callable] = {
 """ONNX operation -> converter; adding an operation the engine supports is one entry."""
 
 
-def _fold(conv: _Converter, node) -> None:
-    """Evaluate a node whose inputs are all constants with onnx's reference evaluator."""
+def _fold(conv: _Converter, node, opsets: dict[str, int]) -> None:
+    """Evaluate a node whose inputs are all constants with onnx's reference evaluator, at
+    the model's opset (operations changed their signatures between opsets)."""
     from onnx.reference import ReferenceEvaluator
 
     inputs = {name: conv.constants[name] for name in node.input if name}
-    outputs = ReferenceEvaluator(node).run(None, inputs)
+    axes = _attributes(node).get("axes")
+    if node.op_type in ("Unsqueeze", "Squeeze") and axes is not None:
+        # before opset 13 axes is an attribute, which onnx's reference evaluator mishandles
+        value = conv.constants[node.input[0]]
+        fold = np.expand_dims if node.op_type == "Unsqueeze" else np.squeeze
+        conv.constants[node.output[0]] = fold(value, axis=tuple(axes))
+        return
+    outputs = ReferenceEvaluator(node, opsets=opsets).run(None, inputs)
     conv.constants.update(zip(node.output, outputs, strict=False))
 
 
-def _dims(value_info) -> tuple[int, ...]:
-    dims = value_info.type.tensor_type.shape.dim
-    return tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
+def _dims(value_info, path) -> tuple[int, ...]:
+    """The input's shape; a symbolic or unknown size is allowed only in front (batch)."""
+    dims = list(value_info.type.tensor_type.shape.dim)
+    sizes = [d.dim_value if d.dim_value > 0 else None for d in dims]
+    if None in sizes[1:]:
+        names = [d.dim_param or "?" for d in dims]
+        raise OnnxImportError(f"{path}: input shape {names} has a symbolic size after the "
+                              "batch dimension; certbench needs fixed input sizes (export "
+                              "the network with a fixed input shape)")
+    return tuple(s if s is not None else 1 for s in sizes)
 
 
 def load_onnx(path: str | Path) -> OnnxNetwork:
@@ -397,14 +413,15 @@ def load_onnx(path: str | Path) -> OnnxNetwork:
             f"{path}: certbench takes networks with one input and one output; this one has "
             f"{len(inputs)} inputs and {len(graph.output)} outputs"
         )
-    onnx_shape = _dims(inputs[0])
+    onnx_shape = _dims(inputs[0], path)
+    opsets = {entry.domain: entry.version for entry in proto.opset_import}
     conv = _Converter(proto, onnx_shape)
     name = inputs[0].name
     conv.values[name] = conv.graph.placeholder("x")
     conv.examples[name] = torch.zeros(onnx_shape if not conv.prepended else (1, *onnx_shape))
     for node in graph.node:
         if node.op_type == "Constant" or all(i in conv.constants for i in node.input if i):
-            _fold(conv, node)
+            _fold(conv, node, opsets)
             continue
         converter = CONVERTERS.get(node.op_type)
         try:
@@ -464,6 +481,8 @@ def as_classifier(
 
     input_shape = tuple(input_shape)
     layers: list[nn.Module] = []
+    if (mean is None) != (std is None):
+        raise OnnxImportError(f"{network.path}: give both mean and std for the normalization")
     if mean is not None:
         if len(mean) not in (1, input_shape[0]) or len(std) != len(mean):
             raise OnnxImportError(

@@ -60,6 +60,9 @@ FUNCTION_OPERATIONS: dict[object, type[Operation]] = {  # one-input functions an
     "view": Reshape, "reshape": Reshape, "flatten": Reshape,
 }
 PASS_THROUGH = (nn.Identity, nn.Dropout)
+# `buffer * x` traces as the method call buffer.mul(x): the same rule as operator.mul
+METHOD_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
+                     "div": operator.truediv}
 
 
 @dataclass
@@ -134,11 +137,14 @@ class TracedNetwork:
         args = fx_node.args
         flat_args = [b for a in args for b in (a if isinstance(a, (list, tuple)) else [a])]
         deps = [a for a in flat_args if isinstance(a, fx.Node) and a in index]
+        target = fx_node.target
+        if fx_node.op == "call_method" and target in METHOD_ARITHMETIC:
+            target = METHOD_ARITHMETIC[target]
         if not deps:  # arithmetic on constants only
-            if fx_node.op == "call_function" and fx_node.target in (
+            if target in (
                 operator.add, operator.sub, operator.mul, operator.truediv, operator.neg
             ):
-                constants[fx_node] = fx_node.target(*[constants.get(a, a) for a in args])
+                constants[fx_node] = target(*[constants.get(a, a) for a in args])
                 return
             raise UnsupportedLayerError(f"operation {fx_node.target!r} does not use the input")
         source = index[deps[0]]
@@ -147,7 +153,6 @@ class TracedNetwork:
         def add(op: Operation, inputs=(source,)) -> None:
             index[fx_node] = self._add(fx_node.name, op, tuple(inputs), shape)
 
-        target = fx_node.target
         if fx_node.op == "call_module":
             module = self.graph_module.get_submodule(fx_node.target)
             if isinstance(module, PASS_THROUGH):
