@@ -64,6 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_matrix(args.matrix)
     if args.device:
         spec.device = args.device
+    if args.samples is not None:
+        if args.samples <= 0:
+            raise UserError("--samples must be positive")
+        spec.samples = args.samples
     results = Path(args.results or Path("results") / spec.name)
     source = Path(args.matrix)
     matrix_file = str(source.resolve()) if source.exists() else f"packaged: {args.matrix}"
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "./checkpoints)")
     run.add_argument("--data-dir", **data_dir)
     run.add_argument("--device", default=None, help="override the matrix device")
+    run.add_argument("--samples", type=int, default=None,
+                     help="override the matrix's number of samples (a seeded subset of the "
+                     "same points, e.g. for a first look at a long matrix)")
     run.add_argument("--force", action="store_true", help="recompute finished cells")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
