@@ -12,7 +12,7 @@ from torch import nn
 
 import certbench
 from certbench.cli import main
-from certbench.data import load_dataset
+from certbench.data import eval_indices, load_dataset
 from certbench.errors import UserError
 from certbench.matrix import parse_matrix
 from certbench.onnx_import import OnnxRuntime, load_onnx
@@ -128,16 +128,16 @@ options = {{ estimate_points = 0 }}
 name = "crown"
 """)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "out"),
-                 "--quiet"]) == 0
+                 "--quiet", "--samples", "16"]) == 0
     cells = pd.read_parquet(tmp_path / "out" / "cells.parquet")
     assert len(cells) == 6 and (cells["status"] == "ok").all()
+    assert (cells["n_samples"] == 16).all()  # --samples overrides the matrix
     assert (cells["arch"] == "onnx").all() and (cells["soundness_violations"] == 0).all()
     data = load_dataset("digits")
-    from certbench.data import eval_indices
-
-    x = data.x_test[eval_indices(len(data.y_test), 20)]
-    reference = OnnxRuntime(load_onnx(tmp_path / "net.onnx"))(((x - 0.3) / 0.4).flatten(1))
-    accuracy = (reference.argmax(1) == data.y_test[eval_indices(len(data.y_test), 20)].numpy())
+    indices = eval_indices(len(data.y_test), 16)
+    reference = OnnxRuntime(load_onnx(tmp_path / "net.onnx"))(
+        ((data.x_test[indices] - 0.3) / 0.4).flatten(1))
+    accuracy = reference.argmax(1) == data.y_test[indices].numpy()
     assert cells["clean_acc"].iloc[0] == pytest.approx(accuracy.mean())
 
 
