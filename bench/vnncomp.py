@@ -21,7 +21,8 @@ preemption needs worker processes, issue 12).
 Outputs in RESULTS_DIR: ``instances.parquet`` (one row per instance and verifier, upserted
 by ``instance_key``; a rerun skips answered instances, retries ``error`` rows), and per
 verifier ``vnncomp/<verifier>/results.csv`` (the competition's columns) plus one result
-file per instance, ``<onnx>__<vnnlib>.txt``: the answer on the first line and, for
+file per instance, ``<benchmark>/<onnx>__<vnnlib>.txt`` (the benchmark is the folder of
+its instances.csv): the answer on the first line and, for
 ``sat``, the counterexample in the competition's format ``((X_0 v) ... (Y_0 v) ...)``.
 """
 
@@ -242,7 +243,7 @@ def _upsert(results_dir: Path, row: dict) -> None:
 
 def _write_competition_files(results_dir: Path, row: dict, text: str) -> None:
     folder = results_dir / "vnncomp" / row["verifier"]
-    _write_atomic(folder / f"{row['instance']}.txt", text)
+    _write_atomic(folder / row["benchmark"] / f"{row['instance']}.txt", text)
     table = read_table(results_dir)
     mine = table[table["verifier"] == row["verifier"]].sort_values(["benchmark", "instance"])
     lines = [",".join(map(str, (r.benchmark, r.onnx, r.vnnlib, f"{r.overhead_s:.6f}",
@@ -355,8 +356,8 @@ def _run_one(instance, network, runtime, load_s, prepared, prop, name, options, 
 
 
 def solved_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Per benchmark and verifier: instances per answer and the median verification time
-    of the solved ones (unsat or sat)."""
+    """Per benchmark and verifier: instances per answer, the median verification time of
+    the solved ones (unsat or sat), the median overhead and the (scaled) timeout."""
     counts = table.pivot_table(index=["benchmark", "verifier"], columns="result",
                                values="instance", aggfunc="count", fill_value=0)
     counts = counts.reindex(columns=list(ANSWERS), fill_value=0)
@@ -364,6 +365,7 @@ def solved_table(table: pd.DataFrame) -> pd.DataFrame:
     counts["solved"] = counts["unsat"] + counts["sat"]
     counts["median_s (solved)"] = solved.groupby(["benchmark", "verifier"])["time_s"].median()
     counts["median_overhead_s"] = table.groupby(["benchmark", "verifier"])["overhead_s"].median()
+    counts["timeout_s"] = table.groupby(["benchmark", "verifier"])["timeout_s"].max()
     return counts.reset_index()
 
 

@@ -76,7 +76,7 @@ def test_vnncomp_2021_test_instances_answered_as_their_names_say(tmp_path):
         expected = "sat" if instance.startswith("test_sat") else "unsat"
         assert result == expected, (instance, verifier)
     for verifier in ("crown", "exact"):
-        text = (tmp_path / "vnncomp" / verifier / "test_sat__test_prop.txt").read_text()
+        text = (tmp_path / "vnncomp" / verifier / "test" / "test_sat__test_prop.txt").read_text()
         head, x = parse_counterexample(text)
         assert head == "sat"
         network = load_onnx(TEST_SUITE / "test_sat.onnx")
@@ -147,7 +147,8 @@ def test_planted_network_answers_agree_with_a_dense_grid(tmp_path):
             assert exact == "unsat", radius
         if exact == "sat":
             head, x = parse_counterexample(
-                (tmp_path / "out" / "vnncomp" / "exact" / f"net__p{k}.txt").read_text())
+                (tmp_path / "out" / "vnncomp" / "exact" / tmp_path.name / f"net__p{k}.txt"
+                 ).read_text())
             y = OnnxRuntime(network)(x[None])[0]
             assert (np.delete(y, label) >= y[label]).any()
             assert (x >= center - radius).all() and (x <= center + radius).all()
