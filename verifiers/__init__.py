@@ -5,6 +5,7 @@ Importing this package registers every built-in verifier.
 
 from certbench.verifiers import (  # noqa: F401  (importing registers the verifiers)
     bound_propagation,
+    branch_and_bound,
     exact,
     global_lipschitz,
     lirpa,

@@ -53,12 +53,15 @@ from certbench.verifiers.specification import (
 )
 
 
-class _Program:
+class MilpEncoding:
     """The MILP encoding of one network on one input box: variables, constraints and the
     affine expression (matrix over the variables, offset) of the network's output."""
 
     def __init__(self, net: TracedNetwork, lower: np.ndarray, upper: np.ndarray,
-                 relu_bounds: dict[int, tuple[np.ndarray, np.ndarray]]):
+                 relu_bounds: dict[int, tuple[np.ndarray, np.ndarray]],
+                 signs: dict[int, np.ndarray] | None = None):
+        """``signs[node]`` (flat, +1 / -1 / 0) adds s_k z_k >= 0 for every fixed ReLU
+        input (a branch-and-bound subdomain); bounds alone only relax such a neuron."""
         d = lower.size
         self.net = net
         self.lb, self.ub, self.integrality = list(lower), list(upper), [0] * d
@@ -69,6 +72,9 @@ class _Program:
             if isinstance(node.op, Relu):
                 m, c = expr[node.inputs[0]]
                 lo, hi = relu_bounds[node.inputs[0]]
+                for k in np.flatnonzero(signs[node.inputs[0]]) if signs else ():
+                    sign = float(signs[node.inputs[0]][k])
+                    rows.append((sign * m[k], -sign * c[k], math.inf))
                 m_out, c_out = np.zeros_like(m), np.zeros_like(c)
                 active = lo >= 0
                 m_out[active], c_out[active] = m[active], c[active]
@@ -236,7 +242,7 @@ class ExactVerifier:
                        for i, (lo, hi) in bounds.items()}
         self._check_size(relu_bounds)
         lower, upper = (t[0].reshape(-1).numpy() for t in ball.box())
-        program = _Program(self.net, lower, upper, relu_bounds)
+        program = MilpEncoding(self.net, lower, upper, relu_bounds)
         m, c = program.output
         proven = math.inf
         for row in torch.argsort(crown).tolist():
@@ -295,7 +301,7 @@ class ExactVerifier:
                        for i, (lo, hi) in bounds.items()}
         self._check_size(relu_bounds)
         box_lower, box_upper = (t.double().reshape(-1).numpy() for t in (lower, upper))
-        program = _Program(self.net, box_lower, box_upper, relu_bounds)
+        program = MilpEncoding(self.net, box_lower, box_upper, relu_bounds)
         m, c = program.output
         for solves, i in enumerate(open_, start=1):
             remaining = time_limit_s - (time.perf_counter() - started)

@@ -247,18 +247,31 @@ class BoundPropagator:
         ball: Ball,
         bounds: dict[int, Bounds],
         alphas: dict[int, torch.Tensor] | None = None,
+        extra: dict[int, torch.Tensor] | None = None,
+        record: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Lower bound (batch, rows) of sum(spec[b, r] * node_target(x)) over the ball,
         with every activation before ``target`` relaxed using the bounds of its input and
-        ``alphas[node]`` (batch, rows, *shape) as its free slopes where given."""
-        return self._walk({target: spec}, 0.0, ball, bounds, alphas)
+        ``alphas[node]`` (batch, rows, *shape) as its free slopes where given.
 
-    def _walk(self, coefficients, constant, ball, bounds, alphas) -> torch.Tensor:
+        ``extra[node]`` (batch, rows, *shape) is added to the coefficients of that node's
+        value: the bound is then one of spec . f(x) + sum(extra[node] * node(x))
+        (beta-CROWN's split multipliers). ``record`` names nodes whose coefficients (as
+        dense tensors) are written into it: BaBSR reads them at the activations, the
+        branch-and-bound's primal point at the input (node 0)."""
+        return self._walk({target: spec}, 0.0, ball, bounds, alphas, extra, record)
+
+    def _walk(self, coefficients, constant, ball, bounds, alphas, extra=None,
+              record=None) -> torch.Tensor:
         nodes = self.net.nodes
         for i in range(max(coefficients), -1, -1):
             a = coefficients.pop(i, None)
+            if extra is not None and i in extra:
+                a = extra[i] if a is None else _add(a, extra[i])
             if a is None:
                 continue
+            if record is not None and i in record:
+                record[i] = a.to_dense() if isinstance(a, Patches) else a
             values = a.values if isinstance(a, Patches) else a
             self._widest_row = max(self._widest_row, values[0, 0].numel())
             if i == 0:

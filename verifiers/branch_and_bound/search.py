@@ -1,0 +1,123 @@
+"""The branch-and-bound loop over ReLU splits (Bunel et al. 2020; Wang et al. 2021).
+
+The pool holds open subdomains of one property (max_r c_r . f(x) - d_r > 0 on the set is
+to be shown). Each round takes the ``batch_size`` domains with the lowest bound (the
+deepest ones instead while the pool exceeds ``max_domains``, which closes branches rather
+than opening new ones: the memory cap), splits each on its BaBSR neuron, bounds all
+children in one batched beta-CROWN pass, drops the children whose bound clears the float
+allowance, and tests every child's primal point (the minimiser of its linear bound) as a
+counterexample. A domain with no unstable ReLU left is a leaf: the network is linear on
+it and an LP decides it exactly (l_inf and boxes; l2 leaves are undecided). The search
+ends with the empty pool (``unsat``), a confirmed counterexample (``sat``), an
+undecidable leaf (``unknown``) or the deadline (``timeout``), never with a bound that
+merely stopped improving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from certbench.verifiers.branch_and_bound.branching import babsr
+from certbench.verifiers.branch_and_bound.domains import DomainBounder, Domains
+from certbench.verifiers.specification import SpecVerdict
+
+
+@dataclass
+class SearchStats:
+    """What the search did: columns of the certificate."""
+
+    domains: int = 0  # subdomains bounded after the root
+    depth: int = 0  # most splits on one path
+    lp_leaves: int = 0
+    bound_s: float = 0.0  # time in beta-CROWN passes
+    branch_s: float = 0.0  # time choosing, splitting and managing the pool
+
+    def add(self, other: SearchStats) -> None:
+        self.domains += other.domains
+        self.depth = max(self.depth, other.depth)
+        self.lp_leaves += other.lp_leaves
+        self.bound_s += other.bound_s
+        self.branch_s += other.branch_s
+
+    def columns(self) -> dict[str, float]:
+        return {"bab_domains": float(self.domains), "bab_depth": float(self.depth),
+                "bab_lp_leaves": float(self.lp_leaves), "bab_bound_s": self.bound_s,
+                "bab_branch_s": self.branch_s}
+
+
+@dataclass
+class SearchResult:
+    verdict: SpecVerdict
+    counterexample: torch.Tensor | None = None
+    stats: SearchStats = field(default_factory=SearchStats)
+
+
+Confirm = Callable[[torch.Tensor], torch.Tensor | None]
+"""Points (m, *input) -> the first that is a true counterexample (1, *input), or None."""
+
+Leaf = Callable[[Domains], "tuple[SpecVerdict, torch.Tensor | None]"]
+"""A single fully split domain -> (unsat | sat with its point | unknown)."""
+
+
+def branch_and_bound(
+    bounder: DomainBounder, root: Domains, root_coefficients: dict[int, torch.Tensor],
+    slack: float, deadline: float, confirm: Confirm, leaf: Leaf | None,
+    batch_size: int = 256, max_domains: int = 100_000, iterations: int = 10,
+) -> SearchResult:
+    """Decide the property whose root domain ``root`` (bounded, with its last pass's
+    ``root_coefficients``) is given; see the module docstring."""
+    prop = bounder.prop
+    stats = SearchStats()
+    if float(root.value[0]) > slack:
+        return SearchResult(SpecVerdict.UNSAT, stats=stats)
+    found = _falsify(bounder, root_coefficients, confirm)
+    if found is not None:
+        return SearchResult(SpecVerdict.SAT, found, stats)
+    root.branch = babsr(prop, root.lower, root.upper, root_coefficients)
+    pool = root
+    while len(pool):
+        if time.perf_counter() > deadline:
+            return SearchResult(SpecVerdict.TIMEOUT, stats=stats)
+        t0 = time.perf_counter()
+        key = -pool.depth.to(pool.value.dtype) if len(pool) > max_domains else pool.value
+        order = torch.argsort(key)
+        batch, rest = pool.take(order[:batch_size]), pool.take(order[batch_size:])
+        leaves = batch.branch[:, 0] < 0
+        if leaves.any():
+            for k in leaves.nonzero().flatten().tolist():
+                stats.lp_leaves += 1
+                verdict, point = (SpecVerdict.UNKNOWN, None) if leaf is None else leaf(
+                    batch.take(torch.tensor([k], device=leaves.device)))
+                if verdict != SpecVerdict.UNSAT:
+                    return SearchResult(verdict, point, stats)
+            batch = batch.take((~leaves).nonzero().flatten())
+        children = batch.split(prop.relu_inputs) if len(batch) else batch
+        stats.branch_s += time.perf_counter() - t0
+        if len(children):
+            t0 = time.perf_counter()
+            coefficients = bounder.bound(children, iterations, slack)
+            stats.bound_s += time.perf_counter() - t0
+            stats.domains += len(children)
+            stats.depth = max(stats.depth, int(children.depth.max()))
+            t0 = time.perf_counter()
+            open_ = (children.value <= slack).nonzero().flatten()
+            coefficients = {k: v[open_] for k, v in coefficients.items()}
+            children = children.take(open_)
+            found = _falsify(bounder, coefficients, confirm) if len(children) else None
+            if found is not None:
+                return SearchResult(SpecVerdict.SAT, found, stats)
+            if len(children):
+                children.branch = babsr(prop, children.lower, children.upper, coefficients)
+            stats.branch_s += time.perf_counter() - t0
+        pool = Domains.cat([rest, children]) if len(rest) or len(children) else rest
+    return SearchResult(SpecVerdict.UNSAT, stats=stats)
+
+
+def _falsify(bounder: DomainBounder, coefficients: dict[int, torch.Tensor],
+             confirm: Confirm) -> torch.Tensor | None:
+    points = bounder.primal_points(coefficients[0])
+    return confirm(points.flatten(0, 1))
