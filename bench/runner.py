@@ -170,7 +170,8 @@ def _certify_batches(
 ) -> tuple[Certificate, list[float], float]:
     """Certify ``x`` in batches: the merged certificate, per-sample seconds, total seconds."""
     parts, per_sample, total = [], [], 0.0
-    for start in range(0, len(x), batch_size):
+    starts = range(0, len(x), batch_size)
+    for start in starts:
         batch = x[start : start + batch_size]
         cert, seconds = timed(lambda b=batch: verifier.certify(b, norm, eps), device)
         parts.append(cert)
@@ -185,6 +186,8 @@ def _certify_batches(
         columns=columns,
         probabilistic=first.probabilistic,
         alpha=first.alpha,
+        counterexamples={(start + n, k): point for start, p in zip(starts, parts, strict=True)
+                         for (n, k), point in p.counterexamples.items()},
     )
     return merged, per_sample, total
 

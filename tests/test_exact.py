@@ -14,7 +14,7 @@ from conftest import DIGITS_SHAPE, random_model
 CERTIFIED, FALSIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.FALSIFIED)
 
 
-def test_exact_minimum_matches_a_dense_grid_in_two_dimensions():
+def test_exact_verdict_matches_a_dense_grid_in_two_dimensions():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
                           nn.Linear(12, 3)).eval()
@@ -32,9 +32,7 @@ def test_exact_minimum_matches_a_dense_grid_in_two_dimensions():
     margin = out[:, y:y + 1] - out
     margin[:, y] = float("inf")
     grid_min = margin.min().item()
-    exact_min = cert.columns["margin_min"][0, 0].item()
-    assert exact_min <= grid_min + 1e-6  # the exact minimum is never above a sampled one
-    assert grid_min - exact_min < 0.01  # and the grid (spacing 1e-3) gets close to it
+    assert cert.columns["margin_lb"][0, 0] <= grid_min + 1e-6  # alpha-CROWN's bound holds
     expected = FALSIFIED if grid_min < 0 else CERTIFIED
     assert cert.verdicts[0, 0] == expected
 
@@ -61,12 +59,12 @@ def test_exact_confirms_every_incomplete_certificate(arch):
         cert = verifier.certify(x, "inf", eps)
         claimed = cert.verdicts == CERTIFIED
         assert (truth.verdicts[claimed] == CERTIFIED).all(), f"{method} certified a false point"
-    for (n, k), point in exact.counterexamples.items():
+    for (n, k), point in truth.counterexamples.items():
         assert (point - x[n]).abs().max() <= eps[k] + 1e-6
         assert 0 <= point.min() and point.max() <= 1
         with torch.no_grad():
             assert model(point).argmax(1) != model(x[n : n + 1]).argmax(1)
-    assert len(exact.counterexamples) == int((truth.verdicts == FALSIFIED).sum())
+    assert len(truth.counterexamples) == int((truth.verdicts == FALSIFIED).sum())
 
 
 def test_exact_on_a_trained_model(trained, digits):
@@ -96,3 +94,46 @@ def test_exact_leaves_the_callers_model_in_float32():
     model = random_model("mlp", widths=[4])
     get_verifier("exact").prepare(model, DIGITS_SHAPE)
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_find_point_is_a_feasibility_search_that_proves_absence():
+    """On a 2-D network (the grid gives the true minimum of a margin): a bound above the
+    minimum yields a point whose margin respects it; a bound below it is infeasible."""
+    from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
+    from certbench.verifiers.exact import MilpEncoding
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 3)).double().eval()
+    net = TracedNetwork(model, (2,))
+    ball = Ball(torch.tensor([[0.5, 0.4]], dtype=torch.float64), 0.2, "inf")
+    with torch.no_grad():
+        bounds = BoundPropagator(net).intermediate_bounds(ball, "crown")
+    relu = {i: (lo[0].numpy(), hi[0].numpy()) for i, (lo, hi) in bounds.items()}
+    lower, upper = (t[0].numpy() for t in ball.box())
+    program = MilpEncoding(net, lower, upper, relu)
+    m, c = program.output
+    row = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64).numpy()
+    axis = torch.linspace(0, 1, 801, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    grid = torch.from_numpy(lower) + grid * torch.from_numpy(upper - lower)
+    with torch.no_grad():
+        true_min = float((model(grid) @ torch.from_numpy(row)).min())
+    status, x = program.find_point((row @ m)[None], [float(row @ c)], true_min + 0.05, 30)
+    assert status == "found"
+    with torch.no_grad():
+        value = float(model(torch.from_numpy(x[:2])[None]) @ torch.from_numpy(row))
+    assert value <= true_min + 0.05 + 1e-6
+    status, x = program.find_point((row @ m)[None], [float(row @ c)], true_min - 0.05, 30)
+    assert (status, x) == ("none", None)
+
+
+def test_exact_counterexamples_are_judged_by_the_model_in_its_own_precision():
+    model = random_model("mlp", seed=11, widths=[16, 16])
+    x = torch.rand(6, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(5))
+    verifier = get_verifier("exact")
+    verifier.prepare(model, DIGITS_SHAPE)
+    cert = verifier.certify(x, "inf", [0.03])
+    assert cert.counterexamples
+    for (n, _), point in cert.counterexamples.items():
+        assert point.dtype == torch.float32
+        assert cert.columns["margin_min"][n, 0] <= 0

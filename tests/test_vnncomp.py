@@ -121,7 +121,8 @@ def test_planted_network_answers_agree_with_a_dense_grid(tmp_path):
     grid reaches the unsafe set exact answers sat, with a counterexample that onnxruntime
     confirms inside the box; where exact answers unsat the grid finds nothing; the unsat
     of every bound method (ibp, crown-ibp, crown, alpha-crown) implies exact's. The
-    attack is off, so every sat comes from the verifier."""
+    attack is off, so every sat comes from the verifier. bab, complete too, answers as
+    exact does on every box."""
     network = _planted(tmp_path)
     center = np.array([0.5, 0.5])
     label = int(network.module(torch.tensor(center[None], dtype=torch.float32)).argmax())
@@ -134,7 +135,8 @@ def test_planted_network_answers_agree_with_a_dense_grid(tmp_path):
         lines.append(f"net.onnx,p{k}.vnnlib,60")
     (tmp_path / "instances.csv").write_text("\n".join(lines) + "\n")
     bounds = [("ibp", {}), ("crown-ibp", {}), ("crown", {}), ("alpha-crown", {})]
-    run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", [*bounds, ("exact", {})],
+    run_vnncomp(tmp_path / "instances.csv", tmp_path / "out",
+                [*bounds, ("exact", {}), ("bab", {})],
                 attack={"enabled": False}, progress=False)
     rows = results_rows(tmp_path / "out")
     seen = set()
@@ -143,6 +145,7 @@ def test_planted_network_answers_agree_with_a_dense_grid(tmp_path):
         exact = rows[f"net__p{k}", "exact"]
         seen.add(exact)
         assert exact in ("sat", "unsat"), radius
+        assert rows[f"net__p{k}", "bab"] == exact, radius  # two complete methods agree
         if truth:
             assert exact == "sat", radius
         for name, _ in bounds:  # a bound method's unsat is a proof: exact must agree

@@ -62,6 +62,9 @@ class Certificate:
         epsilon (``margin_lb``, ``lipschitz_bound``, ``p_a_lower``, ...).
     probabilistic: True when the certificate holds only with probability 1 - alpha.
     alpha: that failure probability, else None.
+    counterexamples: for complete verifiers, {(sample i, eps index j): point} with a
+        point (1, *input_shape) in the ball of eps j around sample i whose prediction is
+        not sample i's (the proof behind a *falsified* verdict).
     """
 
     prediction: torch.Tensor
@@ -70,6 +73,7 @@ class Certificate:
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     probabilistic: bool = False
     alpha: float | None = None
+    counterexamples: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 def check_certify_call(prepared: object, norm: str) -> None:

@@ -1,23 +1,31 @@
 """Exact verification of small ReLU networks by mixed-integer linear programming.
 
-For the predicted class y and each j != y, the exact minimum of f_y(x) - f_j(x) over the
-l_inf ball intersected with [0, 1]^d is found with scipy's HiGHS MILP solver (Tjeng,
-Xiao and Tedrake 2019, "Evaluating robustness of neural networks with mixed integer
-programming", Sec. 4). Every linear operation of the traced graph becomes a dense affine
-map; a ReLU y = max(z, 0) with pre-activation bounds l < 0 < u (CROWN's, from the
-bound-propagation engine) gets one binary d and the big-M constraints
+For the predicted class y and each j != y, the question whether some input of the l_inf
+ball intersected with [0, 1]^d has f_y(x) - f_j(x) <= the float allowance is decided
+with scipy's HiGHS MILP solver (Tjeng, Xiao and Tedrake 2019, "Evaluating robustness of
+neural networks with mixed integer programming", Sec. 4). Every linear operation of the
+traced graph becomes a dense affine map; a ReLU y = max(z, 0) with pre-activation bounds
+l < 0 < u gets one binary d and the big-M constraints
 
     y >= 0,  y >= z,  y <= u d,  y <= z - l (1 - d);
 
-stable ReLUs are replaced by z or 0. Rows whose CROWN bound is already positive are
-skipped (they are certified), the others are solved lowest CROWN bound first.
+stable ReLUs are replaced by z or 0. The bounds l, u are alpha-CROWN's (the intermediate
+bounds its slope optimisation tightens; tighter big-M constants, fewer binaries), and
+its output bounds are the pre-check: rows they prove are skipped, the others are solved
+lowest bound first. Each solve is a feasibility problem with the margin bounded above
+(`MilpEncoding.find_point`): the solver stops at the first point it finds and prunes
+every node whose relaxation cannot reach the bound, instead of minimising the margin to
+the end.
 
-Verdicts: *certified* if every row's proven lower bound (the solver's dual bound) exceeds
-the float allowance; *falsified* if a solution has a negative margin and a float32
-forward pass of the model at that point confirms a different prediction (the point is
-kept); *timeout* if the time limit ends first; *not_certified* if the solver's
-counterexample does not survive the forward pass (a numerical tie). l2 balls would need
-a quadratic constraint and are refused.
+Verdicts: *certified* if the solver proves every open row infeasible; *falsified* if its
+point, clamped to the box and cast to the model's dtype, changes the model's prediction
+in a forward pass of the caller's model (the point is kept in the certificate);
+*timeout* if the time limit ends first; *not_certified* if the point does not change the
+prediction (a tie within the float allowance). The encoding and bounds are computed on a
+float64 copy of the model; the judge is the model itself. Columns: ``margin_lb``
+(alpha-CROWN's lower bound of the margin), ``margin_min`` (the margin at the
+counterexample, where there is one). l2 balls would need a quadratic constraint and are
+refused.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from certbench.verifiers.base import (
 )
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
 from certbench.verifiers.bound_propagation.operators import Relu
+from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.specification import (
     OutputSpec,
     SpecResult,
@@ -140,63 +149,59 @@ class MilpEncoding:
             c_total += jac @ c
         return m_total, c_total
 
-    def minimise_max(self, objectives: np.ndarray, offsets: np.ndarray, time_limit: float):
-        """min of max_j (objectives[j] . v + offsets[j]) over the program; several rows go
-        through an epigraph variable t (rows . v - t <= -offset_j, minimise t). Returns
-        the solver's result (``x`` cut to the program's variables), the value of the
-        maximum at ``x`` (None without a solution) and its proven lower bound (the dual
-        bound; None if the solver gave none), offsets included."""
+    def find_point(self, rows: np.ndarray, offsets: np.ndarray, at_most: float,
+                   time_limit: float, deepest: bool = False) -> tuple[str, np.ndarray | None]:
+        """A point of the program with rows . v + offsets <= at_most for every row, or a
+        proof that none exists. It is a feasibility problem (zero objective): HiGHS stops
+        at the first such point instead of minimising the margin to the end, and prunes
+        every node whose LP relaxation cannot reach the bound (an objective cutoff).
+        Such a first point tends to lie on the bound itself; ``deepest`` minimises the
+        sum of the rows instead (to the end), for when that point is too close to call.
+        Returns ("found", the point's variables), ("none", None) when infeasible,
+        ("timeout", None) or ("unknown", None)."""
         width = len(self.lb)
-        k = len(objectives)
-        lb, ub, integrality = list(self.lb), list(self.ub), list(self.integrality)
-        rows = [(np.pad(r[0], (0, max(0, width + (k > 1) - r[0].size))), r[1], r[2])
-                for r in self.constraints]
-        c = np.zeros(width + (k > 1))
-        if k == 1:
-            c[: objectives.shape[1]] = objectives[0]
-            shift = float(offsets[0])
-        else:
-            lb.append(-math.inf)
-            ub.append(math.inf)
-            integrality.append(0)
-            for objective, offset in zip(objectives, offsets, strict=True):
-                a = np.zeros(width + 1)
-                a[: objective.size] = objective
-                a[width] = -1.0
-                rows.append((a, -math.inf, -float(offset)))
-            c[width] = 1.0
-            shift = 0.0
-        constraints = []
-        if rows:
-            matrix = csr_array(np.array([r[0] for r in rows]))
-            constraints = [LinearConstraint(matrix, [r[1] for r in rows], [r[2] for r in rows])]
+        objective = np.zeros(width)
+        if deepest:
+            total = np.sum(rows, axis=0)
+            objective[: total.size] = total
+        matrix = np.zeros((len(self.constraints) + len(rows), width))
+        lower, upper = [], []
+        for k, (a, lo, hi) in enumerate(self.constraints):
+            matrix[k, : a.size] = a
+            lower.append(lo)
+            upper.append(hi)
+        for k, (a, offset) in enumerate(zip(rows, offsets, strict=True)):
+            matrix[len(self.constraints) + k, : a.size] = a
+            lower.append(-math.inf)
+            upper.append(at_most - float(offset))
         result = milp(
-            c, integrality=np.array(integrality), bounds=VariableBounds(lb, ub),
-            constraints=constraints, options={"time_limit": max(time_limit, 1e-3)},
+            objective, integrality=np.array(self.integrality),
+            bounds=VariableBounds(self.lb, self.ub),
+            constraints=[LinearConstraint(csr_array(matrix), lower, upper)],
+            options={"time_limit": max(time_limit, 1e-3)},
         )
-        dual = getattr(result, "mip_dual_bound", None)
-        if result.status == 0 and dual is None:
-            dual = result.fun
-        if result.x is None:
-            return result, None, None if dual is None else dual + shift
-        result.x = result.x[:width]
-        return result, result.fun + shift, None if dual is None else dual + shift
+        if result.x is not None and (result.status == 0 or deepest):
+            return "found", result.x
+        return {2: "none", 1: "timeout"}.get(result.status, "unknown"), None
 
 
 @register("exact", "exact l_inf verification of small ReLU networks by MILP (HiGHS)")
 class ExactVerifier:
-    """Ground truth for small networks; ``time_limit_s`` per sample and epsilon."""
+    """Ground truth for small networks; ``time_limit_s`` per sample and epsilon (per
+    property in `check_spec`); ``alpha_iterations`` for the alpha-CROWN bounds."""
 
     name = method = "exact"
 
-    def __init__(self, time_limit_s: float = 60.0, max_binaries: int = 2000):
+    def __init__(self, time_limit_s: float = 60.0, max_binaries: int = 2000,
+                 alpha_iterations: int = 20):
         self.time_limit_s = time_limit_s
         self.max_binaries = max_binaries
+        self.alpha_iterations = alpha_iterations
         self.model: nn.Module | None = None
 
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
-        self.model = copy.deepcopy(model).eval().double()  # the caller's model stays float32
-        self.net = TracedNetwork(self.model, input_shape)
+        self.model = model.eval()  # the judge of counterexamples, in its own precision
+        self.net = TracedNetwork(copy.deepcopy(model).eval().double(), input_shape)
         for node in self.net.nodes[1:]:
             if not node.op.linear and not isinstance(node.op, Relu):
                 raise UnsupportedLayerError(
@@ -204,69 +209,99 @@ class ExactVerifier:
                     f"(node {node.name!r}): it encodes linear operations and ReLU only"
                 )
         self.propagator = BoundPropagator(self.net)
-        self.counterexamples: dict[tuple[int, int], torch.Tensor] = {}
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
         check_certify_call(self.model, norm)
         if norm != "inf":
             raise ValueError("the exact verifier supports only l_inf balls (l2 needs MIQP)")
-        x = x.double()
         logits = self.model(x)
         prediction = logits.argmax(1)
         spec = margin_spec(prediction, logits.shape[1]).double()
         slack = float_slack(logits)
         verdicts = torch.full((len(x), len(eps)), verdict_code(Verdict.TIMEOUT), dtype=torch.int8)
-        minimum = torch.full((len(x), len(eps)), math.nan, dtype=torch.float64)
-        self.counterexamples = {}
+        margin_lb, margin_at = (torch.full((len(x), len(eps)), math.nan, dtype=torch.float64)
+                                for _ in range(2))
+        counterexamples = {}
         for n in range(len(x)):
             for k, e in enumerate(eps):
-                verdict, value, point = self._solve(
-                    x[n : n + 1], spec[n : n + 1], float(slack[n]), e
-                )
-                verdicts[n, k], minimum[n, k] = verdict_code(verdict), value
+                verdict, margin_lb[n, k], point = self._solve(
+                    x[n : n + 1], spec[n : n + 1], float(slack[n]), e)
+                verdicts[n, k] = verdict_code(verdict)
                 if point is not None:
-                    self.counterexamples[(n, k)] = point.float()
+                    counterexamples[(n, k)] = point
+                    out = self.model(point)[0]
+                    margin_at[n, k] = float(out[prediction[n]] - out.max())
         return Certificate(prediction=prediction.cpu(), verdicts=verdicts,
-                           columns={"margin_min": minimum})
+                           columns={"margin_lb": margin_lb, "margin_min": margin_at},
+                           counterexamples=counterexamples)
 
-    def _solve(self, x, spec, slack, eps) -> tuple[Verdict, float, torch.Tensor | None]:
-        """The verdict, the minimum margin found (or proven), and a counterexample."""
-        started = time.perf_counter()
-        ball = Ball(x, eps, "inf")
-        bounds = self.propagator.intermediate_bounds(ball, "crown")
-        crown = self.propagator.backward(self.net.output, spec, ball, bounds)[0]
-        if (crown > slack).all():
-            return Verdict.CERTIFIED, float(crown.min()), None
+    def _bounds(self, ball: Ball, rows: torch.Tensor):
+        """alpha-CROWN lower bounds of the rows (1, R, outputs) and the intermediate bounds
+        its optimisation tightened (the big-M constants), as flat float64 arrays."""
+        prop = self.propagator
+        bounds = prop.intermediate_bounds(ball, "crown")
+        lower = prop.backward(self.net.output, rows, ball, bounds)
+        if self.alpha_iterations > 0:
+            optimiser = AlphaOptimiser(prop, rows, ball, bounds, 0.1)
+            lower = optimiser.run(lower, self.alpha_iterations)
+            bounds = optimiser.reference
         relu_bounds = {i: (lo[0].reshape(-1).numpy(), hi[0].reshape(-1).numpy())
                        for i, (lo, hi) in bounds.items()}
+        return lower[0], relu_bounds
+
+    def _solve(self, x, spec, slack, eps) -> tuple[Verdict, float, torch.Tensor | None]:
+        """The verdict, alpha-CROWN's lower bound of the margin, and a counterexample."""
+        started = time.perf_counter()
+        ball = Ball(x.double(), eps, "inf")
+        bound, relu_bounds = self._bounds(ball, spec)
+        if (bound > slack).all():
+            return Verdict.CERTIFIED, float(bound.min()), None
         self._check_size(relu_bounds)
         lower, upper = (t[0].reshape(-1).numpy() for t in ball.box())
         program = MilpEncoding(self.net, lower, upper, relu_bounds)
         m, c = program.output
-        proven = math.inf
-        for row in torch.argsort(crown).tolist():
-            if crown[row] > slack:
-                proven = min(proven, float(crown[row]))
+        for row in torch.argsort(bound).tolist():
+            if bound[row] > slack:
                 continue
             remaining = self.time_limit_s - (time.perf_counter() - started)
             if remaining <= 0:
-                return Verdict.TIMEOUT, math.nan, None
-            s = spec[0, row].numpy()
-            result, value, dual = program.minimise_max(
-                (s @ m)[None], np.array([float(s @ c)]), remaining)
-            if value is not None and value < 0:
-                point = torch.from_numpy(result.x[: lower.size]).reshape(x.shape)
-                point = point.clamp(torch.from_numpy(lower).reshape(x.shape),
-                                    torch.from_numpy(upper).reshape(x.shape))
-                if self.model(point).argmax(1) != spec[0, row].argmax():
-                    return Verdict.FALSIFIED, value, point
-                return Verdict.NOT_CERTIFIED, value, None
-            if dual is None or dual <= slack:
-                verdict = Verdict.TIMEOUT if result.status == 1 else Verdict.NOT_CERTIFIED
-                return verdict, math.nan, None
-            proven = min(proven, dual)
-        return Verdict.CERTIFIED, proven, None
+                return Verdict.TIMEOUT, float(bound.min()), None
+            s = spec[0, row].numpy()  # a point with margin f_y - f_j <= slack, or none
+            found = self._search(program, (s @ m)[None], np.array([float(s @ c)]), slack,
+                                 started, lower, upper, x,
+                                 lambda p, s=spec[0, row]: self.model(p).argmax(1) != s.argmax())
+            status, point = found
+            if status == "found":
+                if point is not None:
+                    return Verdict.FALSIFIED, float(bound.min()), point
+                return Verdict.NOT_CERTIFIED, float(bound.min()), None
+            if status != "none":
+                verdict = Verdict.TIMEOUT if status == "timeout" else Verdict.NOT_CERTIFIED
+                return verdict, float(bound.min()), None
+        return Verdict.CERTIFIED, float(bound.min()), None
+
+    def _search(self, program, rows, offsets, slack, started, lower, upper, like, confirms):
+        """``find_point``, then, if its point does not convince the model (a point on the
+        bound), the deepest point within the time left. Returns (status, the confirmed
+        counterexample or None)."""
+        for deepest in (False, True):
+            remaining = self.time_limit_s - (time.perf_counter() - started)
+            if remaining <= 0:
+                return "timeout", None
+            status, solution = program.find_point(rows, offsets, slack, remaining, deepest)
+            if status != "found":
+                return status, None
+            point = self._point(solution, lower, upper, like)
+            if bool(confirms(point)):
+                return status, point
+        return "found", None
+
+    @staticmethod
+    def _point(solution, lower, upper, like: torch.Tensor) -> torch.Tensor:
+        """The solver's input variables, clamped to the box, in the model's dtype."""
+        point = np.clip(solution[: lower.size], lower, upper)
+        return torch.from_numpy(point).reshape(like.shape).to(like.dtype)
 
     def _check_size(self, relu_bounds) -> None:
         unstable = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in relu_bounds.values())
@@ -279,26 +314,24 @@ class ExactVerifier:
     @torch.no_grad()
     def check_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: OutputSpec,
                    time_limit_s: float) -> SpecResult:
-        """Decide a VNN-LIB property exactly: per disjunct not already emptied by CROWN,
-        the MILP minimum of max_j (C_j f(x) - d_j) over the box; above the float allowance
-        the disjunct is empty, at or below 0 its solution is a counterexample if a float64
-        forward pass of the model puts it in the unsafe set (the harness then confirms it
-        with onnxruntime). ``time_limit_s`` covers the whole property."""
+        """Decide a VNN-LIB property exactly: per disjunct not already emptied by
+        alpha-CROWN, a point of the box with C_i f(x) - d_i <= the float allowance in
+        every row, or the MILP's proof that none exists (the disjunct is empty). A point
+        is a counterexample if a forward pass of the model, in its own precision, puts it
+        in the unsafe set (the harness then confirms it with onnxruntime).
+        ``time_limit_s`` covers the whole property."""
         check_certify_call(self.model, "inf")
         started = time.perf_counter()
         center, radius = box_center_radius(lower, upper, torch.float64)
         ball = Ball(center, radius, "inf", clip=False)
-        spec = spec.to(torch.float64)
-        c_all, d_all, owner = spec.stacked()
-        slack = float(float_slack(self.model(center)))
-        bounds = self.propagator.intermediate_bounds(ball, "crown")
-        crown = self.propagator.backward(self.net.output, c_all[None], ball, bounds)[0]
+        c_all, d_all, owner = spec.to(torch.float64).stacked()
+        dtype = next(self.model.parameters()).dtype
+        slack = float(float_slack(self.model(center.to(dtype))))
+        bound, relu_bounds = self._bounds(ball, c_all[None])
         open_ = [i for i in range(len(spec.disjuncts))
-                 if not bool(((crown - d_all)[owner == i] > slack).any())]
+                 if not bool(((bound - d_all)[owner == i] > slack).any())]
         if not open_:
             return SpecResult(SpecVerdict.UNSAT, columns={"milp_solves": 0})
-        relu_bounds = {i: (lo[0].reshape(-1).numpy(), hi[0].reshape(-1).numpy())
-                       for i, (lo, hi) in bounds.items()}
         self._check_size(relu_bounds)
         box_lower, box_upper = (t.double().reshape(-1).numpy() for t in (lower, upper))
         program = MilpEncoding(self.net, box_lower, box_upper, relu_bounds)
@@ -307,15 +340,17 @@ class ExactVerifier:
             remaining = time_limit_s - (time.perf_counter() - started)
             if remaining <= 0:
                 return SpecResult(SpecVerdict.TIMEOUT, columns={"milp_solves": solves - 1})
-            ci, di = (t.numpy() for t in spec.disjuncts[i])
-            result, value, dual = program.minimise_max(ci @ m, ci @ c - di, remaining)
-            if value is not None and value <= 0:
-                point = torch.from_numpy(result.x[: box_lower.size]).reshape(lower.shape)
-                point = point.clamp(lower.double(), upper.double())
-                if spec.violation(self.model(point)) <= 0:
+            ci = c_all[owner == i].numpy()
+            di = d_all[owner == i].numpy()
+            status, point = self._search(
+                program, ci @ m, ci @ c - di, slack, started - self.time_limit_s + time_limit_s,
+                box_lower, box_upper, lower.to(dtype),
+                lambda p: spec.to(dtype).violation(self.model(p)) <= 0)
+            if status == "found":
+                if point is not None:
                     return SpecResult(SpecVerdict.SAT, point, {"milp_solves": solves})
                 return SpecResult(SpecVerdict.UNKNOWN, columns={"milp_solves": solves})
-            if dual is None or dual <= slack:
-                verdict = SpecVerdict.TIMEOUT if result.status == 1 else SpecVerdict.UNKNOWN
+            if status != "none":
+                verdict = SpecVerdict.TIMEOUT if status == "timeout" else SpecVerdict.UNKNOWN
                 return SpecResult(verdict, columns={"milp_solves": solves})
         return SpecResult(SpecVerdict.UNSAT, columns={"milp_solves": len(open_)})

@@ -52,7 +52,7 @@ class Domains:
     def __len__(self) -> int:
         return len(self.value)
 
-    def take(self, index: torch.Tensor) -> Domains:
+    def take(self, index: torch.Tensor | slice) -> Domains:
         return Domains(**{f.name: _map(getattr(self, f.name), lambda t: t[index])
                           for f in fields(self)})
 

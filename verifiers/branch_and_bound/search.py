@@ -1,10 +1,11 @@
 """The branch-and-bound loop over ReLU splits (Bunel et al. 2020; Wang et al. 2021).
 
 The pool holds open subdomains of one property (max_r c_r . f(x) - d_r > 0 on the set is
-to be shown). Each round takes the ``batch_size`` domains with the lowest bound (the
-deepest ones instead while the pool exceeds ``max_domains``, which closes branches rather
-than opening new ones: the memory cap), splits each on its BaBSR neuron, bounds all
-children in one batched beta-CROWN pass, drops the children whose bound clears the float
+to be shown) as a stack of batches. Each round takes the ``batch_size`` newest domains
+(depth first: to prove a property every open domain must be closed anyway, so the order
+changes little of the work, and the pool stays within 2 x batch_size x depth domains,
+depth being at most the number of unstable ReLUs: that is the memory cap), splits each
+on its BaBSR neuron, bounds all children in one batched beta-CROWN pass, drops the children whose bound clears the float
 allowance, and tests every child's primal point (the minimiser of its linear bound) as a
 counterexample. A domain with no unstable ReLU left is a leaf: the network is linear on
 it and an LP decides it exactly (l_inf and boxes; l2 leaves are undecided). The search
@@ -66,7 +67,7 @@ Leaf = Callable[[Domains], "tuple[SpecVerdict, torch.Tensor | None]"]
 def branch_and_bound(
     bounder: DomainBounder, root: Domains, root_coefficients: dict[int, torch.Tensor],
     slack: float, deadline: float, confirm: Confirm, leaf: Leaf | None,
-    batch_size: int = 256, max_domains: int = 100_000, iterations: int = 10,
+    batch_size: int = 1024, iterations: int = 10,
 ) -> SearchResult:
     """Decide the property whose root domain ``root`` (bounded, with its last pass's
     ``root_coefficients``) is given; see the module docstring."""
@@ -78,43 +79,56 @@ def branch_and_bound(
     if found is not None:
         return SearchResult(SpecVerdict.SAT, found, stats)
     root.branch = babsr(prop, root.lower, root.upper, root_coefficients)
-    pool = root
-    while len(pool):
+    pool = [root]  # a stack of batches of open domains, newest last
+    while pool:
         if time.perf_counter() > deadline:
             return SearchResult(SpecVerdict.TIMEOUT, stats=stats)
         t0 = time.perf_counter()
-        key = -pool.depth.to(pool.value.dtype) if len(pool) > max_domains else pool.value
-        order = torch.argsort(key)
-        batch, rest = pool.take(order[:batch_size]), pool.take(order[batch_size:])
+        batch = _pop(pool, batch_size)
         leaves = batch.branch[:, 0] < 0
         if leaves.any():
             for k in leaves.nonzero().flatten().tolist():
                 stats.lp_leaves += 1
                 verdict, point = (SpecVerdict.UNKNOWN, None) if leaf is None else leaf(
-                    batch.take(torch.tensor([k], device=leaves.device)))
+                    batch.take(slice(k, k + 1)))
                 if verdict != SpecVerdict.UNSAT:
                     return SearchResult(verdict, point, stats)
             batch = batch.take((~leaves).nonzero().flatten())
-        children = batch.split(prop.relu_inputs) if len(batch) else batch
+        if not len(batch):
+            continue
+        children = batch.split(prop.relu_inputs)
         stats.branch_s += time.perf_counter() - t0
-        if len(children):
-            t0 = time.perf_counter()
-            coefficients = bounder.bound(children, iterations, slack)
-            stats.bound_s += time.perf_counter() - t0
-            stats.domains += len(children)
-            stats.depth = max(stats.depth, int(children.depth.max()))
-            t0 = time.perf_counter()
-            open_ = (children.value <= slack).nonzero().flatten()
+        t0 = time.perf_counter()
+        coefficients = bounder.bound(children, iterations, slack)
+        stats.bound_s += time.perf_counter() - t0
+        stats.domains += len(children)
+        stats.depth = max(stats.depth, int(children.depth.max()))
+        t0 = time.perf_counter()
+        open_ = (children.value <= slack).nonzero().flatten()
+        if len(open_):
             coefficients = {k: v[open_] for k, v in coefficients.items()}
             children = children.take(open_)
-            found = _falsify(bounder, coefficients, confirm) if len(children) else None
+            found = _falsify(bounder, coefficients, confirm)
             if found is not None:
                 return SearchResult(SpecVerdict.SAT, found, stats)
-            if len(children):
-                children.branch = babsr(prop, children.lower, children.upper, coefficients)
-            stats.branch_s += time.perf_counter() - t0
-        pool = Domains.cat([rest, children]) if len(rest) or len(children) else rest
+            children.branch = babsr(prop, children.lower, children.upper, coefficients)
+            pool.append(children)
+        stats.branch_s += time.perf_counter() - t0
     return SearchResult(SpecVerdict.UNSAT, stats=stats)
+
+
+def _pop(pool: list[Domains], size: int) -> Domains:
+    """Up to ``size`` domains from the top of the stack (slices: no copy of the rest)."""
+    taken, count = [], 0
+    while pool and count < size:
+        chunk = pool.pop()
+        need = size - count
+        if len(chunk) > need:
+            pool.append(chunk.take(slice(need, None)))
+            chunk = chunk.take(slice(0, need))
+        taken.append(chunk)
+        count += len(chunk)
+    return taken[0] if len(taken) == 1 else Domains.cat(taken)
 
 
 def _falsify(bounder: DomainBounder, coefficients: dict[int, torch.Tensor],

@@ -20,7 +20,7 @@ counterexample), ``timeout`` (the budget ended first: never ``not_certified``), 
 whose minimiser a float forward pass does not confirm: a numerical tie). Columns per
 sample and epsilon: ``bab_domains`` (subdomains bounded), ``bab_depth``,
 ``bab_lp_leaves``, ``bab_bound_s`` and ``bab_branch_s`` (time bounding vs choosing and
-splitting), ``attack_s``.
+splitting), ``falsify_s`` (the attack).
 
 Networks: linear operations and ReLU (other activations raise UnsupportedLayerError);
 l_inf and l2 balls and general linear specifications on boxes.
@@ -33,6 +33,7 @@ import math
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,18 +75,17 @@ SPEC_TO_VERDICT = {
 @register("bab", "complete: branch and bound with beta-CROWN bounds (Wang et al. 2021)")
 class BranchAndBoundVerifier:
     """See the module docstring. ``batch_size`` domains are split per round (twice as
-    many bounded); ``max_domains`` caps the pool (beyond it the search goes depth
-    first); ``iterations`` Adam steps on (alpha, beta) per round."""
+    many bounded in one pass); ``iterations`` Adam steps on (alpha, beta) per round."""
 
     name = method = "bab"
 
-    def __init__(self, time_limit_s: float = 60.0, batch_size: int = 256,
-                 max_domains: int = 100_000, iterations: int = 10, root_iterations: int = 20,
+    def __init__(self, time_limit_s: float = 60.0, batch_size: int = 1024,
+                 iterations: int = 10, root_iterations: int = 20,
                  attack_restarts: int = 8, attack_steps: int = 50):
-        if time_limit_s <= 0 or batch_size < 1 or max_domains < 1:
-            raise ValueError("time_limit_s, batch_size and max_domains must be positive")
+        if time_limit_s <= 0 or batch_size < 1:
+            raise ValueError("time_limit_s and batch_size must be positive")
         self.time_limit_s = time_limit_s
-        self.batch_size, self.max_domains = batch_size, max_domains
+        self.batch_size = batch_size
         self.iterations, self.root_iterations = iterations, root_iterations
         self.attack_restarts, self.attack_steps = attack_restarts, attack_steps
         self.model: nn.Module | None = None
@@ -111,6 +111,7 @@ class BranchAndBoundVerifier:
         verdicts = torch.full((len(x), len(eps)), verdict_code(Verdict.TIMEOUT),
                               dtype=torch.int8)
         columns: dict[str, torch.Tensor] = {}
+        counterexamples: dict[tuple[int, int], torch.Tensor] = {}
         for n in range(len(x)):
             c = margin_spec(prediction[n : n + 1], logits.shape[1])[0].to(x.dtype)
             spec = OutputSpec(tuple((row[None], torch.zeros(1, dtype=x.dtype)) for row in c))
@@ -120,22 +121,24 @@ class BranchAndBoundVerifier:
                 wrong = (self.model(points).argmax(1) != label).nonzero().flatten()
                 return points[wrong[:1]] if len(wrong) else None
 
-            falsified_at: float | None = None
+            point: torch.Tensor | None = None
             for k in sorted(range(len(eps)), key=lambda k: eps[k]):
-                if falsified_at is not None:  # the counterexample lies in every larger ball
+                if point is not None:  # the counterexample lies in every larger ball
                     verdicts[n, k] = verdict_code(Verdict.FALSIFIED)
+                    counterexamples[(n, k)] = point
                     continue
                 ball = Ball(x[n : n + 1], eps[k], norm)
                 result, attack_s = self._decide(ball, spec, float(slack[n]), confirm,
                                                 time.perf_counter() + self.time_limit_s)
                 verdicts[n, k] = verdict_code(SPEC_TO_VERDICT[result.verdict])
                 if result.verdict == SpecVerdict.SAT:
-                    falsified_at = eps[k]
-                values = {**result.stats.columns(), "attack_s": attack_s}
+                    point = counterexamples[(n, k)] = result.counterexample
+                values = {**result.stats.columns(), "falsify_s": attack_s}
                 for name, value in values.items():
                     columns.setdefault(name, torch.full((len(x), len(eps)), math.nan,
                                                         dtype=torch.float64))[n, k] = value
-        return Certificate(prediction=prediction.cpu(), verdicts=verdicts, columns=columns)
+        return Certificate(prediction=prediction.cpu(), verdicts=verdicts, columns=columns,
+                           counterexamples=counterexamples)
 
     @torch.no_grad()
     def check_spec(self, lower: torch.Tensor, upper: torch.Tensor, spec: OutputSpec,
@@ -154,7 +157,7 @@ class BranchAndBoundVerifier:
             return points[inside[:1]] if len(inside) else None
 
         result, attack_s = self._decide(ball, spec, slack, confirm, deadline)
-        columns = {**result.stats.columns(), "attack_s": attack_s}
+        columns = {**result.stats.columns(), "falsify_s": attack_s}
         return SpecResult(result.verdict, result.counterexample, columns)
 
     # -- one property ---------------------------------------------------------------
@@ -181,7 +184,7 @@ class BranchAndBoundVerifier:
         attack_s = time.perf_counter() - t0
         found = confirm(point) if value <= 0 else None
         if found is not None:
-            return SearchResult(SpecVerdict.SAT, found), attack_s
+            return SearchResult(SpecVerdict.SAT, found, SearchStats(1, bound_s=crown_s)), attack_s
 
         stats = SearchStats(domains=1, bound_s=crown_s)
         t0 = time.perf_counter()
@@ -227,14 +230,15 @@ class BranchAndBoundVerifier:
         leaf = self._leaf_lp(ball, c, d, slack, deadline, confirm) if ball.norm == "inf" else None
         result = branch_and_bound(
             bounder, domain, coefficients, slack, deadline, confirm, leaf,
-            self.batch_size, self.max_domains, self.iterations)
+            self.batch_size, self.iterations)
         result.stats.bound_s += root_s
         return result
 
     def _leaf_lp(self, ball, c, d, slack, deadline, confirm):
         """The exact decision of a fully split domain over a box: the network is affine
-        on it, so min max_r (c_r . f(x) - d_r) subject to the split signs is an LP
-        (the MILP encoding with no binary left), solved by HiGHS in float64."""
+        on it, so whether some input with the domain's split signs has every
+        c_r . f(x) - d_r <= the float allowance is an LP (the MILP encoding with no
+        binary left), decided by HiGHS in float64."""
         if self._net64 is None:
             self._net64 = TracedNetwork(copy.deepcopy(self.model).double(), self.input_shape)
         box_lower, box_upper = (t[0].double().cpu().reshape(-1).numpy() for t in ball.box())
@@ -250,16 +254,13 @@ class BranchAndBoundVerifier:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return SpecVerdict.TIMEOUT, None
-            result, value, dual = program.minimise_max(c64 @ m, c64 @ offset - d64, remaining)
-            if result.status == 2:  # infeasible: no input has this activation pattern
+            status, solution = program.find_point(c64 @ m, c64 @ offset - d64, slack, remaining)
+            if status == "none":  # no input with this activation pattern reaches the bound
                 return SpecVerdict.UNSAT, None
-            if dual is not None and dual > slack:
-                return SpecVerdict.UNSAT, None
-            if value is None:
-                return SpecVerdict.TIMEOUT if result.status == 1 else SpecVerdict.UNKNOWN, None
-            point = torch.from_numpy(result.x[: box_lower.size]).reshape(ball.center.shape)
-            point = point.to(ball.center).clamp(*ball.box())
-            found = confirm(point)
+            if status != "found":
+                return SpecVerdict.TIMEOUT if status == "timeout" else SpecVerdict.UNKNOWN, None
+            point = np.clip(solution[: box_lower.size], box_lower, box_upper)
+            found = confirm(torch.from_numpy(point).reshape(ball.center.shape).to(ball.center))
             return (SpecVerdict.SAT, found) if found is not None else (SpecVerdict.UNKNOWN, None)
 
         return decide
