@@ -174,7 +174,8 @@ class DomainBounder:
         lower, upper = lower.unsqueeze(1), upper.unsqueeze(1)
         if self.ball.norm == "inf":
             return torch.where(a >= 0, lower, upper)
-        norms = a.flatten(2).norm(dim=2).clamp(min=1e-12).reshape(*a.shape[:2], *[1] * (a.dim() - 2))
+        norms = a.flatten(2).norm(dim=2).clamp(min=1e-12)
+        norms = norms.reshape(*a.shape[:2], *[1] * (a.dim() - 2))
         eps = torch.as_tensor(self.ball.eps, dtype=a.dtype, device=a.device)
         point = self.ball.center.unsqueeze(1) - eps * a / norms
         return torch.minimum(torch.maximum(point, lower), upper) if self.ball.clip else point

@@ -5,13 +5,13 @@ to be shown) as a stack of batches. Each round takes the ``batch_size`` newest d
 (depth first: to prove a property every open domain must be closed anyway, so the order
 changes little of the work, and the pool stays within 2 x batch_size x depth domains,
 depth being at most the number of unstable ReLUs: that is the memory cap), splits each
-on its BaBSR neuron, bounds all children in one batched beta-CROWN pass, drops the children whose bound clears the float
-allowance, and tests every child's primal point (the minimiser of its linear bound) as a
-counterexample. A domain with no unstable ReLU left is a leaf: the network is linear on
-it and an LP decides it exactly (l_inf and boxes; l2 leaves are undecided). The search
-ends with the empty pool (``unsat``), a confirmed counterexample (``sat``), an
-undecidable leaf (``unknown``) or the deadline (``timeout``), never with a bound that
-merely stopped improving.
+on its BaBSR neuron, bounds all children in one batched beta-CROWN pass, drops the
+children whose bound clears the float allowance, and tests every child's primal point
+(the minimiser of its linear bound) as a counterexample. A domain with no unstable ReLU
+left is a leaf: the network is linear on it and an LP decides it exactly (l_inf and
+boxes; l2 leaves are undecided). The search ends with the empty pool (``unsat``), a
+confirmed counterexample (``sat``), an undecidable leaf (``unknown``) or the deadline
+(``timeout``), never with a bound that merely stopped improving.
 """
 
 from __future__ import annotations
