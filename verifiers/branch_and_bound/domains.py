@@ -120,20 +120,9 @@ class DomainBounder:
         beta), stopping early once every value exceeds ``done``; keep the final
         parameters in the domains. With ``record``, a last pass returns the coefficients
         of the bound at every activation and at the input (node 0), (n, R, *shape)."""
-        prop, n = self.prop, len(domains)
-        ball = self._ball(n)
-        spec = self.c.expand(n, *self.c.shape)
-        bounds = {i: (domains.lower[i], domains.upper[i]) for i in prop.relu_inputs}
-        signs = {i: s.unsqueeze(1).to(self.c.dtype) for i, s in domains.signs.items()}
         alphas = {a: p.detach().clone().requires_grad_(True) for a, p in domains.alphas.items()}
         betas = {i: b.detach().clone().requires_grad_(True) for i, b in domains.betas.items()}
         best = domains.value.clone()
-
-        def evaluate(coefficients=None) -> torch.Tensor:
-            extra = {i: -betas[i] * signs[i] for i in betas}
-            lb = prop.backward(prop.net.output, spec, ball, bounds, alphas, extra, coefficients)
-            return lb - self.d
-
         groups = [{"params": list(alphas.values()), "lr": ALPHA_LR},
                   {"params": list(betas.values()), "lr": BETA_LR}]
         optimiser = torch.optim.Adam([g for g in groups if g["params"]])
@@ -141,7 +130,7 @@ class DomainBounder:
             if bool((best > done).all()):
                 break
             with torch.enable_grad():
-                gap = evaluate()
+                gap = self._pass(domains, alphas, betas)
                 loss = -gap.sum()
                 optimiser.zero_grad()
                 loss.backward()
@@ -154,14 +143,26 @@ class DomainBounder:
                     p.clamp_(min=0.0)
         coefficients = None
         if record:
-            coefficients = dict.fromkeys([0, *prop.activations])
+            coefficients = dict.fromkeys([0, *self.prop.activations])
         with torch.no_grad():
             if record or iterations:
-                best = torch.maximum(best, evaluate(coefficients).amax(1))
+                last = self._pass(domains, alphas, betas, coefficients)
+                best = torch.maximum(best, last.amax(1))
         domains.value = best
         domains.alphas = {a: p.detach() for a, p in alphas.items()}
         domains.betas = {i: b.detach() for i, b in betas.items()}
         return coefficients
+
+    def _pass(self, domains: Domains, alphas, betas, coefficients=None) -> torch.Tensor:
+        """One beta-CROWN pass: lower bounds (n, R) of c_r . f(x) - d_r."""
+        prop, n = self.prop, len(domains)
+        spec = self.c.expand(n, *self.c.shape)
+        bounds = {i: (domains.lower[i], domains.upper[i]) for i in prop.relu_inputs}
+        extra = {i: -betas[i] * s.unsqueeze(1).to(self.c.dtype)
+                 for i, s in domains.signs.items()}
+        lb = prop.backward(prop.net.output, spec, self._ball(n), bounds, alphas, extra,
+                           coefficients)
+        return lb - self.d
 
     def primal_points(self, input_coefficients: torch.Tensor) -> torch.Tensor:
         """The minimiser over the set of each row's linear bound (n, R, *input): a corner
