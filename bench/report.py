@@ -38,9 +38,12 @@ from certbench.store import ResultsStore  # noqa: E402
 PROB_MARK = "†"
 PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
              "1 - alpha over the sampling noise, not with certainty.")
-TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #abstain / #timeout / #error: "
-              "(sample, epsilon) pairs per verdict; viol.: certified samples the attack "
-              "flipped; PGD upper bound: robust accuracy can be no higher (not a certificate).")
+TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #falsified / #abstain / #timeout / "
+              "#error: (sample, epsilon) pairs per verdict; viol.: certified samples the "
+              "attack flipped; PGD upper bound: robust accuracy can be no higher (not a "
+              "certificate). A complete verifier (bab, exact) without timeouts gives the "
+              "true robust accuracy: the gap from it to each incomplete method is that "
+              "method's looseness, the gap to the PGD bound the attack's.")
 SECTIONS = ("violations", "tables", "certified-vs-eps", "cost-vs-strength", "memory",
             "radius", "tightness", "provenance")
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
@@ -258,8 +261,8 @@ def figure_tightness(results: Results) -> bytes:
     return _png(fig)
 
 
-VERDICT_COLUMNS = {"certified": "#cert", "not_certified": "#not", "abstain": "#abstain",
-                   "timeout": "#timeout", "error": "#error"}
+VERDICT_COLUMNS = {"certified": "#cert", "not_certified": "#not", "falsified": "#falsified",
+                   "abstain": "#abstain", "timeout": "#timeout", "error": "#error"}
 
 
 def model_tables(results: Results) -> dict[str, pd.DataFrame]:

@@ -195,3 +195,33 @@ def test_a_lying_smoothing_verifier_is_caught_apart(tmp_path):
     cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False, log=lambda _: None)
     assert cells["probabilistic_violations"].iloc[0] > 0
     assert pd.isna(cells["soundness_violations"].iloc[0])
+
+
+def test_complete_verifiers_in_a_matrix_agree_and_bound_every_method(tmp_path):
+    """bab and exact as matrix cells: the same verdicts per sample, certified accuracy at
+    least every incomplete method's and at most the attack's bound, statistics columns
+    in the per-sample table, no soundness violation."""
+    spec = small_matrix(
+        norms=["inf"], eps=[0.02, 0.06], samples=15,
+        models=[{"name": "std", "arch": "mlp", "arch_args": {"widths": [32]},
+                 "recipe_args": {"epochs": 3}}],
+        verifiers=[{"name": "bab"}, {"name": "exact"}, {"name": "crown"},
+                   {"name": "alpha-crown"}],
+    )
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False,
+                       log=lambda _: None).set_index("method")
+    assert (cells["status"] == "ok").all(), cells["error"]
+    assert (cells["soundness_violations"] == 0).all()
+    samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
+    verdicts = {m: samples[samples["cell_key"] == cells.loc[m, "cell_key"]].set_index(
+        ["sample_index", "eps"])["verdict"].sort_index() for m in cells.index}
+    assert verdicts["bab"].equals(verdicts["exact"])
+    assert verdicts["bab"].isin(["certified", "falsified"]).all()
+    bab = samples[samples["cell_key"] == cells.loc["bab", "cell_key"]]
+    assert {"bab_domains", "bab_bound_s", "bab_branch_s", "falsify_s"} <= set(bab.columns)
+    certified = pd.read_parquet(tmp_path / "r" / "certified.parquet").merge(
+        cells.reset_index()[["cell_key", "method"]], on="cell_key").set_index(["method", "eps"])
+    acc = certified["certified_acc"]
+    for method in ("crown", "alpha-crown"):
+        assert (acc.loc["bab"] >= acc.loc[method]).all()
+    assert (acc.loc["bab"] <= certified.loc["bab", "attack_upper_bound"]).all()

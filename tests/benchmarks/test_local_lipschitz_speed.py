@@ -1,5 +1,6 @@
-"""Local Lipschitz certification (bound, bisection and estimate) and the exact MILP
-verifier on fixed seeded models and batches, next to the global bound they refine.
+"""Local Lipschitz certification (bound, bisection and estimate) and the complete
+verifiers (exact MILP, branch and bound) on fixed seeded models and batches, next to the
+global bound they refine.
 
 Run: pytest tests/benchmarks/test_local_lipschitz_speed.py --benchmark-enable
 """
@@ -49,12 +50,14 @@ def test_global_lipschitz_reference(benchmark, case):
     assert len(cert.verdicts) == len(x)
 
 
-def test_exact_milp_small_mlp(benchmark):
+@pytest.mark.parametrize("name", ["exact", "bab"])
+def test_complete_small_mlp(benchmark, name):
+    """The same decisions by both complete verifiers (the tests check they agree)."""
     torch.manual_seed(0)
     model = build_model("mlp", (1, 8, 8), 10, (0.5,), (0.5,), {"widths": [16, 16]}).eval()
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    verifier = get_verifier("exact")
+    verifier = get_verifier(name)
     verifier.prepare(model, (1, 8, 8))
-    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01]), rounds=2,
+    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01, 0.03]), rounds=2,
                               iterations=1)
     assert len(cert.verdicts) == 4
