@@ -189,7 +189,8 @@ class BranchAndBoundVerifier:
         stats = SearchStats(domains=1, bound_s=crown_s)
         t0 = time.perf_counter()
         optimiser = AlphaOptimiser(prop, c_all[None], ball, bounds, ALPHA_LR)
-        threshold = torch.full((1,), slack + float(d_all.max()), dtype=best.dtype)
+        threshold = torch.full((1,), slack + float(d_all.max()), dtype=best.dtype,
+                               device=best.device)
         best = optimiser.run(best, self.root_iterations, threshold)[0]
         stats.bound_s += time.perf_counter() - t0
         gaps = [float((best - d_all)[owner == i].max()) for i in range(len(spec.disjuncts))]
@@ -209,6 +210,8 @@ class BranchAndBoundVerifier:
 
     def _search(self, root: AlphaOptimiser, ball: Ball, disjunct, rows, gap, slack, deadline,
                 confirm) -> SearchResult:
+        """Branch and bound on one disjunct (``rows`` of the stacked specification), from
+        the root's tightened intermediate bounds and output slopes."""
         prop = self.propagator
         c, d = disjunct
         out = prop.net.output
