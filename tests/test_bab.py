@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_exact import SMALL_MODELS  # the same small networks as the MILP's tests
 from torch import nn
 
 from certbench.attacks import pgd
@@ -20,12 +21,6 @@ from conftest import DIGITS_SHAPE, random_model
 
 CERTIFIED, FALSIFIED, TIMEOUT = (verdict_code(v) for v in (
     Verdict.CERTIFIED, Verdict.FALSIFIED, Verdict.TIMEOUT))
-
-SMALL_MODELS = {  # (architecture arguments, seed, epsilon grid): a mix of outcomes
-    "mlp": ({"widths": [16, 16]}, 11, [0.002, 0.01, 0.03]),
-    "cnn-small": ({"width": 1, "linear_size": 16}, 12, [0.01, 0.05]),
-    "resnet-tiny": ({"channels": 2, "blocks": 1, "hidden": 8}, 12, [0.01, 0.05]),
-}
 
 
 def _check_counterexamples(model, x, eps, norm, cert):
