@@ -10,9 +10,12 @@
 ``model`` is an ``nn.Module`` mapping inputs in [0, 1] to logits (put any normalisation
 inside it, so epsilon is in pixel space) or the path of an ONNX file (with
 ``normalization=(mean, std)`` if the network expects normalised inputs). Every
-(verifier, norm) pair is one cell run by the same code as `certbench run`
-(`runner.run_cell`): the same verifiers, timing, memory probe, PGD attack and soundness
-cross-check, and the same three tables (README, "Outputs").
+(verifier, norm) pair is one cell (`cells.Cell`) run by the same code as `certbench run`
+(`runner.run_cells`): the same verifiers, timing, memory probe, PGD attack and soundness
+cross-check, and the same three tables (README, "Outputs"). Cells run in this process
+(`executors.InlineExecutor`: a notebook's model class cannot be imported by a worker); pass
+``executor=ProcessExecutor()`` for time limits and per-cell memory when the model is an
+importable class or an ONNX file.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from certbench.attacks import attack_grid
+from certbench.cells import Cell
 from certbench.errors import UserError
+from certbench.executors import InlineExecutor
 from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
 from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
 from certbench.provenance import git_commit, library_versions
-from certbench.runner import LoadedModel, run_cell
+from certbench.runner import run_cells
 from certbench.store import ResultsStore
 from certbench.summary import summary_of
 from certbench.verifiers import get_verifier
@@ -113,12 +116,14 @@ def evaluate(
     batch_size: int = 256,
     dataset: str = "user",
     progress: bool = True,
+    executor: Any = None,
 ) -> Evaluation:
     """Certify ``model`` on the points ``x`` (inputs in [0, 1], on the model's device) with
     labels ``y``, with every verifier (a name such as ``"crown"``, or ``(name, options)``)
     in every norm (``"inf"``, ``"2"``) at every epsilon (one grid, or one per norm as
     ``{"inf": [...], "2": [...]}``). ``attack``: PGD and the soundness cross-check (True,
-    False, or the settings of a matrix's ``[attack]``). See the module docstring."""
+    False, or the settings of a matrix's ``[attack]``); ``executor``: where cells run
+    (default: this process). See the module docstring."""
     norms = [norms] if isinstance(norms, str) else list(norms)
     if isinstance(model, (str, Path)):
         network = load_onnx(model)
@@ -152,28 +157,27 @@ def evaluate(
         raise UserError(f"evaluate: {exc}") from exc
     spec.dataset = dataset
     device = next(model.parameters()).device
-    loaded = LoadedModel(model_spec, model, card, sha)
     context = {"run_id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
                "versions": canonical_json(library_versions()), "git_commit": git_commit(),
                "matrix": name, "matrix_file": "certbench.evaluate"}
     indices = torch.arange(len(x))
     data_sha = hashlib.sha256(x.detach().cpu().numpy().tobytes() + y.cpu().numpy().tobytes())
-    tables: dict[str, list[pd.DataFrame]] = {"cells": [], "certified": [], "samples": []}
-    attacks = {}
-    cells = [(v, norm) for v in spec.verifiers for norm in norms]
-    for verifier, norm in tqdm(cells, desc=f"evaluate {name}", unit="cell",
-                               disable=not progress):
-        if spec.attack.enabled and norm not in attacks:
-            a = spec.attack
-            attacks[norm] = attack_grid(model, x, spec.eps_for(norm), norm, a.steps,
-                                        a.restarts, a.bisection_steps, seed=spec.seed,
-                                        batch_size=batch_size, targeted=a.targeted)
-        key = hashlib.sha256(canonical_json({
-            "sha": sha, "verifier": verifier.name, "options": verifier.options,
-            "norm": norm, "eps": spec.eps_for(norm), "data": data_sha.hexdigest(),
-            "attack": spec.attack.model_dump()}).encode()).hexdigest()[:16]
-        cell = run_cell(spec, loaded, verifier, norm, x, y, indices, device, key, context,
-                        attacks.get(norm))
-        for table, frame in cell.items():
-            tables[table].append(frame)
-    return Evaluation(**{k: pd.concat(v, ignore_index=True) for k, v in tables.items()})
+    cells = []
+    for verifier in spec.verifiers:
+        for norm in norms:
+            key = hashlib.sha256(canonical_json({
+                "sha": sha, "verifier": verifier.name, "options": verifier.options,
+                "norm": norm, "eps": spec.eps_for(norm), "data": data_sha.hexdigest(),
+                "attack": spec.attack.model_dump()}).encode()).hexdigest()[:16]
+            identity = {"model": name, "dataset": dataset, "arch": card["arch"],
+                        "recipe": card["recipe"], "checkpoint_sha256": sha,
+                        "verifier": verifier.display, "method": verifier.name,
+                        "options": canonical_json(verifier.options), "norm": norm,
+                        "device": str(device)}
+            cells.append(Cell(key, f"{verifier.display} / l{norm}", model, x.cpu(), y.cpu(),
+                              indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
+                              batch_size, spec.attack, spec.seed, identity,
+                              timeout_s=verifier.timeout_s))
+    rows = run_cells(cells, executor or InlineExecutor(), None, context, progress,
+                     f"evaluate {name}")
+    return Evaluation(**{k: pd.concat(v, ignore_index=True) for k, v in rows.items()})

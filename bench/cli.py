@@ -16,7 +16,9 @@ from certbench.errors import UserError
 EXAMPLES = {
     "train": "example: certbench train --dataset digits --arch mlp --recipe gloro "
     "--recipe-args '{\"eps\": 0.5}' --out checkpoints/mlp-gloro",
-    "run": "example: certbench run --matrix quick --results results/quick",
+    "run": "example: certbench run --matrix quick --results results/quick --workers 2 "
+    "--timeout 600\n         certbench run --matrix quick --executor ray --address "
+    "HEAD_IP:6379",
     "list": "example: certbench list",
     "show": "example: certbench show results/quick",
     "report": "example: certbench report results/quick --out reports/quick",
@@ -43,7 +45,7 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from certbench.data import load_dataset
-    from certbench.runner import resolve_device
+    from certbench.executors import resolve_device
     from certbench.train import train_model
 
     dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
@@ -57,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from certbench.executors import make_executor
     from certbench.matrix import load_matrix
     from certbench.runner import run_matrix
     from certbench.summary import format_summary
@@ -64,6 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_matrix(args.matrix)
     if args.device:
         spec.device = args.device
+    if args.timeout is not None:
+        if args.timeout <= 0:
+            raise UserError("--timeout must be positive (seconds per cell)")
+        spec.timeout_s = args.timeout
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address is for --executor ray")
+    executor = make_executor(args.executor, args.workers, args.address, args.memory_limit_gb)
     if args.samples is not None:
         if args.samples <= 0:
             raise UserError("--samples must be positive")
@@ -72,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = Path(args.matrix)
     matrix_file = str(source.resolve()) if source.exists() else f"packaged: {args.matrix}"
     cells = run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
-                       progress=not args.quiet, matrix_file=matrix_file)
+                       progress=not args.quiet, matrix_file=matrix_file, executor=executor)
     print(format_summary(results))
     violations = cells.get("soundness_violations")
     if violations is not None and (violations.fillna(0) > 0).any():
@@ -203,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the matrix's number of samples (a seeded subset of the "
                      "same points, e.g. for a first look at a long matrix)")
     run.add_argument("--force", action="store_true", help="recompute finished cells")
+    run.add_argument("--executor", choices=("process", "inline", "ray"), default="process",
+                     help="process (default): each cell in a fresh worker process, with its "
+                     "time limit, crash containment and its own memory measurement; inline: "
+                     "in this process (for debugging; no limits); ray: on a Ray cluster")
+    run.add_argument("--workers", type=int, default=1,
+                     help="cells run side by side (process executor: worker processes, the "
+                     "cores divided among them; ray: cells in flight). Time with 1 when "
+                     "timings are compared (default 1)")
+    run.add_argument("--timeout", type=float, default=None,
+                     help="seconds of wall clock per cell (overrides the matrix's timeout_s; "
+                     "a verifier's own timeout_s still wins); an overrun cell is recorded "
+                     "as timeout")
+    run.add_argument("--memory-limit-gb", type=float, default=None,
+                     help="resident memory per cell before it is stopped and recorded as oom "
+                     "(default: 85%% of the machine's memory)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (with --executor ray; default: $RAY_ADDRESS, "
+                     "else a local Ray instance)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

@@ -102,9 +102,13 @@ class ModelSpec(_Strict):
 
 
 class VerifierSpec(_Strict):
+    """A verifier by its registered name, with its options; ``label`` names it in tables;
+    ``timeout_s`` limits each of its cells (wall clock), overriding the matrix's."""
+
     name: str
     options: dict[str, Any] = {}
     label: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
 
     @property
     def display(self) -> str:
@@ -142,6 +146,7 @@ class MatrixSpec(_Strict):
     eps: list[float] | dict[str, list[float]]
     device: str = "auto"
     batch_size: int = Field(default=256, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
     download: bool = False
     imports: list[str] = []
     attack: AttackSpec = AttackSpec()

@@ -1,13 +1,17 @@
 """Verifiers registered through a matrix's `imports`, for harness tests: one that fails,
-one that is slow enough to be interrupted mid-run, two that certify everything."""
+one that is slow enough to be interrupted mid-run, two that certify everything, and for
+the executors one that hangs, one that crashes its process, one that eats memory and one
+that holds a known amount."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import torch
 
-from certbench.verifiers import register
+from certbench.verifiers import Certificate, Verdict, register, verdict_code
 from certbench.verifiers.global_lipschitz import GlobalLipschitzVerifier
 from certbench.verifiers.smoothing import RandomizedSmoothing
 
@@ -55,3 +59,54 @@ class LyingSmoothing(RandomizedSmoothing):
         cert.verdicts.zero_()
         cert.radius.fill_(10.0)
         return cert
+
+
+@register("test-hang", "never returns from certify (executor test)")
+class HangingVerifier(GlobalLipschitzVerifier):
+    name = "test-hang"
+
+    def certify(self, x, norm, eps):
+        while True:
+            time.sleep(1)
+
+
+@register("test-crash", "kills its own process with SIGSEGV (executor test)")
+class CrashingVerifier(GlobalLipschitzVerifier):
+    name = "test-crash"
+
+    def certify(self, x, norm, eps):
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+
+
+@register("test-hog", "allocates memory without end (executor test)")
+class MemoryHog(GlobalLipschitzVerifier):
+    name = "test-hog"
+
+    def certify(self, x, norm, eps):
+        held = []
+        while True:  # 64 MiB at a time, each written, so resident
+            held.append(torch.ones(16 * 2**20))
+
+
+@register("test-allocate", "certifies nothing, holding a tensor of `mib` MiB (executor test)")
+class AllocatingVerifier:
+    """Does nothing but hold ``mib`` MiB (float32, every page written), so a memory probe
+    should read about that much."""
+
+    name = "test-allocate"
+
+    def __init__(self, mib: int = 512):
+        self.mib = mib
+
+    def prepare(self, model, input_shape):
+        self.model = model
+
+    def certify(self, x, norm, eps):
+        held = torch.ones(self.mib * 2**18)
+        with torch.no_grad():
+            prediction = self.model(x).argmax(1).cpu()
+        verdicts = torch.full((len(x), len(eps)), verdict_code(Verdict.NOT_CERTIFIED),
+                              dtype=torch.int8)
+        return Certificate(prediction, verdicts,
+                           columns={"held": torch.full((len(x),), float(held.sum()))})

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -108,6 +108,19 @@ class Verifier(Protocol):
         self, x: torch.Tensor, norm: str, eps: Sequence[float]
     ) -> Certificate:
         """Certify the batch ``x`` (on the model's device) for every epsilon of ``eps``."""
+        ...
+
+
+@runtime_checkable
+class SmoothedClassifier(Protocol):
+    """A verifier whose certificates are about a smoothed classifier g(x) = argmax_c
+    P(f(x + e) = c), e ~ N(0, sigma^2 I): the harness attacks g with noise of ``sigma``
+    and asks ``predict`` (Cohen et al.'s PREDICT with ``n`` draws; ``ABSTAIN`` where it
+    abstains) which class g gives the attacked point."""
+
+    sigma: float
+
+    def predict(self, x: torch.Tensor, n: int) -> torch.Tensor:
         ...
 
 

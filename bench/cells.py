@@ -1,0 +1,296 @@
+"""A cell as a value, and the pure function that runs it.
+
+A `Cell` holds everything its rows depend on: the network (a module on the CPU), its
+card and checkpoint hash, the evaluation points, the verifier with its options, the norm,
+the epsilon grid, the device, the batch size, the attack settings and, once the model's
+attack has run, its outcome for the soundness cross-check. `Cell.run()` loads nothing
+from disk and writes nothing: it returns the cell's rows for the three tables, so an
+executor (executors.py) can run it in a worker process or on another machine and the
+driver stays the only writer of the store. `AttackJob` is the same for the PGD attack
+that every cell of a (model, norm) shares.
+
+Per cell: *setup* is ``Verifier.prepare`` (timed once); a warm-up certification of two
+samples follows and is excluded; then the samples are certified in batches of
+``batch_size``, and ``per_sample_s`` is the certification time over the number of samples
+(``time_s`` per sample is its batch's time divided by the batch size, unless the
+verifier reports its own ``time_s`` column). Peak memory covers setup, warm-up and
+certification (measure.py); the baseline is taken after the model and the points are on
+the device, so in a fresh worker process it is what the cell itself used.
+
+Attacks and the soundness cross-check (``[attack]`` in the matrix, on by default): PGD
+attacks every sample's *prediction* at every epsilon of the grid and bisects for the
+smallest adversarial distance (`attacks.attack_grid`, time ``attack_s``). Every cell then
+gets ``attack_upper_bound`` per epsilon (the fraction of samples correctly classified and
+not flipped: an upper bound on robust accuracy, hence on certified accuracy) and per
+sample ``attack_success``, ``adv_distance`` and ``violation``. A *soundness violation* is a
+sample certified at an epsilon where the attack flipped it, or whose certified radius
+exceeds the distance of an adversarial point found; the cell counts them in
+``soundness_violations`` and `certbench run` exits with code 1.
+
+Probabilistic cells (randomized smoothing) are checked apart: the base network's attack
+says nothing about the smoothed classifier, so their ``attack_upper_bound`` is NaN; each
+certified sample is attacked at its largest certified epsilon with PGD on the smoothed
+classifier (`attacks.smoothed_pgd`) and the point is classified by the verifier's
+PREDICT (the `SmoothedClassifier` protocol). A decided class other than the certified one
+counts in ``probabilistic_violations`` (each certificate may fail with probability alpha,
+so a few are possible without a bug; they are reported, not fatal).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from certbench.attacks import AttackOutcome, attack_grid, smoothed_pgd
+from certbench.matrix import AttackSpec, VerifierSpec, canonical_json
+from certbench.measure import PeakMemory, timed
+from certbench.verifiers import (
+    ABSTAIN,
+    VERDICTS,
+    Certificate,
+    SmoothedClassifier,
+    Verdict,
+    get_verifier,
+)
+
+WARMUP_SAMPLES = 2
+SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (x noise copies)
+TABLES = ("cells", "certified", "samples")
+
+
+def import_plugins(modules: tuple[str, ...]) -> None:
+    """Import the matrix's ``imports`` (user verifiers register themselves on import);
+    a worker process does this before it looks a verifier up."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+@dataclass(frozen=True, eq=False)
+class AttackJob:
+    """PGD on every point at every epsilon of one norm's grid (`attacks.attack_grid`)."""
+
+    label: str
+    model: nn.Module
+    x: torch.Tensor
+    eps: tuple[float, ...]
+    norm: str
+    attack: AttackSpec
+    seed: int
+    batch_size: int
+    device: str
+    timeout_s: float | None = None
+    imports: tuple[str, ...] = ()
+
+    def run(self) -> AttackOutcome:
+        device = torch.device(self.device)
+        a = self.attack
+        outcome = attack_grid(self.model.to(device).eval(), self.x.to(device), list(self.eps),
+                              self.norm, a.steps, a.restarts, a.bisection_steps,
+                              seed=self.seed, batch_size=self.batch_size, targeted=a.targeted)
+        return AttackOutcome(outcome.success.cpu(), outcome.distance.cpu(), outcome.seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """One (model, verifier with options, norm, eps grid, sample set, device): DESIGN.md.
+
+    ``identity`` holds the row fields that name the cell (model, dataset, arch, recipe,
+    checkpoint_sha256, verifier, method, options, norm, device, attack); ``cross_check``
+    is the model's attack outcome on these points in this norm, when attacks are on."""
+
+    key: str
+    label: str
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: torch.Tensor
+    verifier: VerifierSpec
+    norm: str
+    eps: tuple[float, ...]
+    device: str
+    batch_size: int
+    attack: AttackSpec
+    seed: int = 0
+    identity: dict[str, Any] = field(default_factory=dict)
+    cross_check: AttackOutcome | None = None
+    timeout_s: float | None = None
+    imports: tuple[str, ...] = ()
+
+    def base_row(self) -> dict[str, Any]:
+        """The cell's row before anything ran (what a failed worker leaves)."""
+        return {
+            "cell_key": self.key, **self.identity, "n_samples": len(self.y),
+            "clean_acc": float("nan"), "status": "ok", "error": None,
+            "setup_s": float("nan"), "certify_s": float("nan"), "per_sample_s": float("nan"),
+            "peak_mem_bytes": None, "mem_kind": None, "probabilistic": False, "alpha": None,
+            "eps_grid": json.dumps(list(self.eps)), "soundness_violations": None,
+            "probabilistic_violations": None,
+            "attack": canonical_json(self.attack.model_dump()) if self.attack.enabled else None,
+            "attack_s": None if self.cross_check is None else self.cross_check.seconds,
+            "started_at": pd.Timestamp.now(tz="UTC"),
+        }
+
+    def failed(self, status: str, reason: str, started_at: pd.Timestamp) -> dict[str, pd.DataFrame]:
+        """The rows of a cell whose worker did not return (timeout, crash, memory limit)."""
+        row = self.base_row()
+        row.update(status=status, error=reason[:500], started_at=started_at,
+                   finished_at=pd.Timestamp.now(tz="UTC"))
+        return {"cells": pd.DataFrame([row])}
+
+    def run(self) -> dict[str, pd.DataFrame]:
+        """Certify, measure and cross-check; the rows of the three tables. A failure of the
+        verifier is recorded in the cell row (status, error), never raised."""
+        import_plugins(self.imports)
+        device = torch.device(self.device)
+        model = self.model.to(device).eval()
+        x, y = self.x.to(device), self.y.cpu()
+        eps = list(self.eps)
+        with torch.no_grad():
+            clean_pred = model(x).argmax(1).cpu()
+        row = self.base_row()
+        row["clean_acc"] = float((clean_pred == y).float().mean())
+        tables: dict[str, pd.DataFrame] = {}
+        memory = PeakMemory(device)
+        try:
+            verifier = get_verifier(self.verifier.name, **self.verifier.options)
+            with memory:
+                _, row["setup_s"] = timed(
+                    lambda: verifier.prepare(model, tuple(x.shape[1:])), device)
+                verifier.certify(x[:WARMUP_SAMPLES], self.norm, eps)
+                cert, per_sample, total = _certify_batches(verifier, x, self.norm, eps,
+                                                           self.batch_size, device)
+            row.update(certify_s=total, per_sample_s=total / len(y),
+                       probabilistic=cert.probabilistic, alpha=cert.alpha)
+            tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
+            if self.cross_check is not None and not cert.probabilistic:
+                row["soundness_violations"] = _cross_check(tables, cert, self.cross_check,
+                                                           clean_pred, y, eps)
+            elif cert.probabilistic and self.attack.enabled:
+                if not isinstance(verifier, SmoothedClassifier):
+                    raise TypeError(f"{self.verifier.name} returns probabilistic certificates "
+                                    "but does not implement the SmoothedClassifier protocol")
+                row["probabilistic_violations"] = _check_smoothing(
+                    tables["samples"], verifier, model, x, cert, eps, self.norm, self.attack)
+        except torch.cuda.OutOfMemoryError as exc:
+            row.update(status="oom", error=str(exc).splitlines()[0][:500])
+        except MemoryError as exc:
+            row.update(status="oom", error=f"MemoryError: {exc}"[:500])
+        except Exception as exc:  # a verifier failure must not stop the run
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        row.update(peak_mem_bytes=memory.peak_bytes, mem_kind=memory.kind,
+                   finished_at=pd.Timestamp.now(tz="UTC"))
+        tables["cells"] = pd.DataFrame([row])
+        return tables
+
+
+def _certify_batches(
+    verifier: Any, x: torch.Tensor, norm: str, eps: list[float], batch_size: int,
+    device: torch.device,
+) -> tuple[Certificate, list[float], float]:
+    """Certify ``x`` in batches: the merged certificate, per-sample seconds, total seconds."""
+    parts, per_sample, total = [], [], 0.0
+    starts = range(0, len(x), batch_size)
+    for start in starts:
+        batch = x[start : start + batch_size]
+        cert, seconds = timed(lambda b=batch: verifier.certify(b, norm, eps), device)
+        parts.append(cert)
+        per_sample += [seconds / len(batch)] * len(batch)
+        total += seconds
+    first = parts[0]
+    columns = {k: torch.cat([p.columns[k] for p in parts]) for k in first.columns}
+    merged = Certificate(
+        prediction=torch.cat([p.prediction for p in parts]),
+        verdicts=torch.cat([p.verdicts for p in parts]),
+        radius=None if first.radius is None else torch.cat([p.radius for p in parts]),
+        columns=columns,
+        probabilistic=first.probabilistic,
+        alpha=first.alpha,
+        counterexamples={(start + n, k): point for start, p in zip(starts, parts, strict=True)
+                         for (n, k), point in p.counterexamples.items()},
+    )
+    return merged, per_sample, total
+
+
+def _certificate_tables(
+    key: str, cert: Certificate, per_sample: list[float], y: torch.Tensor,
+    indices: torch.Tensor, eps: list[float],
+) -> dict[str, pd.DataFrame]:
+    n, k = len(y), len(eps)
+    names = np.array([v.value for v in VERDICTS])
+    verdict = names[cert.verdicts.long().reshape(-1).numpy()]  # sample-major
+    samples = pd.DataFrame({
+        "cell_key": key,
+        "sample_index": indices.repeat_interleave(k).numpy(),
+        "label": y.repeat_interleave(k).numpy(),
+        "prediction": cert.prediction.repeat_interleave(k).numpy(),
+        "eps": eps * n,
+        "verdict": verdict,
+        "radius": (
+            cert.radius.double().repeat_interleave(k).numpy() if cert.radius is not None
+            else float("nan")
+        ),
+        "time_s": torch.tensor(per_sample).repeat_interleave(k).numpy(),
+    })
+    for name, values in cert.columns.items():
+        values = values.double()
+        samples[name] = (values.reshape(-1) if values.dim() == 2 else
+                         values.repeat_interleave(k)).numpy()
+    samples["certified"] = (samples["verdict"] == Verdict.CERTIFIED.value) & (
+        samples["prediction"] == samples["label"]
+    )
+    certified = (
+        samples.groupby("eps", sort=True)["certified"].mean().rename("certified_acc").reset_index()
+    )
+    certified.insert(0, "cell_key", key)
+    certified["attack_upper_bound"] = float("nan")
+    return {"samples": samples, "certified": certified}
+
+
+def _cross_check(
+    tables: dict[str, pd.DataFrame], cert: Certificate, attack: AttackOutcome,
+    clean_pred: torch.Tensor, y: torch.Tensor, eps: list[float],
+) -> int:
+    """Add the attack's columns and upper bound; return the number of samples with a
+    soundness violation."""
+    k = len(eps)
+    samples = tables["samples"]
+    samples["attack_success"] = attack.success.reshape(-1).numpy()
+    samples["adv_distance"] = attack.distance.repeat_interleave(k).numpy()
+    certified_at = cert.verdicts == VERDICTS.index(Verdict.CERTIFIED)
+    flipped = (certified_at & attack.success).any(dim=1)
+    if cert.radius is not None:
+        flipped |= cert.radius.double() > attack.distance
+    samples["violation"] = flipped.repeat_interleave(k).numpy()
+    robust = (clean_pred == y)[:, None] & ~attack.success
+    upper = dict(zip(eps, robust.double().mean(dim=0).tolist(), strict=True))
+    tables["certified"]["attack_upper_bound"] = tables["certified"]["eps"].map(upper)
+    return int(flipped.sum())
+
+
+def _check_smoothing(
+    samples: pd.DataFrame, verifier: SmoothedClassifier, model: nn.Module, x: torch.Tensor,
+    cert: Certificate, eps: list[float], norm: str, attack: AttackSpec,
+) -> int:
+    """Attack each certified sample of a smoothing cell at its largest certified epsilon;
+    return how many points PREDICT assigns a class other than the certified one."""
+    certified_at = cert.verdicts == VERDICTS.index(Verdict.CERTIFIED)
+    grid = torch.tensor(eps, dtype=torch.float64)
+    largest = torch.where(certified_at, grid, torch.zeros_like(grid)).max(dim=1).values
+    checked = (largest > 0).nonzero().flatten()
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    for chunk in checked.split(SMOOTHED_ATTACK_BATCH):
+        idx = chunk.to(x.device)
+        target = cert.prediction[chunk].to(x.device)
+        points = smoothed_pgd(model, x[idx], target, largest[chunk].to(x.device), norm,
+                              verifier.sigma, attack.smoothing_noise_samples, attack.steps)
+        decided = verifier.predict(points, n=attack.smoothing_check_n)
+        flipped[chunk] = (decided != ABSTAIN) & (decided != cert.prediction[chunk])
+    samples["smoothed_attack_flipped"] = flipped.repeat_interleave(len(eps)).numpy()
+    return int(flipped.sum())
