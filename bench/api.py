@@ -42,6 +42,7 @@ from certbench.runner import run_cells
 from certbench.store import ResultsStore
 from certbench.summary import summary_of
 from certbench.verifiers import get_verifier
+from certbench.view import ResultsView
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Evaluation:
         """One row per cell (and the PGD upper bound per model and norm): clean and
         certified accuracy per epsilon, setup time, ms per sample, peak memory, status,
         soundness violations; the table `certbench show` prints, all norms together."""
-        tables = summary_of(self.cells, self.certified)
+        tables = summary_of(ResultsView.of(self.cells, self.certified, self.samples))
         frames = [t.assign(norm=n)[["norm", *t.columns]] for n, t in tables.items()]
         return pd.concat(frames, ignore_index=True)
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from certbench.errors import UserError
-from certbench.store import ResultsStore
+from certbench.view import ResultsView
 
 MATCH = ["model", "verifier", "norm", "dataset", "n_samples"]
 
@@ -47,15 +47,12 @@ class Comparison:
         return not self.failures
 
 
-def _load(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    store = ResultsStore(folder)
-    if not store.path("cells").exists():
-        raise UserError(f"no results in {folder} (expected cells.parquet)")
-    cells = store.read("cells")
-    if cells.duplicated(MATCH).any():
+def _load(folder: str | Path) -> ResultsView:
+    view = ResultsView.load(folder)
+    if view.cells.duplicated(MATCH).any():
         raise UserError(f"{folder}: two cells share model, verifier and norm (several "
                         "matrices or devices in one folder); compare one matrix at a time")
-    return cells, store.read("certified")
+    return view
 
 
 def compare(
@@ -63,12 +60,11 @@ def compare(
     max_acc_drop: float | None = None, fail_on_missing: bool = False,
     time_floor_s: float = 0.5,
 ) -> Comparison:
-    base_cells, base_acc = _load(baseline)
-    cand_cells, cand_acc = _load(candidate)
+    base_view, cand_view = _load(baseline), _load(candidate)
     columns = MATCH + ["cell_key", "checkpoint_sha256", "status", "per_sample_s",
                        "certify_s", "soundness_violations"]
-    base = base_cells.reindex(columns=columns)
-    cand = cand_cells.reindex(columns=columns)
+    base = base_view.cells.reindex(columns=columns)
+    cand = cand_view.cells.reindex(columns=columns)
     merged = base.merge(cand, on=MATCH, how="outer", suffixes=("_base", "_cand"),
                         indicator=True)
     only_base = merged[merged["_merge"] == "left_only"][MATCH]
@@ -79,9 +75,8 @@ def compare(
     both["time_ratio"] = both["per_sample_s_cand"] / both["per_sample_s_base"]
     drops, diffs = [], []
     for _, row in both.iterrows():
-        b = base_acc[base_acc["cell_key"] == row["cell_key_base"]].set_index("eps")
-        c = cand_acc[cand_acc["cell_key"] == row["cell_key_cand"]].set_index("eps")
-        diff = (c["certified_acc"] - b["certified_acc"]).dropna()
+        diff = (cand_view.accuracy(row["cell_key_cand"])
+                - base_view.accuracy(row["cell_key_base"])).dropna()
         diffs.append(", ".join(f"{e:g}:{d:+.3f}" for e, d in diff.items()) or "-")
         drops.append(max(0.0, float(-diff.min())) if len(diff) else float("nan"))
     both["acc_diff"] = diffs

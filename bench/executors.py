@@ -8,12 +8,13 @@ A task is a value with ``run()`` (cells.py: `Cell`, `AttackJob`), a ``label``, a
   worker process, forked from a clean server process that has imported certbench and
   torch once (``multiprocessing``'s *forkserver*; no heavy work ever happens in it, so a
   worker starts with no memory freed by an earlier task, and its peak resident memory is
-  the task's own). The driver polls each worker: past ``timeout_s`` it is killed and the
-  task ends as ``timeout``; past ``memory_limit_bytes`` of resident memory (read from
-  ``/proc``, every 20 ms) it is killed and ends as ``oom``; a worker that dies (a signal
-  such as SIGSEGV, or an exit without a result) ends as ``error`` naming the signal. Up
-  to ``workers`` tasks run side by side, each with ``threads`` torch threads (by default
-  the cores divided among the workers). A worker whose driver has died exits by itself.
+  the task's own, plus a few MiB of library code paged in on first use). The driver
+  polls each worker: past ``timeout_s`` it is killed and the task ends as ``timeout``;
+  past ``memory_limit_bytes`` of resident memory (read from ``/proc``, every 20 ms) it is
+  killed and ends as ``oom``; a worker that dies (a signal such as SIGSEGV, or an exit
+  without a result) ends as ``error`` naming the signal. Up to ``workers`` tasks run side
+  by side, each with ``threads`` torch threads (by default the cores divided among the
+  workers). A worker whose driver has died exits by itself.
 - `InlineExecutor` (``--executor inline``, and the Python API's default, whose models
   may be classes a worker cannot import): tasks in the driver's own process, one after
   the other; exceptions are contained, but there is no time limit, no protection from
@@ -46,6 +47,10 @@ from certbench.errors import UserError
 POLL_S = 0.02
 DRIVER_CHECK_S = 1.0
 DEFAULT_MEMORY_FRACTION = 0.85
+PRELOAD = ["certbench.cells", "torch.fx.experimental.symbolic_shapes"]
+"""Imported once by the fork server, so that no worker pays (or is charged) for them: the
+harness with every verifier, and sympy, which torch.fx's shape propagation imports
+lazily (about 33 MiB, once charged to every bound-propagation cell)."""
 
 
 class Task(Protocol):
@@ -192,7 +197,7 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")  # not POSIX: slower starts, same rules
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["certbench.cells"])
+    context.set_forkserver_preload(PRELOAD)
     return context
 
 

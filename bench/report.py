@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,12 +33,10 @@ import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
 from certbench.store import ResultsStore  # noqa: E402
+from certbench.view import PROB_NOTE, ResultsView  # noqa: E402
 
-PROB_MARK = "†"
-PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
-             "1 - alpha over the sampling noise, not with certainty.")
 TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #falsified / #abstain / #timeout / "
-              "#error: (sample, epsilon) pairs per verdict; viol.: certified samples the "
+              "#error: (sample, epsilon) pairs per verdict; violations: certified samples the "
               "attack flipped; PGD upper bound: robust accuracy can be no higher (not a "
               "certificate). A complete verifier (bab, exact) without timeouts gives the "
               "true robust accuracy: the gap from it to each incomplete method is that "
@@ -48,28 +45,6 @@ SECTIONS = ("violations", "tables", "certified-vs-eps", "cost-vs-strength", "mem
             "radius", "tightness", "provenance")
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
                      "grid.alpha": 0.3, "savefig.bbox": "tight"})
-
-
-@dataclass
-class Results:
-    cells: pd.DataFrame
-    certified: pd.DataFrame
-    samples: pd.DataFrame
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Results:
-        store = ResultsStore(folder)
-        if not store.path("cells").exists():
-            raise UserError(f"no results in {folder} (expected cells.parquet); run "
-                            "`certbench run` first")
-        cells = store.read("cells")
-        cells["probabilistic"] = cells["probabilistic"].fillna(False).astype(bool)
-        cells["shown"] = cells["verifier"] + np.where(cells["probabilistic"], PROB_MARK, "")
-        return cls(cells, store.read("certified"), store.read("samples"))
-
-    @property
-    def ok(self) -> pd.DataFrame:
-        return self.cells[self.cells["status"] == "ok"]
 
 
 def _png(fig) -> bytes:
@@ -82,7 +57,7 @@ def _png(fig) -> bytes:
 MARKERS = "osD^vP*Xph<>"
 
 
-def _line_style(results: Results, shown: str, probabilistic: bool) -> dict:
+def _line_style(results: ResultsView, shown: str, probabilistic: bool) -> dict:
     """Dashed for probabilistic; one marker per verifier, so that lines lying on top of
     each other (two methods with the same figures) stay visible."""
     index = sorted(results.ok["shown"].unique()).index(shown)
@@ -90,7 +65,7 @@ def _line_style(results: Results, shown: str, probabilistic: bool) -> dict:
             "markersize": 4, "markerfacecolor": "none"}
 
 
-def _panels(results: Results, title: str):
+def _panels(results: ResultsView, title: str):
     """A grid of axes: one row per model, one column per norm."""
     models = sorted(results.ok["model"].unique())
     norms = sorted(results.ok["norm"].unique())
@@ -100,7 +75,7 @@ def _panels(results: Results, title: str):
     return fig, axes, models, norms
 
 
-def _norm_panels(results: Results, height: float = 4.0):
+def _norm_panels(results: ResultsView, height: float = 4.0):
     """One axes per norm, side by side."""
     norms = sorted(results.ok["norm"].unique())
     fig, axes = plt.subplots(1, len(norms), squeeze=False, figsize=(5.5 * len(norms), height))
@@ -117,7 +92,7 @@ def _shared_legend(fig, axes) -> None:
                ncol=min(4, len(entries)), fontsize=7.5)
 
 
-def figure_certified_vs_eps(results: Results) -> bytes:
+def figure_certified_vs_eps(results: ResultsView) -> bytes:
     fig, axes, models, norms = _panels(results, "Certified accuracy versus epsilon")
     data = results.certified.merge(results.ok, on="cell_key")
     for r, model in enumerate(models):
@@ -143,14 +118,14 @@ def figure_certified_vs_eps(results: Results) -> bytes:
     return _png(fig)
 
 
-def _strength_eps(results: Results, norm: str) -> float:
+def _strength_eps(results: ResultsView, norm: str) -> float:
     """The epsilon the cost figure uses: the middle of the norm's grid."""
     grid = sorted(results.certified.merge(results.ok[results.ok["norm"] == norm],
                                           on="cell_key")["eps"].unique())
     return float(grid[(len(grid) - 1) // 2]) if grid else float("nan")
 
 
-def figure_cost_vs_strength(results: Results) -> bytes:
+def figure_cost_vs_strength(results: ResultsView) -> bytes:
     fig, axes, norms = _norm_panels(results)
     markers = MARKERS
     models = sorted(results.ok["model"].unique())
@@ -178,7 +153,7 @@ def figure_cost_vs_strength(results: Results) -> bytes:
     return _png(fig)
 
 
-def figure_memory(results: Results) -> bytes:
+def figure_memory(results: ResultsView) -> bytes:
     ok = results.ok.dropna(subset=["peak_mem_bytes"])
     bars = results.ok["shown"].nunique() * results.ok["model"].nunique()
     fig, axes, norms = _norm_panels(results, max(4.0, 1.5 + 0.13 * bars))
@@ -197,13 +172,13 @@ def figure_memory(results: Results) -> bytes:
     return _png(fig)
 
 
-def _per_sample(results: Results) -> pd.DataFrame:
+def _per_sample(results: ResultsView) -> pd.DataFrame:
     """One row per cell and sample (radius and attack distance repeat across epsilon)."""
     samples = results.samples.drop_duplicates(["cell_key", "sample_index"])
     return samples.merge(results.ok, on="cell_key")
 
 
-def figure_radius(results: Results) -> bytes:
+def figure_radius(results: ResultsView) -> bytes:
     fig, axes, models, norms = _panels(results, "Certified radius: fraction of samples "
                                        "certified correctly at radius >= r")
     data = _per_sample(results)
@@ -228,7 +203,7 @@ def figure_radius(results: Results) -> bytes:
     return _png(fig)
 
 
-def tightness_table(results: Results) -> pd.DataFrame:
+def tightness_table(results: ResultsView) -> pd.DataFrame:
     """Per model, norm and verifier: the median and 10th percentile of certified radius /
     smallest adversarial distance over samples with both (1 = tight)."""
     data = _per_sample(results)
@@ -242,7 +217,7 @@ def tightness_table(results: Results) -> pd.DataFrame:
                          "n": grouped.size()}).reset_index()
 
 
-def figure_tightness(results: Results) -> bytes:
+def figure_tightness(results: ResultsView) -> bytes:
     data = _per_sample(results)
     fig, axes, norms = _norm_panels(results)
     for ax, norm in zip(axes, norms, strict=True):
@@ -265,43 +240,30 @@ VERDICT_COLUMNS = {"certified": "#cert", "not_certified": "#not", "falsified": "
                    "abstain": "#abstain", "timeout": "#timeout", "error": "#error"}
 
 
-def model_tables(results: Results) -> dict[str, pd.DataFrame]:
-    """Per model and norm: one row per verifier (and the attack's upper bound); the ``#``
-    columns count (sample, epsilon) pairs per verdict (``#not``: not certified), ``viol.``
-    the samples with a soundness violation (probabilistic ones for smoothing)."""
-    cells = results.cells
+def model_tables(results: ResultsView) -> dict[str, pd.DataFrame]:
+    """Per model and norm: one row per verifier (view.py's `cell_table`, and the attack's
+    upper bound); the ``#`` columns count (sample, epsilon) pairs per verdict (``#not``:
+    not certified)."""
     verdicts = results.samples.groupby(["cell_key", "verdict"]).size().unstack(fill_value=0)
     tables = {}
-    for (model, norm), group in cells.groupby(["model", "norm"], sort=True):
-        table = group.set_index("cell_key")[["shown", "clean_acc"]].rename(
-            columns={"shown": "verifier", "clean_acc": "clean"})
-        acc = results.certified[results.certified["cell_key"].isin(group["cell_key"])]
-        if not acc.empty:
-            wide = acc.pivot(index="cell_key", columns="eps", values="certified_acc")
-            wide.columns = [f"cert@{e:g}" for e in wide.columns]
-            table = table.join(wide)
-        indexed = group.set_index("cell_key")
-        table["setup s"] = indexed["setup_s"]
-        table["ms/sample"] = indexed["per_sample_s"] * 1e3
-        table["peak MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
+    for (model, norm), group in results.cells.groupby(["model", "norm"], sort=True):
+        table = results.cell_table(group)
+        status = table.pop("status")
+        violations = table.pop("violations") if "violations" in table else None
         for verdict, short in VERDICT_COLUMNS.items():
             if verdict in verdicts:
                 table[short] = verdicts[verdict].reindex(table.index).fillna(0).astype(int)
-        table["status"] = indexed["status"]
-        if "soundness_violations" in indexed:
-            table["viol."] = indexed["soundness_violations"].fillna(
-                indexed["probabilistic_violations"])
-        attack = acc.dropna(subset=["attack_upper_bound"]).groupby("eps")[
-            "attack_upper_bound"].first()
-        if not attack.empty:
-            row = {"verifier": "PGD upper bound", "clean": group["clean_acc"].iloc[0]}
-            row.update({f"cert@{e:g}": v for e, v in attack.items()})
-            table = pd.concat([table, pd.DataFrame([row], index=["attack"])])
+        table["status"] = status
+        if violations is not None:
+            table["violations"] = violations
+        attack = results.attack_row(group)
+        if attack is not None:
+            table = pd.concat([table, attack])
         tables[f"{model}, l{norm}"] = table.reset_index(drop=True)
     return tables
 
 
-def provenance(results: Results, folder: Path) -> dict[str, str]:
+def provenance(results: ResultsView, folder: Path) -> dict[str, str]:
     cells = results.cells
     versions = sorted(set(cells["versions"].dropna()))
     devices = sorted(set(cells["device"].dropna()))
@@ -319,17 +281,6 @@ def provenance(results: Results, folder: Path) -> dict[str, str]:
     }
 
 
-def violation_lines(results: Results) -> list[str]:
-    lines = []
-    for column, what in (("soundness_violations", "soundness violation"),
-                         ("probabilistic_violations", "probabilistic certificate refuted")):
-        if column in results.cells:
-            bad = results.cells[results.cells[column].fillna(0) > 0]
-            lines += [f"{what}: {r.model} / {r.shown} / l{r.norm}: {int(r[column])} certified "
-                      "sample(s) flipped by the attack" for _, r in bad.iterrows()]
-    return lines
-
-
 FIGURES = {
     "certified-vs-eps": ("Certified accuracy versus epsilon", figure_certified_vs_eps,
                          "One panel per model and norm; dotted: PGD's upper bound on robust "
@@ -340,9 +291,10 @@ FIGURES = {
                          "hollow: probabilistic."),
     "memory": ("Peak memory", figure_memory,
                "Peak memory of each cell (setup, warm-up and certification). On CUDA: "
-               "max_memory_allocated; on CPU (rss): growth of the process's resident-set "
-               "high-water mark during the cell, near 0 for a cell that reuses memory the "
-               "process already held."),
+               "max_memory_allocated; on CPU (rss): growth of the resident-set high-water "
+               "mark of the cell's own worker process over its level with the model "
+               "loaded (cells run with --executor inline share one process and may read "
+               "low)."),
     "radius": ("Certified radius", figure_radius,
                "Fraction of samples correctly classified with certified radius at least r "
                "(verifiers that report a radius)."),
@@ -444,7 +396,7 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     if not vnn.empty and not ResultsStore(folder).path("cells").exists():
         (out / "figures").mkdir(parents=True, exist_ok=True)
         return _vnncomp_report(folder, out, vnn)
-    results = Results.load(folder)
+    results = ResultsView.load(folder)
     if results.ok.empty:
         raise UserError(f"{folder}: no cell finished with status ok; nothing to plot")
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -455,7 +407,7 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     tables = model_tables(results)
     tight = tightness_table(results)
     prov = provenance(results, folder)
-    violations = violation_lines(results)
+    violations = results.violation_lines()
     has_prob = bool(results.cells["probabilistic"].any())
     name = prov["matrix"]
     extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")

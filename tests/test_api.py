@@ -61,7 +61,7 @@ def test_evaluate_returns_the_run_tables_with_the_cross_check(model, digits):
     acc = merged.pivot_table(index=["norm", "eps"], columns="method", values="certified_acc")
     assert (acc["ibp"] <= acc["crown"]).all() and (acc["crown"] <= acc["alpha-crown"]).all()
     summary = result.summary()
-    assert {"verifier", "clean_acc", "ms/sample", "norm"} <= set(summary.columns)
+    assert {"verifier", "clean", "ms/sample", "norm"} <= set(summary.columns)
 
 
 def test_evaluate_saves_a_results_folder_that_the_commands_read(model, digits, tmp_path,

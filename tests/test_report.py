@@ -59,7 +59,7 @@ def test_violations_are_shown_first_in_red(results, tmp_path):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "class='violations'" in page
     assert page.index("id='violations'") < page.index("id='tables'")
-    assert "soundness violation: std / crown-ibp / l2: 3 certified" in page
+    assert "SOUNDNESS VIOLATION: std / crown-ibp / l2: 3 certified" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,0 +1,120 @@
+"""One reading of a results folder, shared by `certbench show`, `report` and `compare` and
+by the Python API's summary, so that they cannot disagree.
+
+`ResultsView` holds the three tables (the per-sample one read only when asked for), with
+``probabilistic`` as a boolean and ``shown``, the verifier's label with a dagger when its
+certificates are probabilistic (randomized smoothing). `cell_table` is the per-cell table
+every reader prints: verifier, clean accuracy, certified accuracy at each epsilon, setup
+time, time per sample, peak memory, status and violations; `attack_row` adds the PGD
+upper bound of a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from certbench.errors import UserError
+from certbench.store import ResultsStore
+
+PROB_MARK = "†"
+PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
+             "1 - alpha over the sampling noise, not with certainty.")
+ATTACK_ROW = "PGD upper bound"
+
+
+@dataclass
+class ResultsView:
+    cells: pd.DataFrame
+    certified: pd.DataFrame
+    folder: Path | None = None
+    _samples: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        cells = self.cells.copy()
+        cells["probabilistic"] = cells["probabilistic"].fillna(False).astype(bool)
+        cells["shown"] = cells["verifier"] + np.where(cells["probabilistic"], PROB_MARK, "")
+        self.cells = cells
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ResultsView:
+        store = ResultsStore(folder)
+        if not store.path("cells").exists():
+            raise UserError(f"no results in {folder} (expected cells.parquet); run "
+                            "`certbench run` first")
+        return cls(store.read("cells"), store.read("certified"), Path(folder))
+
+    @classmethod
+    def of(cls, cells: pd.DataFrame, certified: pd.DataFrame,
+           samples: pd.DataFrame | None = None) -> ResultsView:
+        """A view of tables held in memory (the Python API's)."""
+        return cls(cells, certified, None, samples)
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        if self._samples is None:
+            self._samples = (ResultsStore(self.folder).read("samples") if self.folder
+                             else pd.DataFrame())
+        return self._samples
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.cells[self.cells["status"] == "ok"]
+
+    def accuracy(self, cell_key: str) -> pd.Series:
+        """Certified accuracy of one cell by epsilon."""
+        rows = self.certified[self.certified["cell_key"] == cell_key]
+        return rows.set_index("eps")["certified_acc"]
+
+    def cell_table(self, cells: pd.DataFrame) -> pd.DataFrame:
+        """One row per cell of ``cells`` (a slice of ``self.cells``), indexed by key."""
+        indexed = cells.set_index("cell_key")
+        table = indexed[["shown", "clean_acc"]].rename(
+            columns={"shown": "verifier", "clean_acc": "clean"})
+        acc = self.certified[self.certified["cell_key"].isin(cells["cell_key"])]
+        if not acc.empty:
+            wide = acc.pivot(index="cell_key", columns="eps", values="certified_acc")
+            wide.columns = [f"cert@{e:g}" for e in wide.columns]
+            table = table.join(wide)
+        table["setup_s"] = indexed["setup_s"]
+        table["ms/sample"] = indexed["per_sample_s"] * 1e3
+        table["peak_MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
+        table["status"] = indexed["status"]
+        if "soundness_violations" in indexed:
+            table["violations"] = indexed["soundness_violations"].fillna(
+                indexed["probabilistic_violations"])
+        return table
+
+    def attack_row(self, cells: pd.DataFrame) -> pd.DataFrame | None:
+        """The PGD upper bound on robust accuracy at each epsilon, over the deterministic
+        cells of one model in ``cells`` (all cells of a model share its attack)."""
+        deterministic = cells[~cells["probabilistic"]]
+        acc = self.certified[self.certified["cell_key"].isin(deterministic["cell_key"])]
+        if acc.empty or "attack_upper_bound" not in acc:
+            return None
+        upper = acc.dropna(subset=["attack_upper_bound"]).groupby("eps")[
+            "attack_upper_bound"].first()
+        if upper.empty:
+            return None
+        row = {"verifier": ATTACK_ROW, "clean": deterministic["clean_acc"].iloc[0]}
+        row.update({f"cert@{e:g}": v for e, v in upper.items()})
+        return pd.DataFrame([row], index=["attack"])
+
+    def violation_lines(self) -> list[str]:
+        """One line per cell with soundness violations (and, apart, probabilistic ones)."""
+        lines = []
+        for column, what in (("soundness_violations", "SOUNDNESS VIOLATION"),
+                             ("probabilistic_violations", "probabilistic certificate refuted")):
+            if column in self.cells:
+                bad = self.cells[self.cells[column].fillna(0) > 0]
+                lines += [f"{what}: {r.model} / {r.shown} / l{r.norm}: {int(r[column])} "
+                          "certified sample(s) flipped by the attack" for _, r in bad.iterrows()]
+        return lines
+
+    def failure_lines(self) -> list[str]:
+        failed = self.cells[self.cells["status"] != "ok"]
+        return [f"{r.status}: {r.model} / {r.shown} / l{r.norm}: {r.error}"
+                for r in failed.itertuples()]
