@@ -181,4 +181,5 @@ def evaluate(
                               timeout_s=verifier.timeout_s))
     rows = run_cells(cells, executor or InlineExecutor(), None, context, progress,
                      f"evaluate {name}")
-    return Evaluation(**{k: pd.concat(v, ignore_index=True) for k, v in rows.items()})
+    return Evaluation(**{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame()
+                         for k, v in rows.items()})

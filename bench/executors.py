@@ -69,7 +69,7 @@ class Outcome:
     status: str
     value: Any = None
     reason: str | None = None
-    seconds: float = float("nan")
+    seconds: float = 0.0
 
 
 def available_cores() -> int:
@@ -153,7 +153,13 @@ def _worker(conn: Any, task_bytes: bytes, threads: int, driver_pid: int,
     os.environ.update(environment)
     _exit_with_driver(driver_pid)
     torch.set_num_threads(threads)
-    outcome = _contained(pickle.loads(task_bytes))
+    try:
+        task = pickle.loads(task_bytes)
+    except Exception as exc:  # e.g. a class the worker cannot import
+        outcome = Outcome("error", reason=f"the worker cannot load the task ({exc}); "
+                          "run it with the inline executor")
+    else:
+        outcome = _contained(task)
     try:
         payload = pickle.dumps(outcome)
     except Exception as exc:  # the value would not pickle
@@ -269,7 +275,12 @@ class ProcessExecutor:
         try:
             while queue or running:
                 while queue and len(running) < self.workers:
-                    running.append(self._start(queue.pop()))
+                    task = queue.pop()
+                    try:
+                        running.append(self._start(task))
+                    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                        yield task, Outcome("error", reason=f"cannot send the task to a "
+                                            f"worker ({exc}); run it with the inline executor")
                 for job in list(running):
                     outcome = self._check(job)
                     if outcome is not None:

@@ -163,6 +163,8 @@ def figure_memory(results: ResultsView) -> bytes:
             index="shown", columns="model", values="peak_mem_bytes", aggfunc="max") / 2**20
         if not table.empty:
             table.plot.barh(ax=ax, width=0.8)
+            if (table > 0).all().all() and table.max().max() > 50 * table.min().min():
+                ax.set_xscale("log")  # spans decades: a linear axis hides the small cells
         ax.set_xlabel(f"peak memory (MiB; {kinds})")
         ax.set_ylabel("verifier")
         ax.set_title(f"Peak memory per cell, l{norm}")

@@ -95,3 +95,32 @@ def test_workers_and_inline_give_the_same_verdicts(tmp_path):
                                   b.sort_values(columns[:3])[columns].reset_index(drop=True))
     assert (parallel["soundness_violations"] == 0).all()
     assert (parallel["attack_s"] > 0).all() and inline["attack_error"].isna().all()
+
+
+def test_the_api_runs_in_workers_and_explains_a_model_they_cannot_load(digits):
+    import torch
+    from torch import nn
+
+    import certbench
+    from certbench.models import build_model
+
+    x, y = digits.x_test[:10], digits.y_test[:10]
+    model = build_model("mlp", (1, 8, 8), 10, [0.5], [0.5], {"widths": [16]}).eval()
+    inline = certbench.evaluate(model, x, y, verifiers=["crown"], attack=False, progress=False)
+    isolated = certbench.evaluate(model, x, y, verifiers=["crown"], attack=False,
+                                  progress=False, executor=ProcessExecutor())
+    assert (isolated.cells["status"] == "ok").all()
+    assert isolated.samples["margin_lb"].tolist() == inline.samples["margin_lb"].tolist()
+
+    class Local(nn.Module):  # a class no worker can import
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, z):
+            return self.linear(torch.flatten(z, 1))
+
+    failed = certbench.evaluate(Local(), x, y, verifiers=["ibp"], attack=False,
+                                progress=False, executor=ProcessExecutor())
+    assert failed.cells["status"].item() == "error"
+    assert "inline executor" in failed.cells["error"].item()
