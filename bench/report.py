@@ -5,9 +5,10 @@ results alone.
     OUT/report.md      the same tables, figures linked from OUT/figures/
     OUT/figures/*.png
 
-Sections, in order: soundness violations (in red, only if any), per-model tables, certified
-accuracy versus epsilon, cost versus strength, peak memory, certified-radius curves,
-tightness (certified radius / smallest adversarial distance), provenance.
+Sections, in order: soundness violations (in red, only if any), per-model tables (and, for
+randomized smoothing, the noise draws per sample and per certified point next to fixed-N
+CERTIFY's), certified accuracy versus epsilon, cost versus strength, peak memory,
+certified-radius curves, tightness (certified radius / smallest adversarial distance), provenance.
 
 A results folder of `certbench vnncomp` (``instances.parquet``) gets a section of its own:
 instances per answer and verifier, and the competition's cactus plot. Probabilistic
@@ -33,6 +34,7 @@ import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
 from certbench.store import ResultsStore  # noqa: E402
+from certbench.verifiers import get_verifier  # noqa: E402
 from certbench.view import PROB_NOTE, ResultsView  # noqa: E402
 
 TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #falsified / #abstain / #timeout / "
@@ -217,6 +219,34 @@ def tightness_table(results: ResultsView) -> pd.DataFrame:
     grouped = data.groupby(["model", "norm", "shown"])["ratio"]
     return pd.DataFrame({"median": grouped.median(), "p10": grouped.quantile(0.1),
                          "n": grouped.size()}).reset_index()
+
+
+def smoothing_draws_table(results: ResultsView) -> pd.DataFrame:
+    """Per randomized-smoothing cell: mean noise draws per sample (selection and
+    estimation) and per certified point (samples certified at the grid's smallest
+    epsilon), next to fixed-N CERTIFY's n0 + n, and the time per sample."""
+    samples = _per_sample(results)
+    if "noise_draws" not in samples:
+        return pd.DataFrame()
+    rows = []
+    for key, cell in samples.dropna(subset=["noise_draws"]).groupby("cell_key"):
+        meta = results.ok.set_index("cell_key").loc[key]
+        options = json.loads(meta["options"])
+        verifier = get_verifier(meta["method"], **options)
+        certified = results.samples[(results.samples["cell_key"] == key)
+                                    & results.samples["certified"]]["sample_index"].unique()
+        rows.append({
+            "model": meta["model"], "verifier": meta["shown"], "norm": meta["norm"],
+            "mode": "sequential" if options.get("sequential") else "fixed N",
+            "draws/sample": cell["noise_draws"].mean(),
+            "draws/certified": cell[cell["sample_index"].isin(certified)]["noise_draws"].mean(),
+            "fixed N draws": verifier.n0 + verifier.n,
+            "ms/sample": meta["per_sample_s"] * 1e3,
+        })
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["fewer"] = table["fixed N draws"] / table["draws/sample"]
+    return table
 
 
 def figure_tightness(results: ResultsView) -> bytes:
@@ -407,6 +437,9 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
         images[key] = draw(results)
         (out / "figures" / f"{key}.png").write_bytes(images[key])
     tables = model_tables(results)
+    draws = smoothing_draws_table(results)
+    if not draws.empty:
+        tables["Randomized smoothing: noise draws"] = draws
     tight = tightness_table(results)
     prov = provenance(results, folder)
     violations = results.violation_lines()

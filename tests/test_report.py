@@ -24,7 +24,8 @@ def results(tmp_path_factory):
     spec = small_matrix(
         samples=30,
         verifiers=[{"name": "global-lipschitz"}, {"name": "crown-ibp"},
-                   {"name": "smoothing", "options": {"n": 500}}],
+                   {"name": "smoothing", "options": {"n": 500}},
+                   {"name": "smoothing", "options": {"n": 4000, "sequential": True}}],
         attack={"steps": 20, "restarts": 1, "smoothing_check_n": 500},
     )
     run_matrix(spec, folder / "results", folder / "ckpt", progress=False, log=lambda _: None)
@@ -47,6 +48,8 @@ def test_report_has_every_section_table_and_figure(results, tmp_path, capsys):
     assert markdown.count("](figures/") == len(FIGURES)
     assert "### std, l2" in markdown and "| verifier" in markdown
     assert "git commit" in markdown
+    draws = markdown.split("### Randomized smoothing: noise draws")[1].split("##")[0]
+    assert "sequential" in draws and "fixed N" in draws and re.search(r"\|\s+600\s+\|", draws)
 
 
 def test_violations_are_shown_first_in_red(results, tmp_path):

@@ -92,13 +92,18 @@ def test_predict_returns_the_class_far_from_the_boundary():
 def test_linf_radius_is_the_l2_radius_over_sqrt_d_and_batches_do_not_matter():
     model = linear_classifier()
     x = points_at(model, [0.2, 0.4, 0.6])
-    verifier = get_verifier("smoothing", sigma=SIGMA, n=2_000, batch_size=700)
+    verifier = get_verifier("smoothing", sigma=SIGMA, n=5_500, batch_size=1000)
     verifier.prepare(model, DIGITS_SHAPE)
     l2 = verifier.certify(x, "2", [0.1])
     linf = verifier.certify(x, "inf", [0.01])
     assert torch.allclose(linf.radius, l2.radius / 8.0)
     reversed_batch = verifier.certify(x.flip(0), "2", [0.1])
     assert torch.equal(reversed_batch.columns["count_a"].flip(0), l2.columns["count_a"])
+    alone = verifier.certify(x[1:2], "2", [0.1])
+    assert torch.equal(alone.columns["count_a"], l2.columns["count_a"][1:2])
+    other = get_verifier("smoothing", sigma=SIGMA, n=5_500, batch_size=3000)
+    other.prepare(model, DIGITS_SHAPE)  # the noise is seeded per block, not per batch
+    assert torch.equal(other.certify(x, "2", [0.1]).columns["count_a"], l2.columns["count_a"])
 
 
 def test_noise_trained_model_is_certified_where_the_base_is_right(trained, digits):

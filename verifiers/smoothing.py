@@ -1,15 +1,36 @@
 """Randomized smoothing (Cohen, Rosenfeld and Kolter 2019, "Certified Adversarial Robustness
-via Randomized Smoothing").
+via Randomized Smoothing"), with fixed-N CERTIFY and a sequential variant.
 
 The smoothed classifier is g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I), f the base
 network. Theorem 1 (two-class form used by CERTIFY): if P(f(x + e) = c_A) >= p_A > 1/2,
 then g(x + delta) = c_A for every ||delta||_2 < R = sigma * Phi^-1(p_A).
 
-CERTIFY (Sec. 3.2, Pseudocode): guess c_A as the most frequent class over ``n0`` noisy
-copies; count c_A over ``n`` fresh copies; p_A = the one-sided (1 - alpha) Clopper-Pearson
-lower bound of the count, Beta(alpha; n_A, n - n_A + 1); abstain if p_A <= 1/2, else return
-c_A with radius R. The guarantee holds with probability at least 1 - alpha over the noise:
-certificates are *probabilistic* (``Certificate.probabilistic``, ``alpha``).
+CERTIFY (Sec. 3.2, Pseudocode; the default): guess c_A as the most frequent class over
+``n0`` noisy copies; count c_A over ``n`` fresh copies; p_A = the one-sided (1 - alpha)
+Clopper-Pearson lower bound of the count, Beta(alpha; n_A, n - n_A + 1); abstain if
+p_A <= 1/2, else return c_A with radius R. The guarantee holds with probability at least
+1 - alpha over the noise: certificates are *probabilistic* (``Certificate.probabilistic``,
+``alpha``).
+
+Sequential CERTIFY (``sequential = true``): the same selection step, then the count is
+looked at after n_1 = ``first_look`` draws, then 2 n_1, 4 n_1, ... and finally ``n`` (J
+looks, fixed in advance); at look j the lower bound is Clopper-Pearson at level alpha_j,
+with alpha_J = alpha / 2 at the last look and alpha / (2 (J - 1)) at each earlier one. By
+the union bound, P(p_A < LB_j for some j) <= sum_j alpha_j = alpha, so the bound at the
+look where estimation stops, whatever made it stop, holds with probability at least
+1 - alpha: the same guarantee as CERTIFY's (a Bonferroni-corrected geometric grid of
+sample sizes). Half of alpha goes to the last look because the points that reach it are
+those closest to a threshold, where the level decides the verdict; points far from every
+threshold stop early even at the smaller level (the spending pattern of group-sequential
+designs, e.g. O'Brien and Fleming 1979, which keep most of alpha for the end). Confidence
+sequences such as Waudby-Smith and Ramdas' betting ones are tighter and not used here.
+Estimation of a sample stops at the first look where every epsilon of the grid is
+decided: certified (the radius from LB_j exceeds it), or out of reach (even if every
+remaining draw were c_A, LB at ``n`` would not certify it; or the upper Clopper-Pearson
+bound at level alpha_j is below what it needs: then the true p_A is too small, and
+stopping costs at most certificates, never soundness). The price of the correction is a
+slightly smaller radius at equal draws (LB at alpha / 2 at the last look); the gain is
+that points far from the thresholds stop after a few thousand draws.
 
 PREDICT (Sec. 3.1): the two most frequent classes over ``n`` copies, n_A and n_B; return
 c_A if the two-sided binomial test of n_A against Binomial(n_A + n_B, 1/2) has p-value
@@ -19,11 +40,19 @@ to check a certificate at an adversarial point.
 l_inf: ||delta||_2 <= sqrt(d) ||delta||_inf, so the l_inf radius is R / sqrt(d) (sound,
 and weak for large d, which is the point of showing it).
 
-Noise is drawn on the model's device, ``batch_size`` copies per forward pass, counted
-exactly with ``bincount``. Each sample's noise stream is seeded by ``seed`` and a hash of
-the sample's bytes, so a sample's result does not depend on the batch it came in. The
-noise is not clipped to [0, 1]: the base network is defined on all of R^d (as in Cohen et
-al.). The column ``time_s`` is each sample's own wall-clock time, the method's main cost.
+Sampling at inference speed: the noise is drawn on the model's device into a reused
+buffer, ``batch_size`` copies at a time (by default the size with the best throughput,
+measured in ``prepare``), and the *same* noise serves every sample of a batch: each
+sample's count is still over draws independent of it, so each certificate keeps its
+guarantee (certificates of different samples become dependent, which no per-sample claim
+uses), and drawing the noise costs once per batch instead of once per sample; when it
+fits in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept. Noise comes
+in blocks of ``BLOCK`` draws, each from a generator seeded by (``seed``, step, block), so
+a sample's counts depend neither on the batch it came in nor on ``batch_size``. Counts are
+exact (``bincount`` of the argmax), in inference mode. The noise is not clipped to
+[0, 1]: the base network is defined on all of R^d (as in Cohen et al.). Columns:
+``p_a_lower``, ``count_a``, ``noise_draws`` (selection plus estimation), ``time_s`` (the
+batch's time shared in proportion to each sample's draws).
 """
 
 from __future__ import annotations
@@ -31,8 +60,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from scipy.stats import beta, binomtest
 from scipy.stats import norm as normal
@@ -47,10 +77,28 @@ from certbench.verifiers.base import (
     verdict_code,
 )
 
+BLOCK = 1000
+"""Noise draws per seeded block; ``first_look`` and ``batch_size`` are multiples of it."""
+BATCH_CANDIDATES = (1000, 2000, 5000, 10_000, 20_000)
+MAX_BUFFER_ELEMENTS = 2**25  # 128 MiB of float32 per noise buffer
+SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # the independent noise streams
 
-def clopper_pearson_lower(count: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) lower confidence bound of a binomial proportion."""
-    return 0.0 if count == 0 else float(beta.ppf(alpha, count, n - count + 1))
+
+def clopper_pearson_lower(count, n, alpha: float):
+    """One-sided (1 - alpha) lower confidence bound of a binomial proportion (elementwise
+    for arrays of counts and sizes)."""
+    count, n = np.asarray(count, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    safe = np.maximum(count, 1)
+    bound = np.where(count == 0, 0.0, beta.ppf(alpha, safe, n - safe + 1))
+    return float(bound) if bound.ndim == 0 else bound
+
+
+def clopper_pearson_upper(count, n, alpha: float):
+    """One-sided (1 - alpha) upper confidence bound of a binomial proportion."""
+    count, n = np.asarray(count, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    safe = np.minimum(count, n - 1)
+    bound = np.where(count == n, 1.0, beta.ppf(1 - alpha, safe + 1, n - safe))
+    return float(bound) if bound.ndim == 0 else bound
 
 
 def smoothing_radius(p_a_lower: float, sigma: float) -> float:
@@ -58,10 +106,65 @@ def smoothing_radius(p_a_lower: float, sigma: float) -> float:
     return sigma * float(normal.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
 
 
+def look_levels(alpha: float, looks: int) -> list[float]:
+    """The level of each look's bound: alpha / 2 at the last, the rest shared equally by
+    the earlier ones (all of alpha when there is one look: fixed-N CERTIFY)."""
+    if looks == 1:
+        return [alpha]
+    return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
+
+
+def look_schedule(first_look: int, n: int) -> list[int]:
+    """The sample sizes at which sequential CERTIFY looks: first_look, doubling, then n."""
+    looks, size = [], first_look
+    while size < n:
+        looks.append(size)
+        size *= 2
+    return looks + [n]
+
+
+Draw = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count c_A with early stopping at ``looks`` (one look: fixed-N CERTIFY).
+
+    ``draw(active, start, size)``: counts of each active sample's c_A over draws
+    [start, start + size) of the estimation stream. ``needed``: (n_samples, k) the p_A
+    each epsilon needs, Phi(eps_2 / sigma). Returns per sample the count, the draws used
+    and the lower bound on p_A at the stopping look's level (module docstring)."""
+    n_samples, n = len(needed), looks[-1]
+    levels = look_levels(alpha, len(looks))
+    counts = torch.zeros(n_samples, dtype=torch.int64)
+    used = torch.zeros(n_samples, dtype=torch.int64)
+    lower = torch.zeros(n_samples, dtype=torch.float64)
+    active, start = torch.arange(n_samples), 0
+    for look, level in zip(looks, levels, strict=True):
+        counts[active] += draw(active, start, look - start)
+        used[active], start = look, look
+        k = counts[active].numpy()
+        lower[active] = torch.from_numpy(clopper_pearson_lower(k, look, level))
+        if look == n:
+            break
+        reach = np.minimum(clopper_pearson_lower(k + n - look, n, levels[-1]),
+                           clopper_pearson_upper(k, look, level))
+        need = needed[active].numpy()
+        decided = ((lower[active].numpy()[:, None] > need) | (reach[:, None] <= need)).all(1)
+        active = active[torch.from_numpy(~decided)]
+        if len(active) == 0:
+            break
+    return counts, used, lower
+
+
 @register("smoothing", "randomized smoothing, Gaussian noise (Cohen et al. 2019); probabilistic")
 class RandomizedSmoothing:
     """CERTIFY and PREDICT of Cohen et al.; defaults are the paper's (N0 = 100,
-    N = 100 000, alpha = 0.001)."""
+    N = 100 000, alpha = 0.001). ``sequential``: stop estimating once every epsilon is
+    decided (looks at ``first_look``, doubling, up to ``n``); ``batch_size``: noisy copies
+    per forward pass, measured in ``prepare`` when not given; ``noise_cache_mb``: when
+    the selection and estimation noise (float32) fits in this, it is drawn once in
+    ``prepare`` (setup) and reused by every point."""
 
     name = method = "smoothing"
 
@@ -71,64 +174,128 @@ class RandomizedSmoothing:
         n0: int = 100,
         n: int = 100_000,
         alpha: float = 0.001,
-        batch_size: int = 10_000,
+        batch_size: int | None = None,
         seed: int = 0,
+        sequential: bool = False,
+        first_look: int = 1000,
+        noise_cache_mb: float = 512,
     ):
         if sigma <= 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
-        if n0 < 1 or n < 1 or batch_size < 1:
-            raise ValueError("n0, n and batch_size must be at least 1")
+        if n0 < 1 or n < 1:
+            raise ValueError("n0 and n must be at least 1")
+        if batch_size is not None and (batch_size < BLOCK or batch_size % BLOCK):
+            raise ValueError(f"batch_size must be a positive multiple of {BLOCK}")
+        if first_look < BLOCK or first_look % BLOCK:
+            raise ValueError(f"first_look must be a positive multiple of {BLOCK}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
         self.sigma, self.n0, self.n, self.alpha = sigma, n0, n, alpha
         self.batch_size, self.seed = batch_size, seed
+        self.sequential, self.first_look = sequential, first_look
+        self.noise_cache_mb = noise_cache_mb
         self.model: nn.Module | None = None
 
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()
+        self.input_shape = tuple(input_shape)
         self.input_dim = math.prod(input_shape)
+        self.device = next(iter(model.parameters()), torch.empty(0)).device
+        self.batch = self.batch_size or self._fastest_batch()
+        self._cache: dict[int, torch.Tensor] = {}
+        if (self.n0 + self.n) * self.input_dim * 4 <= self.noise_cache_mb * 2**20:
+            for stream, size in ((SELECTION, self.n0), (ESTIMATION, self.n)):
+                buffer = torch.empty((size, *self.input_shape), device=self.device)
+                self._cache[stream] = self._noise(buffer, stream, 0, size)
 
-    def _generator(self, x: torch.Tensor, salt: int) -> torch.Generator:
-        digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=8)
-        digest.update(f"{self.seed}:{salt}".encode())
+    @torch.inference_mode()
+    def _fastest_batch(self) -> int:
+        """The candidate batch size with the most forward passes per second (the best of
+        two timings after a warm-up); larger sizes are tried while they gain 5 % or more."""
+        best, best_rate = BATCH_CANDIDATES[0], 0.0
+        for size in BATCH_CANDIDATES:
+            if size * self.input_dim > MAX_BUFFER_ELEMENTS:
+                break
+            x = torch.zeros((size, *self.input_shape), device=self.device)
+            self.model(x)
+            seconds = []
+            for _ in range(2):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                started = time.perf_counter()
+                self.model(x).argmax(1).cpu()
+                seconds.append(time.perf_counter() - started)
+            rate = size / min(seconds)
+            if rate < 1.05 * best_rate:
+                break
+            best, best_rate = size, rate
+        return best
+
+    def _block_generator(self, stream: int, block: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}:{stream}:{block}".encode(), digest_size=8)
         seed = int.from_bytes(digest.digest(), "little") & (2**63 - 1)
-        return torch.Generator(device=x.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
 
-    @torch.no_grad()
-    def counts(self, x: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
-        """Class counts of the base network over ``num`` noisy copies of one input x."""
+    def _noise(self, out: torch.Tensor, stream: int, start: int, size: int) -> torch.Tensor:
+        """Draws [start, start + size) of a noise stream (start a multiple of BLOCK) into
+        ``out``, scaled by sigma."""
+        for offset in range(0, size, BLOCK):
+            m = min(BLOCK, size - offset)
+            torch.randn((m, *self.input_shape), generator=self._block_generator(
+                stream, (start + offset) // BLOCK), out=out[offset : offset + m])
+        return out[:size].mul_(self.sigma)
+
+    @torch.inference_mode()
+    def class_counts(self, x: torch.Tensor, stream: int, start: int, size: int
+                     ) -> torch.Tensor:
+        """(len(x), classes) counts of the base network's classes over draws
+        [start, start + size) of ``stream``, the same draws for every sample. A forward
+        pass holds ``batch`` rows: one piece of the noise for one sample, or, when the
+        pieces are short (the selection step), several samples with the same piece."""
+        piece = min(self.batch, size)
+        group = max(1, self.batch // piece)
+        noise = torch.empty((piece, *self.input_shape), device=self.device, dtype=x.dtype)
+        noisy = torch.empty((min(group, len(x)) * piece, *self.input_shape),
+                            device=self.device, dtype=x.dtype)
         total = None
-        for start in range(0, num, self.batch_size):
-            size = min(self.batch_size, num - start)
-            noise = torch.randn(
-                (size, *x.shape), generator=generator, device=x.device, dtype=x.dtype
-            )
-            logits = self.model(x.unsqueeze(0) + self.sigma * noise)
-            found = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-            total = found if total is None else total + found
+        for offset in range(0, size, piece):
+            m = min(piece, size - offset)
+            cached = self._cache.get(stream)
+            if cached is not None and cached.dtype == x.dtype:
+                block = cached[start + offset : start + offset + m]
+            else:
+                block = self._noise(noise, stream, start + offset, m)
+            for first in range(0, len(x), group):
+                points = x[first : first + group]
+                rows = noisy[: len(points) * m].view(len(points), m, *self.input_shape)
+                torch.add(block, points[:, None], out=rows)
+                labels = self.model(rows.view(-1, *self.input_shape)).argmax(1)
+                if total is None:
+                    classes = self.model(points[:1]).shape[1]
+                    total = torch.zeros((len(x), classes), dtype=torch.int64,
+                                        device=self.device)
+                total[first : first + len(points)].scatter_add_(
+                    1, labels.view(len(points), m), torch.ones_like(labels).view(len(points), m))
         return total.cpu()
 
-    @torch.no_grad()
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
         check_certify_call(self.model, norm)
-        n_samples = len(x)
-        prediction = torch.full((n_samples,), ABSTAIN, dtype=torch.int64)
-        radius = torch.zeros(n_samples, dtype=torch.float64)
-        p_a_lower = torch.zeros(n_samples, dtype=torch.float64)
-        count_a = torch.zeros(n_samples, dtype=torch.int64)
-        seconds = torch.zeros(n_samples, dtype=torch.float64)
-        for i in range(n_samples):
-            started = time.perf_counter()
-            guess = int(self.counts(x[i], self.n0, self._generator(x[i], 0)).argmax())
-            counts = self.counts(x[i], self.n, self._generator(x[i], 1))
-            count_a[i] = int(counts[guess])
-            p_a_lower[i] = clopper_pearson_lower(int(counts[guess]), self.n, self.alpha)
-            if p_a_lower[i] > 0.5:
-                prediction[i] = guess
-                radius[i] = smoothing_radius(float(p_a_lower[i]), self.sigma)
-            seconds[i] = time.perf_counter() - started
-        if norm == "inf":
-            radius = radius / math.sqrt(self.input_dim)
+        started = time.perf_counter()
+        x = x.to(self.device)
+        guess = self.class_counts(x, SELECTION, 0, self.n0).argmax(1)
+        scale = math.sqrt(self.input_dim) if norm == "inf" else 1.0
+        grid = torch.tensor(eps, dtype=torch.float64) * scale  # as l2 radii
+        needed = torch.from_numpy(normal.cdf(grid.numpy() / self.sigma)).expand(len(x), -1)
+
+        def draw(active: torch.Tensor, start: int, size: int) -> torch.Tensor:
+            counts = self.class_counts(x[active.to(x.device)], ESTIMATION, start, size)
+            return counts.gather(1, guess[active][:, None]).squeeze(1)
+
+        looks = look_schedule(self.first_look, self.n) if self.sequential else [self.n]
+        count_a, used, p_a_lower = estimate(draw, needed, looks, self.alpha)
+        prediction = torch.where(p_a_lower > 0.5, guess, torch.full_like(guess, ABSTAIN))
+        radius = torch.tensor([smoothing_radius(float(p), self.sigma) for p in p_a_lower],
+                              dtype=torch.float64) / scale
         certified = radius[:, None] > torch.tensor(eps, dtype=torch.float64)
         not_certified = torch.where(
             prediction == ABSTAIN, verdict_code(Verdict.ABSTAIN),
@@ -137,22 +304,24 @@ class RandomizedSmoothing:
         verdicts = torch.where(
             certified, verdict_code(Verdict.CERTIFIED), not_certified[:, None]
         ).to(torch.int8)
+        draws = used + self.n0
+        seconds = (time.perf_counter() - started) * draws.double() / draws.sum()
         return Certificate(
             prediction=prediction, verdicts=verdicts, radius=radius,
-            columns={"p_a_lower": p_a_lower, "count_a": count_a, "time_s": seconds},
+            columns={"p_a_lower": p_a_lower, "count_a": count_a, "noise_draws": draws,
+                     "time_s": seconds},
             probabilistic=True, alpha=self.alpha,
         )
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, n: int | None = None, alpha: float | None = None
                 ) -> torch.Tensor:
         """PREDICT for each input of the batch: the class, or ABSTAIN."""
         check_certify_call(self.model, "2")
         n, alpha = n or self.n, alpha or self.alpha
+        counts = self.class_counts(x.to(self.device), PREDICTION, 0, n)
         out = torch.full((len(x),), ABSTAIN, dtype=torch.int64)
-        for i in range(len(x)):
-            counts = self.counts(x[i], n, self._generator(x[i], 2))
-            top2 = counts.topk(2)
+        for i, row in enumerate(counts):
+            top2 = row.topk(2)
             n_a, n_b = int(top2.values[0]), int(top2.values[1])
             if binomtest(n_a, n_a + n_b, 0.5).pvalue <= alpha:
                 out[i] = int(top2.indices[0])
