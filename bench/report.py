@@ -238,15 +238,21 @@ def smoothing_draws_table(results: ResultsView) -> pd.DataFrame:
         rows.append({
             "model": meta["model"], "verifier": meta["shown"], "norm": meta["norm"],
             "mode": "sequential" if options.get("sequential") else "fixed N",
-            "draws/sample": cell["noise_draws"].mean(),
-            "draws/certified": cell[cell["sample_index"].isin(certified)]["noise_draws"].mean(),
+            "draws/sample": round(cell["noise_draws"].mean()),
+            "draws/certified": _rounded(
+                cell[cell["sample_index"].isin(certified)]["noise_draws"].mean()),
             "fixed N draws": verifier.n0 + verifier.n,
             "ms/sample": meta["per_sample_s"] * 1e3,
         })
     table = pd.DataFrame(rows)
     if not table.empty:
         table["fewer"] = table["fixed N draws"] / table["draws/sample"]
+        table = table.sort_values(["model", "norm", "verifier"]).reset_index(drop=True)
     return table
+
+
+def _rounded(value: float) -> int | float:
+    return value if np.isnan(value) else round(value)
 
 
 def figure_tightness(results: ResultsView) -> bytes:
