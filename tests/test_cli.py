@@ -147,3 +147,33 @@ def test_show_prints_the_summary(tmp_path, capsys):
     assert code == 0 and "cert@0.1" in out and "global-lipschitz" in out and "ms/sample" in out
     code, _, err = run_cli(capsys, "show", str(tmp_path / "nothing"))
     assert code == 2 and "no results" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--executor", "inline", "--workers", "2"], "--workers needs the process or ray"),
+    (["--address", "10.0.0.1:6379"], "--address is for --executor ray"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--workers", "0"], "--workers must be at least 1"),
+])
+def test_bad_executor_flags_are_one_line(tmp_path, capsys, flags, message):
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(GOOD)
+    code, _, err = run_cli(capsys, "run", "--matrix", str(matrix), "--results",
+                           str(tmp_path / "r"), "--checkpoint-dir", str(tmp_path / "c"),
+                           "--quiet", *flags)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_with_workers_and_a_timeout(tmp_path, capsys):
+    import pandas as pd
+
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(GOOD.replace('eps = [0.1]', 'eps = [0.1]\nnorms = ["2", "inf"]'))
+    code, out, _ = run_cli(capsys, "run", "--matrix", str(matrix), "--results",
+                           str(tmp_path / "r"), "--checkpoint-dir", str(tmp_path / "c"),
+                           "--quiet", "--workers", "2", "--timeout", "120")
+    assert code == 0 and "2 cell(s) run" in out
+    cells = pd.read_parquet(tmp_path / "r" / "cells.parquet")
+    assert (cells["status"] == "ok").all()
+    assert cells["executor"].str.startswith("process[workers=2,").all()
