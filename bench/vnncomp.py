@@ -15,8 +15,8 @@ the attack or by a complete verifier), ``unknown`` (the bound does not decide, o
 candidate was not confirmed), ``timeout`` (the verification time exceeded the instance's
 timeout x ``timeout_scale``), ``error`` (the verifier failed; the reason is kept).
 Timeouts: the exact verifier gets the remaining time as its solver limit; bound methods
-are not interrupted, and an answer that came too late is recorded as ``timeout`` (per-task
-preemption needs worker processes, issue 12).
+are not interrupted, and an answer that came too late is recorded as ``timeout`` (this
+command does not use the matrix runner's worker processes, executors.py, yet).
 
 Outputs in RESULTS_DIR: ``instances.parquet`` (one row per instance and verifier, upserted
 by ``instance_key``; a rerun skips answered instances, retries ``error`` rows), and per
