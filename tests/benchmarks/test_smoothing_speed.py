@@ -1,10 +1,12 @@
 """Randomized smoothing throughput: CERTIFY's noisy samples per second against plain
 batched inference of the same number of (noise-free) inputs on the same model, device and
 batch size (the one CERTIFY measured as fastest in ``prepare``); the ratio of the medians
-is the cost of drawing the noise and counting. CERTIFY certifies ``points`` points (1, or
-50 as in a matrix's batches, which share one draw of the noise) with ``N`` draws each (plus
-its 100 selection draws, 0.5 % more forward passes); its noise is drawn in ``prepare``
-(the verifier's setup, timed apart by the harness) and reused.
+is the cost of drawing the noise and counting. Plain inference reads ``N`` distinct
+inputs (once per point), as CERTIFY reads its ``N`` noise draws. CERTIFY certifies
+``points`` points (1, or 50 as in a matrix's batches, which share one draw of the noise)
+with ``N`` draws each (plus its 100 selection draws, 0.5 % more forward passes); its
+noise is drawn in ``prepare`` (the verifier's setup, timed apart by the harness) and
+reused.
 
 Run: pytest tests/benchmarks/test_smoothing_speed.py --benchmark-enable
 """
@@ -48,11 +50,13 @@ def _prepared(case: str, points: int, batch_size: int | None = -1):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plain_inference_of_the_same_number_of_inputs(benchmark, case, points):
     model, verifier, x = _prepared(case, points)
-    inputs = x[:1].expand(verifier.batch, *x.shape[1:]).contiguous()
+    inputs = torch.rand(N, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    batch = verifier.batch
 
     @torch.inference_mode()
     def infer():
-        return [model(inputs).argmax(1) for _ in range(points * N // verifier.batch)]
+        return [model(inputs[i : i + batch]).argmax(1)
+                for _ in range(points) for i in range(0, N, batch)]
 
     assert sum(len(p) for p in benchmark(infer)) == points * N
 
