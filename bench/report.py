@@ -232,7 +232,11 @@ def smoothing_draws_table(results: ResultsView) -> pd.DataFrame:
     for key, cell in samples.dropna(subset=["noise_draws"]).groupby("cell_key"):
         meta = results.ok.set_index("cell_key").loc[key]
         options = json.loads(meta["options"])
-        verifier = get_verifier(meta["method"], **options)
+        try:  # a user's verifier may not be registered in this process
+            verifier = get_verifier(meta["method"], **options)
+            fixed = verifier.n0 + verifier.n
+        except (KeyError, TypeError, ValueError, AttributeError):
+            fixed = float("nan")
         certified = results.samples[(results.samples["cell_key"] == key)
                                     & results.samples["certified"]]["sample_index"].unique()
         rows.append({
@@ -241,7 +245,7 @@ def smoothing_draws_table(results: ResultsView) -> pd.DataFrame:
             "draws/sample": round(cell["noise_draws"].mean()),
             "draws/certified": _rounded(
                 cell[cell["sample_index"].isin(certified)]["noise_draws"].mean()),
-            "fixed N draws": verifier.n0 + verifier.n,
+            "fixed N draws": fixed,
             "ms/sample": meta["per_sample_s"] * 1e3,
         })
     table = pd.DataFrame(rows)
