@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from certbench.cells import Cell
+from certbench.cells import Cell, cell_identity
 from certbench.errors import UserError
 from certbench.executors import InlineExecutor
 from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
@@ -170,11 +170,7 @@ def evaluate(
                 "sha": sha, "verifier": verifier.name, "options": verifier.options,
                 "norm": norm, "eps": spec.eps_for(norm), "data": data_sha.hexdigest(),
                 "attack": spec.attack.model_dump()}).encode()).hexdigest()[:16]
-            identity = {"model": name, "dataset": dataset, "arch": card["arch"],
-                        "recipe": card["recipe"], "checkpoint_sha256": sha,
-                        "verifier": verifier.display, "method": verifier.name,
-                        "options": canonical_json(verifier.options), "norm": norm,
-                        "device": str(device)}
+            identity = cell_identity(name, dataset, card, sha, verifier, norm, str(device))
             cells.append(Cell(key, f"{verifier.display} / l{norm}", model, x.cpu(), y.cpu(),
                               indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
                               batch_size, spec.attack, spec.seed, identity,

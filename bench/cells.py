@@ -72,6 +72,18 @@ def import_plugins(modules: tuple[str, ...]) -> None:
         importlib.import_module(module)
 
 
+def cell_identity(model: str, dataset: str, card: dict[str, Any], sha256: str,
+                  verifier: VerifierSpec, norm: str, device: str) -> dict[str, Any]:
+    """The columns that name a cell in its row (model, dataset, arch, recipe, checkpoint,
+    verifier label, method, options, norm, device)."""
+    return {
+        "model": model, "dataset": dataset, "arch": card.get("arch"),
+        "recipe": card.get("recipe"), "checkpoint_sha256": sha256,
+        "verifier": verifier.display, "method": verifier.name,
+        "options": canonical_json(verifier.options), "norm": norm, "device": device,
+    }
+
+
 @dataclass(frozen=True, eq=False)
 class AttackJob:
     """PGD on every point at every epsilon of one norm's grid (`attacks.attack_grid`)."""

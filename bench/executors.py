@@ -95,6 +95,7 @@ def default_memory_limit() -> int | None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if present), ``cpu`` or ``cuda[:N]``, on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certbench.cells import AttackJob, Cell
+from certbench.cells import AttackJob, Cell, cell_identity
 from certbench.data import Dataset, default_data_dir, eval_indices, load_dataset
 from certbench.errors import UserError
 from certbench.executors import Outcome, ProcessExecutor
@@ -176,16 +176,6 @@ def cell_key(
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
-def _identity(spec: MatrixSpec, loaded: LoadedModel, verifier: VerifierSpec, norm: str,
-              device: torch.device) -> dict[str, Any]:
-    return {
-        "model": loaded.spec.name, "dataset": spec.dataset, "arch": loaded.card.get("arch"),
-        "recipe": loaded.card.get("recipe"), "checkpoint_sha256": loaded.sha256,
-        "verifier": verifier.display, "method": verifier.name,
-        "options": canonical_json(verifier.options), "norm": norm, "device": str(device),
-    }
-
-
 def run_cells(
     cells: list[Cell], executor: Any, store: ResultsStore | None, context: dict[str, Any],
     progress: bool = True, desc: str = "run", attack_timeout_s: float | None = None,
@@ -209,13 +199,13 @@ def run_cells(
         for job, outcome in executor.run(list(jobs.values())):
             outcomes[by_job[id(job)]] = outcome
     rows: dict[str, list[pd.DataFrame]] = {"cells": [], "certified": [], "samples": []}
-    ready = []
+    ready, attack_errors = [], {}
     for cell in cells:
         attack = outcomes.get((id(cell.model), cell.norm))
-        ready.append(replace(cell, cross_check=attack.value if attack and attack.status == "ok"
-                             else None))
-    attack_errors = {id(c): f"{o.status}: {o.reason}" for c in ready
-                     if (o := outcomes.get((id(c.model), c.norm))) and o.status != "ok"}
+        ok = attack is not None and attack.status == "ok"
+        ready.append(replace(cell, cross_check=attack.value if ok else None))
+        if attack is not None and not ok:
+            attack_errors[id(ready[-1])] = f"{attack.status}: {attack.reason}"
     for cell, outcome in executor.run(ready):
         bar.set_postfix_str(f"{cell.label}: {outcome.status}")
         if outcome.status == "ok":
@@ -272,7 +262,8 @@ def run_matrix(
                     key, f"{loaded.spec.name} / {verifier.display} / l{norm}", loaded.model,
                     x, y, indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
                     spec.batch_size, spec.attack, spec.seed,
-                    _identity(spec, loaded, verifier, norm, device),
+                    cell_identity(loaded.spec.name, spec.dataset, loaded.card, loaded.sha256,
+                                  verifier, norm, str(device)),
                     timeout_s=verifier.timeout_s or spec.timeout_s,
                     imports=tuple(spec.imports)))
     total = len(models) * len(spec.verifiers) * len(spec.norms)
