@@ -27,7 +27,15 @@ BatchNorm enters with its running statistics.
   ``ramp_epochs`` and kappa from 1 to ``kappa_end`` alongside it. For ``crown-ibp`` the
   bound is beta * CROWN-IBP + (1 - beta) * IBP with beta going from 1 to 0 on the same
   ramp, as in the paper; for ``ibp`` it is IBP alone. Bounds use BatchNorm's running
-  statistics.
+  statistics. ``crown`` is the same loss with CROWN bounds alone (intermediate bounds by
+  CROWN too; GRAD + CROWN, the baseline of the paradox of certified training). For
+  ``crown-ibp``, ``fusion`` chooses how the bounds are computed (`certbench.loss_fusion`):
+  ``"exact"`` (default: the specification folded into the last layer and one IBP pass
+  shared, the same loss to rounding at lower cost), ``"none"`` (the plain computation) or
+  ``"lirpa"`` (auto_LiRPA's loss fusion: a different, looser bound of the loss, one
+  backward row for all classes).
+- ``gls-pgpe`` and ``gls-rgs``: Gaussian Loss Smoothing (Balauca et al. 2025), PGPE and
+  randomized gradient smoothing over a named relaxation; see `certbench.gls`.
 - ``noise`` (Cohen, Rosenfeld and Kolter 2019, Sec. 4: "we train the base classifier with
   Gaussian data augmentation"): cross-entropy on x + N(0, sigma^2 I), not clipped to
   [0, 1], the base classifier randomized smoothing at the same sigma needs.
@@ -52,6 +60,14 @@ from tqdm.auto import tqdm
 
 from certbench.data import Dataset
 from certbench.errors import UserError
+from certbench.gls import GLS_DEFAULTS, make_gls_loss
+from certbench.gls import validate as validate_gls
+from certbench.loss_fusion import (
+    FUSIONS,
+    certified_fraction,
+    crown_ibp_margins,
+    lirpa_fused_ce,
+)
 from certbench.models import build_model, checkpoint_paths, save_checkpoint
 from certbench.provenance import library_versions
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
@@ -73,10 +89,16 @@ RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "crown-ibp": {
         "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",
+        "ramp_epochs": None, "kappa_end": 0.0, "fusion": "exact",
+    },
+    "crown": {
+        "epochs": 40, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",
         "ramp_epochs": None, "kappa_end": 0.0,
     },
     "noise": {"epochs": 40, "lr": 1e-3, "batch_size": 128, "sigma": 0.25},
+    **GLS_DEFAULTS,
 }
+CERTIFIED_RECIPES = ("ibp", "crown-ibp", "crown", *GLS_DEFAULTS)
 RECIPES = tuple(RECIPE_DEFAULTS)
 
 
@@ -95,6 +117,13 @@ def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
         raise UserError(f"recipe {recipe!r}: norm must be 'inf' or '2'")
     if merged.get("lipschitz", "exact") not in ("exact", "power"):
         raise UserError(f"recipe {recipe!r}: lipschitz must be 'exact' or 'power'")
+    if merged.get("fusion", "exact") not in FUSIONS:
+        raise UserError(f"recipe {recipe!r}: fusion must be one of {', '.join(FUSIONS)}")
+    if recipe in GLS_DEFAULTS:
+        try:
+            validate_gls(recipe, merged)
+        except ValueError as exc:
+            raise UserError(f"recipe {recipe!r}: {exc}") from exc
     if "ramp_epochs" in merged and merged["ramp_epochs"] is None:
         merged["ramp_epochs"] = merged["epochs"] / 2
     return merged
@@ -121,8 +150,12 @@ def make_loss(
     args: dict[str, Any],
     graph: LipschitzGraph | None,
     propagator: BoundPropagator | None = None,
+    seed: int = 0,
+    log: list[float] | None = None,
 ) -> LossFn:
-    """The loss of ``recipe``; ``progress`` is the number of epochs done (fractional)."""
+    """The loss of ``recipe``; ``progress`` is the number of epochs done (fractional).
+    Certified recipes append the batch's training-time certified accuracy (at the ramped
+    eps) to ``log``; ``seed`` seeds the GLS recipes' noise."""
     if recipe == "standard":
         return lambda model, x, y, progress: F.cross_entropy(model(x), y)
     if recipe == "noise":
@@ -144,20 +177,35 @@ def make_loss(
             return F.cross_entropy(logits, y) + args["trades_lambda"] * kl
 
         return gloro
-    if recipe in ("ibp", "crown-ibp"):
+    if recipe in GLS_DEFAULTS:
+        return make_gls_loss(recipe, args, propagator, seed, log)
+    if recipe in ("ibp", "crown-ibp", "crown"):
+        fusion = args.get("fusion", "none")
 
         def certified(model, x, y, progress):
             logits = model(x)
             ramp = 1.0 if args["ramp_epochs"] <= 0 else min(1.0, progress / args["ramp_epochs"])
             kappa = 1.0 + (args["kappa_end"] - 1.0) * ramp
             ball = Ball(x, args["eps"] * ramp, args["norm"])
-            eye = torch.eye(logits.shape[1], device=x.device, dtype=x.dtype)
-            spec = eye[y][:, None, :] - eye[None]  # rows e_y - e_j, all j (row y is 0)
-            bound = propagator.lower_bound(spec, ball, "ibp")
             beta = 1.0 - ramp
-            if recipe == "crown-ibp" and beta > 0:
-                bound = beta * propagator.lower_bound(spec, ball, "crown-ibp") + (
-                    1 - beta) * bound
+            if recipe == "crown-ibp" and fusion == "lirpa":
+                robust = lirpa_fused_ce(propagator, ball, y, logits.shape[1], beta)
+                return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust
+            if recipe == "crown-ibp" and fusion == "exact":
+                bound, crown_ibp = crown_ibp_margins(propagator, ball, y, logits.shape[1],
+                                                     crown=beta > 0)
+                if crown_ibp is not None:
+                    bound = beta * crown_ibp + (1 - beta) * bound
+            else:
+                eye = torch.eye(logits.shape[1], device=x.device, dtype=x.dtype)
+                spec = eye[y][:, None, :] - eye[None]  # rows e_y - e_j, all j (row y is 0)
+                bound = propagator.lower_bound(spec, ball, "crown" if recipe == "crown"
+                                               else "ibp")
+                if recipe == "crown-ibp" and beta > 0:
+                    bound = beta * propagator.lower_bound(spec, ball, "crown-ibp") + (
+                        1 - beta) * bound
+            if log is not None:
+                log.append(certified_fraction(bound.detach(), y))
             robust = F.cross_entropy(-bound, y)
             return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust
 
@@ -212,9 +260,10 @@ def train_model(
             model, dataset.input_shape, power_iteration=hp["lipschitz"] == "power"
         )
     propagator = None
-    if recipe in ("ibp", "crown-ibp"):
+    if recipe in CERTIFIED_RECIPES:
         propagator = BoundPropagator(TracedNetwork(model, dataset.input_shape))
-    loss_fn = make_loss(recipe, hp, graph, propagator)
+    log: list[float] = []  # training-time certified accuracy per step (certified recipes)
+    loss_fn = make_loss(recipe, hp, graph, propagator, seed, log)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     epochs = int(hp["epochs"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
@@ -241,6 +290,7 @@ def train_model(
         model.train()
         order = torch.randperm(n, generator=generator)
         total = 0.0
+        del log[:]
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
@@ -251,7 +301,10 @@ def train_model(
             total += loss.item()
         scheduler.step()
         elapsed += time.perf_counter() - began
-        bar.set_postfix(loss=f"{total / steps:.4f}")
+        shown = {"loss": f"{total / steps:.4f}"}
+        if log:
+            shown["cert"] = f"{sum(log) / len(log):.3f}"
+        bar.set_postfix(**shown)
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_name("." + state_path.name + ".tmp")
         torch.save(

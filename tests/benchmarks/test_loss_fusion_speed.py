@@ -1,0 +1,54 @@
+"""Loss fusion in CROWN-IBP training: one training step's certified loss (the crown-ibp
+recipe's mix 0.5 * CROWN-IBP + 0.5 * IBP margins, then CE) and its backward pass, unfused
+("none"), exactly fused ("exact", the default: the same loss) and auto_LiRPA's fused bound
+("lirpa", a different loss), on the digits MLP (64, 64) with its 10 classes and with a
+synthetic 200-class head, batch 128, l_inf eps 0.05. The ratio none / exact at each class
+count is the saving of the default; lirpa's shows what the looser bound would buy.
+
+Run: pytest tests/benchmarks/test_loss_fusion_speed.py --benchmark-enable
+     --benchmark-group-by=param:classes --benchmark-columns=median,stddev,rounds
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from certbench.loss_fusion import crown_ibp_margins, lirpa_fused_ce, robust_ce
+from certbench.models import build_model
+from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
+
+SHAPE = (1, 8, 8)
+BATCH, EPS, BETA = 128, 0.05, 0.5
+
+
+def _setup(classes: int):
+    torch.manual_seed(0)
+    model = build_model("mlp", SHAPE, classes, (0.3,), (0.4,), {"widths": [64, 64]})
+    prop = BoundPropagator(TracedNetwork(model, SHAPE))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(BATCH, *SHAPE, generator=g)
+    y = torch.randint(0, classes, (BATCH,), generator=g)
+    return model, prop, Ball(x, EPS, "inf"), y
+
+
+def _step(model, prop, ball, y, classes, fusion):
+    model.zero_grad(set_to_none=True)
+    if fusion == "lirpa":
+        loss = lirpa_fused_ce(prop, ball, y, classes, BETA)
+    else:
+        ibp, crown_ibp = crown_ibp_margins(prop, ball, y, classes, True, fusion)
+        loss = robust_ce(BETA * crown_ibp + (1 - BETA) * ibp, y)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("fusion", ["none", "exact", "lirpa"])
+@pytest.mark.parametrize("classes", [10, 200])
+def test_crown_ibp_loss_step(benchmark, classes, fusion):
+    model, prop, ball, y = _setup(classes)
+    loss = benchmark.pedantic(_step, args=(model, prop, ball, y, classes, fusion),
+                              rounds=1 if benchmark.disabled else 10, iterations=1,
+                              warmup_rounds=0 if benchmark.disabled else 2)
+    benchmark.extra_info["loss"] = float(loss)
+    assert torch.isfinite(loss)
