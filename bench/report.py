@@ -456,6 +456,8 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     has_prob = bool(results.cells["probabilistic"].any())
     name = prov["matrix"]
     extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")
+    gls = gls_section(results, folder, out)
+    extra = (extra[0] + gls[0], extra[1] + gls[1])
     (out / "report.md").write_text(
         _markdown(name, tables, tight, prov, violations, has_prob, extra[0]), encoding="utf-8")
     page = out / "index.html"
@@ -529,3 +531,142 @@ def _html(name, tables, tight, prov, violations, has_prob, images, vnncomp_html=
     parts.append(f"<section id='provenance'><h2>Provenance</h2><table>{rows}</table></section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# -- Gaussian Loss Smoothing: the paradox of certified training ----------------------------
+PARADOX_CAPTION = ("Certified accuracy of models trained on each relaxation (x axis) by each "
+                   "optimiser (GRAD: plain gradients; PGPE, RGS: Gaussian Loss Smoothing), "
+                   "one panel per certifying verifier (rows) and epsilon (columns); the grey "
+                   "tick is the model's clean accuracy.")
+LANDSCAPE_CAPTION = ("Robust loss CE(-m, y) along one random direction d in weight space "
+                     "(theta + t d, d scaled per tensor to the tensor's norm) on 100 training "
+                     "points at the training epsilon: raw (solid) and its Gaussian smoothing "
+                     "over the weights at sigma (dashed, the same draws at every t).")
+OPTIMISER_ORDER = ("GRAD", "PGPE", "RGS")
+RELAXATION_ORDER = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
+
+
+def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
+    """Model -> optimiser and training relaxation (and training cost where known): from
+    ``training.parquet`` (`certbench.paradox`) when the folder has one, else from the
+    recipe, and for GLS recipes the bound in the run's matrix file, if readable."""
+    from certbench.paradox import training_relaxation
+
+    if folder is not None and (folder / "training.parquet").exists():
+        table = pd.read_parquet(folder / "training.parquet")
+        return table.dropna(subset=["optimiser"])
+    from certbench.matrix import load_matrix
+
+    cells = results.cells
+    models = cells.drop_duplicates("model")
+    args: dict[str, dict] = {}
+    sources = models["matrix_file"].dropna().unique() if "matrix_file" in cells else []
+    for source in sources:
+        try:
+            spec = load_matrix(str(source).removeprefix("packaged: "))
+        except Exception:  # a moved or edited matrix file: GLS models get the default bound
+            continue
+        args.update({m.name: m.recipe_args for m in spec.models})
+    rows = []
+    for r in models.itertuples():
+        kind = training_relaxation(r.recipe, args.get(r.model, {}))
+        if kind:
+            rows.append({"model": r.model, "optimiser": kind[0], "relaxation": kind[1]})
+    return pd.DataFrame(rows, columns=["model", "optimiser", "relaxation"])
+
+
+def paradox_table(results: ResultsView, kinds: pd.DataFrame) -> pd.DataFrame:
+    """One row per (optimiser, relaxation): clean accuracy, training time where known,
+    and certified accuracy per certifying verifier and epsilon."""
+    ok = results.ok[~results.ok["probabilistic"]].merge(kinds, on="model")
+    data = results.certified.merge(ok, on="cell_key")
+    wide = data.pivot_table(index=["optimiser", "relaxation", "model"],
+                            columns=["shown", "eps"], values="certified_acc")
+    wide.columns = [f"{v}@{e:g}" for v, e in wide.columns]
+    table = wide.reset_index()
+    clean = ok.groupby("model")["clean_acc"].first()
+    table.insert(3, "clean", table["model"].map(clean))
+    if "train_time_s" in kinds:
+        table.insert(4, "train_s", table["model"].map(kinds.set_index("model")["train_time_s"]))
+    order = {o: i for i, o in enumerate(OPTIMISER_ORDER)}
+    rel = {r: i for i, r in enumerate(RELAXATION_ORDER)}
+    return table.sort_values(["optimiser", "relaxation"], key=lambda c: c.map(
+        order if c.name == "optimiser" else rel)).reset_index(drop=True)
+
+
+def figure_paradox(results: ResultsView, kinds: pd.DataFrame) -> bytes:
+    ok = results.ok[~results.ok["probabilistic"]].merge(kinds, on="model")
+    data = results.certified.merge(ok, on="cell_key")
+    verifiers = sorted(data["shown"].unique())
+    eps_grid = sorted(data["eps"].unique())
+    relaxations = [r for r in RELAXATION_ORDER if r in set(data["relaxation"])]
+    optimisers = [o for o in OPTIMISER_ORDER if o in set(data["optimiser"])]
+    fig, axes = plt.subplots(len(verifiers), len(eps_grid), squeeze=False,
+                             layout="constrained", sharey=True,
+                             figsize=(3.2 * len(eps_grid), 2.2 * len(verifiers) + 0.8))
+    fig.suptitle("Certified accuracy by relaxation used in training and optimiser")
+    width = 0.8 / max(len(optimisers), 1)
+    for r, verifier in enumerate(verifiers):
+        for c, eps in enumerate(eps_grid):
+            ax = axes[r][c]
+            part = data[(data["shown"] == verifier) & (data["eps"] == eps)]
+            for k, optimiser in enumerate(optimisers):
+                rows = part[part["optimiser"] == optimiser].set_index("relaxation")
+                xs = [i + (k - (len(optimisers) - 1) / 2) * width
+                      for i, rel in enumerate(relaxations) if rel in rows.index]
+                present = [rel for rel in relaxations if rel in rows.index]
+                ax.bar(xs, [rows.loc[rel, "certified_acc"] for rel in present], width,
+                       label=optimiser, color=f"C{k}")
+                ax.scatter(xs, [rows.loc[rel, "clean_acc"] for rel in present], marker="_",
+                           color="grey", s=60, zorder=3)
+            ax.set_xticks(range(len(relaxations)), relaxations)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{verifier}, eps {eps:g}")
+            if c == 0:
+                ax.set_ylabel("certified accuracy")
+    _shared_legend(fig, axes)
+    return _png(fig)
+
+
+def figure_landscape(table: pd.DataFrame) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    for k, (bound, curve) in enumerate(table.groupby("bound", sort=True)):
+        ax.plot(curve["t"], curve["raw"], color=f"C{k}", label=f"{bound}, raw")
+        ax.plot(curve["t"], curve["smoothed"], color=f"C{k}", linestyle="--",
+                label=f"{bound}, smoothed (sigma {curve['sigma'].iloc[0]:g})")
+    first = table.iloc[0]
+    ax.set_title(f"Certified loss along a random direction: {first['model']}, "
+                 f"eps {first['eps']:g}")
+    ax.set_xlabel("t (step along d, in units of each tensor's norm)")
+    ax.set_ylabel("robust cross-entropy")
+    ax.legend()
+    return _png(fig)
+
+
+def gls_section(results: ResultsView, folder: Path | None, out: Path) -> tuple[str, str]:
+    """The paradox section (Markdown, HTML) when the results hold models trained by
+    certified-training recipes of at least two optimisers or relaxations; writes
+    figures/paradox.png (and figures/landscape.png from ``landscape.parquet``)."""
+    kinds = paradox_models(results, folder)
+    if kinds.empty or len(kinds[["optimiser", "relaxation"]].drop_duplicates()) < 2:
+        return "", ""
+    esc = html.escape
+    table = paradox_table(results, kinds)
+    figures = [("paradox", "Certified accuracy by training relaxation and optimiser",
+                figure_paradox(results, kinds), PARADOX_CAPTION)]
+    if folder is not None and (folder / "landscape.parquet").exists():
+        figures.append(("landscape", "Certified loss along a random direction",
+                        figure_landscape(pd.read_parquet(folder / "landscape.parquet")),
+                        LANDSCAPE_CAPTION))
+    md = ["## The paradox of certified training", "", table.map(_fmt).to_markdown(index=False),
+          ""]
+    page = [f"<section id='paradox'><h2>The paradox of certified training</h2>"
+            f"<div class='scroll'>{table.map(_fmt).to_html(index=False)}</div>"]
+    for key, title, image, caption in figures:
+        (out / "figures" / f"{key}.png").write_bytes(image)
+        md += [f"### {title}", "", f"![{title}](figures/{key}.png)", "", caption, ""]
+        data = base64.b64encode(image).decode()
+        page.append(f"<h3>{esc(title)}</h3><img alt='{esc(title)}' "
+                    f"src='data:image/png;base64,{data}'><p class='note'>{esc(caption)}</p>")
+    page.append("</section>")
+    return "\n".join(md) + "\n", "\n".join(page)

@@ -209,3 +209,42 @@ def test_loss_along_a_direction_is_raw_at_zero_and_smoothed_by_noise(digits):
     assert curve["smoothed"][2] != pytest.approx(at_zero, rel=1e-6)
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+def _fake_results():
+    import pandas as pd
+
+    from certbench.view import ResultsView
+
+    cells, certified = [], []
+    models = {"grad-ibp": "ibp", "grad-crown": "crown", "pgpe-crown": "gls-pgpe",
+              "mlp-standard": "standard"}
+    for i, (model, recipe) in enumerate(models.items()):
+        for j, verifier in enumerate(("ibp", "crown")):
+            key = f"k{i}{j}"
+            cells.append({"cell_key": key, "model": model, "recipe": recipe,
+                          "verifier": verifier, "probabilistic": False, "status": "ok",
+                          "clean_acc": 0.9, "matrix_file": "packaged: gls-paradox"})
+            certified += [{"cell_key": key, "eps": e, "certified_acc": 0.5 - e - 0.1 * i}
+                          for e in (0.02, 0.1)]
+    return ResultsView.of(pd.DataFrame(cells), pd.DataFrame(certified))
+
+
+def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_path):
+    from certbench.report import gls_section, paradox_models
+
+    results = _fake_results()
+    kinds = paradox_models(results, None).set_index("model")
+    assert kinds.loc["pgpe-crown", "optimiser"] == "PGPE"
+    assert kinds.loc["pgpe-crown", "relaxation"] == "CROWN"  # from the packaged matrix
+    assert kinds.loc["grad-ibp"].tolist() == ["GRAD", "IBP"]
+    assert "mlp-standard" not in kinds.index
+    (tmp_path / "figures").mkdir()
+    md, page = gls_section(results, None, tmp_path)
+    assert "paradox of certified training" in md and (tmp_path / "figures" / "paradox.png").exists()
+    assert "| PGPE" in md and "<img" in page
+    only_standard = results.cells[results.cells["recipe"] == "standard"]
+    from certbench.view import ResultsView
+
+    plain = ResultsView.of(only_standard, results.certified)
+    assert gls_section(plain, None, tmp_path) == ("", "")
