@@ -35,7 +35,14 @@ from torch import nn
 from certbench.cells import Cell, cell_identity
 from certbench.errors import UserError
 from certbench.executors import InlineExecutor
-from certbench.matrix import AttackSpec, MatrixSpec, ModelSpec, VerifierSpec, canonical_json
+from certbench.matrix import (
+    AttackSpec,
+    MatrixSpec,
+    ModelSpec,
+    TimingSpec,
+    VerifierSpec,
+    canonical_json,
+)
 from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
 from certbench.provenance import git_commit, library_versions
 from certbench.runner import run_cells
@@ -118,13 +125,15 @@ def evaluate(
     dataset: str = "user",
     progress: bool = True,
     executor: Any = None,
+    timing: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Certify ``model`` on the points ``x`` (inputs in [0, 1], on the model's device) with
     labels ``y``, with every verifier (a name such as ``"crown"``, or ``(name, options)``)
     in every norm (``"inf"``, ``"2"``) at every epsilon (one grid, or one per norm as
     ``{"inf": [...], "2": [...]}``). ``attack``: PGD and the soundness cross-check (True,
     False, or the settings of a matrix's ``[attack]``); ``executor``: where cells run
-    (default: this process). See the module docstring."""
+    (default: this process); ``timing``: the settings of a matrix's ``[timing]`` (how
+    often each cell's certification is timed). See the module docstring."""
     norms = [norms] if isinstance(norms, str) else list(norms)
     if isinstance(model, (str, Path)):
         network = load_onnx(model)
@@ -151,7 +160,7 @@ def evaluate(
             eps=({str(k): list(v) for k, v in eps.items()} if isinstance(eps, dict)
                  else list(eps)),
             batch_size=batch_size, attack=AttackSpec(**attack_settings),
-            models=[model_spec],
+            timing=TimingSpec(**(timing or {})), models=[model_spec],
             verifiers=[v.model_dump() for v in _verifier_specs(verifiers)],
         )
     except Exception as exc:  # pydantic's message names the bad field
@@ -174,7 +183,7 @@ def evaluate(
             cells.append(Cell(key, f"{verifier.display} / l{norm}", model, x.cpu(), y.cpu(),
                               indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
                               batch_size, spec.attack, spec.seed, identity,
-                              timeout_s=verifier.timeout_s))
+                              timeout_s=verifier.timeout_s, timing=spec.timing))
     rows = run_cells(cells, executor or InlineExecutor(), None, context, progress,
                      f"evaluate {name}")
     return Evaluation(**{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame()

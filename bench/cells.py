@@ -11,11 +11,17 @@ that every cell of a (model, norm) shares.
 
 Per cell: *setup* is ``Verifier.prepare`` (timed once); a warm-up certification of two
 samples follows and is excluded; then the samples are certified in batches of
-``batch_size``, and ``per_sample_s`` is the certification time over the number of samples
-(``time_s`` per sample is its batch's time divided by the batch size, unless the
-verifier reports its own ``time_s`` column). Peak memory covers setup, warm-up and
-certification (measure.py); the baseline is taken after the model and the points are on
-the device, so in a fresh worker process it is what the cell itself used.
+``batch_size`` (the first pass, whose certificate gives the rows), and the whole pass is
+timed again as many times as the matrix's ``[timing]`` allows (`TimingSpec.passes`: cheap
+cells often, expensive ones once or twice). ``certify_s`` is the median wall time of the
+passes, ``per_sample_s`` that over the number of samples, ``certify_cpu_s`` the median CPU
+time; ``certify_runs_s`` and ``certify_cpu_runs_s`` keep every pass (what `certbench
+compare` bootstraps), ``certify_passes`` their number and ``certify_iqr_s`` their
+interquartile range. ``time_s`` per sample is its batch's time in the first pass divided
+by the batch size, unless the verifier reports its own ``time_s`` column. Peak memory
+covers setup, warm-up and certification (measure.py); the baseline is taken after the
+model and the points are on the device, so in a fresh worker process it is what the cell
+itself used.
 
 Attacks and the soundness cross-check (``[attack]`` in the matrix, on by default): PGD
 attacks every sample's *prediction* at every epsilon of the grid and bisects for the
@@ -49,8 +55,8 @@ import torch
 from torch import nn
 
 from certbench.attacks import AttackOutcome, attack_grid, smoothed_pgd
-from certbench.matrix import AttackSpec, VerifierSpec, canonical_json
-from certbench.measure import PeakMemory, timed
+from certbench.matrix import AttackSpec, TimingSpec, VerifierSpec, canonical_json
+from certbench.measure import PeakMemory, timed, timed_cpu
 from certbench.verifiers import (
     ABSTAIN,
     VERDICTS,
@@ -134,6 +140,7 @@ class Cell:
     cross_check: AttackOutcome | None = None
     timeout_s: float | None = None
     imports: tuple[str, ...] = ()
+    timing: TimingSpec = field(default_factory=TimingSpec)
 
     def base_row(self) -> dict[str, Any]:
         """The cell's row before anything ran (what a failed worker leaves)."""
@@ -141,6 +148,9 @@ class Cell:
             "cell_key": self.key, **self.identity, "n_samples": len(self.y),
             "clean_acc": float("nan"), "status": "ok", "error": None,
             "setup_s": float("nan"), "certify_s": float("nan"), "per_sample_s": float("nan"),
+            "certify_cpu_s": float("nan"), "certify_iqr_s": float("nan"),
+            "certify_passes": 0, "certify_runs_s": None, "certify_cpu_runs_s": None,
+            "timing": canonical_json(self.timing.model_dump()),
             "peak_mem_bytes": None, "mem_kind": None, "probabilistic": False, "alpha": None,
             "eps_grid": json.dumps(list(self.eps)), "soundness_violations": None,
             "probabilistic_violations": None,
@@ -176,9 +186,15 @@ class Cell:
                 _, row["setup_s"] = timed(
                     lambda: verifier.prepare(model, tuple(x.shape[1:])), device)
                 verifier.certify(x[:WARMUP_SAMPLES], self.norm, eps)
-                cert, per_sample, total = _certify_batches(verifier, x, self.norm, eps,
-                                                           self.batch_size, device)
-            row.update(certify_s=total, per_sample_s=total / len(y),
+                cert, per_sample, wall, cpu = _certify_batches(verifier, x, self.norm, eps,
+                                                               self.batch_size, device)
+                walls, cpus = [wall], [cpu]
+                for _ in range(self.timing.passes(wall) - 1):
+                    *_, wall, cpu = _certify_batches(verifier, x, self.norm, eps,
+                                                     self.batch_size, device)
+                    walls.append(wall)
+                    cpus.append(cpu)
+            row.update(_timing_columns(walls, cpus, len(y)),
                        probabilistic=cert.probabilistic, alpha=cert.alpha)
             tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
             if self.cross_check is not None and not cert.probabilistic:
@@ -202,19 +218,32 @@ class Cell:
         return tables
 
 
+def _timing_columns(walls: list[float], cpus: list[float], n: int) -> dict[str, Any]:
+    """The cell row's timing columns from every timed pass (wall and CPU seconds)."""
+    median = float(np.median(walls))
+    q1, q3 = np.percentile(walls, [25, 75])
+    return {"certify_s": median, "per_sample_s": median / n,
+            "certify_cpu_s": float(np.median(cpus)), "certify_iqr_s": float(q3 - q1),
+            "certify_passes": len(walls), "certify_runs_s": [float(w) for w in walls],
+            "certify_cpu_runs_s": [float(c) for c in cpus]}
+
+
 def _certify_batches(
     verifier: Any, x: torch.Tensor, norm: str, eps: list[float], batch_size: int,
     device: torch.device,
-) -> tuple[Certificate, list[float], float]:
-    """Certify ``x`` in batches: the merged certificate, per-sample seconds, total seconds."""
-    parts, per_sample, total = [], [], 0.0
+) -> tuple[Certificate, list[float], float, float]:
+    """Certify ``x`` in batches: the merged certificate, per-sample seconds, and the total
+    wall-clock and CPU seconds."""
+    parts, per_sample, total, cpu = [], [], 0.0, 0.0
     starts = range(0, len(x), batch_size)
     for start in starts:
         batch = x[start : start + batch_size]
-        cert, seconds = timed(lambda b=batch: verifier.certify(b, norm, eps), device)
+        cert, seconds, cpu_seconds = timed_cpu(
+            lambda b=batch: verifier.certify(b, norm, eps), device)
         parts.append(cert)
         per_sample += [seconds / len(batch)] * len(batch)
         total += seconds
+        cpu += cpu_seconds
     first = parts[0]
     columns = {k: torch.cat([p.columns[k] for p in parts]) for k in first.columns}
     merged = Certificate(
@@ -227,7 +256,7 @@ def _certify_batches(
         counterexamples={(start + n, k): point for start, p in zip(starts, parts, strict=True)
                          for (n, k), point in p.counterexamples.items()},
     )
-    return merged, per_sample, total
+    return merged, per_sample, total, cpu
 
 
 def _certificate_tables(

@@ -25,7 +25,7 @@ EXAMPLES = {
     "vnncomp": "example: certbench vnncomp ../shared/data/vnncomp2021/mnistfc/"
     "mnistfc_instances.csv --verifiers crown alpha-crown exact --timeout-scale 0.25",
     "compare": "example: certbench compare results/baseline results/quick "
-    "--max-slowdown 1.2 --max-acc-drop 0.0",
+    "--max-slowdown 1.3 --max-acc-drop 0.0",
 }
 
 
@@ -165,7 +165,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from certbench.compare import compare, format_comparison
 
     result = compare(args.baseline, args.candidate, args.max_slowdown, args.max_acc_drop,
-                     args.fail_on_missing, args.time_floor_s)
+                     args.fail_on_missing, args.time_floor_s, args.rule, args.confidence,
+                     args.clock)
     print(format_comparison(result))
     return 0 if result.passed else 1
 
@@ -274,12 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("baseline")
     comp.add_argument("candidate")
     comp.add_argument("--max-slowdown", type=float, default=None,
-                      help="fail if candidate time per sample / baseline exceeds this")
+                      help="fail a cell whose candidate / baseline time ratio is, by the "
+                      "rule, above this (e.g. 1.3)")
+    comp.add_argument("--rule", choices=("interval", "ratio"), default="interval",
+                      help="interval (default): fail only when the whole bootstrap interval "
+                      "of the ratio lies above --max-slowdown; ratio: the point ratio alone")
+    comp.add_argument("--confidence", type=float, default=0.95,
+                      help="confidence of the ratio's interval (default 0.95)")
+    comp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                      help="judge wall-clock (default) or CPU time")
     comp.add_argument("--max-acc-drop", type=float, default=None,
                       help="fail if certified accuracy at any epsilon drops by more than this")
-    comp.add_argument("--time-floor-s", type=float, default=0.5,
-                      help="cells certified faster than this (seconds per cell, both sides) "
-                      "are not judged on time: their timings are mostly noise (default 0.5)")
+    comp.add_argument("--time-floor-s", type=float, default=0.0,
+                      help="cells whose median pass took less than this (seconds, both "
+                      "sides) are not judged on time (default 0: every cell is judged)")
     comp.add_argument("--fail-on-missing", action="store_true",
                       help="fail if a baseline cell is missing from the candidate")
     comp.set_defaults(func=cmd_compare)

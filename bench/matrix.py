@@ -22,7 +22,8 @@ the same points and the same epsilon grid. Example (the packaged ``quick`` matri
     name = "global-lipschitz"
     options = { bound = "gloro" }
 
-``[attack]`` sets the attack run on every cell (`AttackSpec`; on by default).
+``[attack]`` sets the attack run on every cell (`AttackSpec`; on by default);
+``[timing]`` how often each cell's certification is timed (`TimingSpec`).
 ``imports`` lists Python modules to import before the verifiers are looked up, so that a
 user's own verifier registered with ``certbench.verifiers.register`` can be benchmarked.
 """
@@ -37,7 +38,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from certbench.data import DATASETS
 from certbench.errors import UserError
@@ -137,6 +145,33 @@ class AttackSpec(_Strict):
     smoothing_check_n: int = Field(default=10_000, gt=0)
 
 
+class TimingSpec(_Strict):
+    """How many times a cell's certification pass is timed (measure.py, `passes_for`).
+
+    The first pass gives the results; then the whole pass (every point, same batches) is
+    repeated while the repeats fit in ``budget_s`` seconds: 1 + floor(budget_s / t_1)
+    passes in all, t_1 the first pass's time, clamped to [``min_repeats``,
+    ``max_repeats``]. Cheap cells are timed many times, expensive ones once or twice, so
+    the default (1 s, at most 10 passes) adds about 10 % to the default matrix. Timing is
+    not part of a cell's key: changing it reruns nothing."""
+
+    max_repeats: int = Field(default=10, ge=1)
+    min_repeats: int = Field(default=1, ge=1)
+    budget_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimingSpec:
+        if self.min_repeats > self.max_repeats:
+            raise ValueError(f"min_repeats ({self.min_repeats}) exceeds max_repeats "
+                             f"({self.max_repeats})")
+        return self
+
+    def passes(self, first_s: float) -> int:
+        """Timed passes in all for a cell whose first pass took ``first_s`` seconds."""
+        fit = 1 + int(self.budget_s // first_s) if first_s > 0 else self.max_repeats
+        return max(self.min_repeats, min(self.max_repeats, fit))
+
+
 class MatrixSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dataset: str
@@ -150,6 +185,7 @@ class MatrixSpec(_Strict):
     download: bool = False
     imports: list[str] = []
     attack: AttackSpec = AttackSpec()
+    timing: TimingSpec = TimingSpec()
     models: list[ModelSpec] = Field(min_length=1)
     verifiers: list[VerifierSpec] = Field(min_length=1)
 

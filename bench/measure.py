@@ -1,7 +1,10 @@
 """Wall-clock timers and peak-memory probes, CUDA and CPU.
 
 - Time: ``time.perf_counter`` around the work, with ``torch.cuda.synchronize`` before
-  reading the clock on CUDA so that queued kernels are counted.
+  reading the clock on CUDA so that queued kernels are counted; `timed_cpu` adds the
+  process's CPU time (``time.process_time``: every thread of the process, user and
+  system), which another process on the machine does not inflate the way it does wall
+  clock, but which counts a spinning thread as work.
 - Memory on CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
   so the peak belongs to the measured block (``mem_kind = "cuda"``).
 - Memory on CPU (Linux): the kernel's resident-set high-water mark (VmHWM) is reset by
@@ -38,6 +41,15 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def timed_cpu(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
+    """Run ``fn``; its result, wall-clock seconds (CUDA synchronised) and CPU seconds."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _status_kib(field: str) -> int:

@@ -265,7 +265,7 @@ def run_matrix(
                     cell_identity(loaded.spec.name, spec.dataset, loaded.card, loaded.sha256,
                                   verifier, norm, str(device)),
                     timeout_s=verifier.timeout_s or spec.timeout_s,
-                    imports=tuple(spec.imports)))
+                    imports=tuple(spec.imports), timing=spec.timing))
     total = len(models) * len(spec.verifiers) * len(spec.norms)
     run_cells(cells, executor, store, context, progress, f"run {spec.name}", spec.timeout_s)
     log(f"{len(cells)} cell(s) run, {total - len(cells)} already done (use --force to "

@@ -1,5 +1,5 @@
 """Shared fixtures: the digits dataset, random models of every architecture, and small
-models trained once per session with each recipe."""
+models trained once per session with each recipe; the speed suites' ``--bench-rounds``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,24 @@ import torch
 from certbench.data import load_dataset
 from certbench.models import ARCHITECTURES, build_model
 from certbench.train import train_model
+
+_BENCH_ROUNDS: list[int | None] = [None]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-rounds", type=int, default=None,
+                     help="timed rounds of every speed benchmark that fixes its own "
+                     "(default: the suite's, 2-5); see the README's speed-gate settings")
+
+
+def pytest_configure(config):
+    _BENCH_ROUNDS[0] = config.getoption("--bench-rounds")
+
+
+def bench_rounds(default: int) -> int:
+    """Timed rounds of a speed benchmark: ``--bench-rounds`` if given, else ``default``."""
+    return _BENCH_ROUNDS[0] or default
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIGITS_SHAPE = (1, 8, 8)
@@ -84,5 +102,5 @@ def time_margin_bounds(benchmark, verifier, x, spec, eps: float, rounds: int = 3
     with PeakMemory(x.device) as memory:
         result = bound()
     benchmark.extra_info["peak_mem_bytes"] = memory.peak_bytes
-    benchmark.pedantic(bound, rounds=rounds, iterations=1)
+    benchmark.pedantic(bound, rounds=bench_rounds(rounds), iterations=1)
     return result

@@ -1,7 +1,8 @@
 """Verifiers registered through a matrix's `imports`, for harness tests: one that fails,
-one that is slow enough to be interrupted mid-run, two that certify everything, and for
-the executors one that hangs, one that crashes its process, one that eats memory and one
-that holds a known amount."""
+one that is slow enough to be interrupted mid-run, two that certify everything, one whose
+certification takes a planted extra fraction of its time (the speed gate), and for the
+executors one that hangs, one that crashes its process, one that eats memory and one that
+holds a known amount."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ class SlowVerifier(GlobalLipschitzVerifier):
     def prepare(self, model, input_shape):
         time.sleep(self.pause)
         super().prepare(model, input_shape)
+
+
+@register("test-delay", "global-lipschitz plus a pause, made longer by `slowdown` (gate test)")
+class DelayedVerifier(GlobalLipschitzVerifier):
+    """Certifies as global-lipschitz, pauses ``pause_s``, then sleeps ``slowdown`` times
+    the time spent so far: a planted slowdown of ``slowdown`` (0.5 = 50 %)."""
+
+    name = "test-delay"
+
+    def __init__(self, pause_s: float = 0.02, slowdown: float = 0.0, **options):
+        super().__init__(**options)
+        self.pause_s, self.slowdown = pause_s, slowdown
+
+    def certify(self, x, norm, eps):
+        start = time.perf_counter()
+        cert = super().certify(x, norm, eps)
+        time.sleep(self.pause_s)
+        time.sleep(self.slowdown * (time.perf_counter() - start))
+        return cert
 
 
 @register("test-liar", "certifies every sample at every radius (harness test)")

@@ -13,6 +13,7 @@ import torch
 
 from certbench.models import build_model
 from certbench.verifiers import get_verifier
+from conftest import bench_rounds
 
 CASES = {
     "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 360),
@@ -52,5 +53,6 @@ def test_certify(benchmark, case, bound):
 def test_setup_lipschitz_bound(benchmark, case):
     model, shape, _ = _setup(case)
     verifier = get_verifier("global-lipschitz")
-    benchmark.pedantic(verifier.prepare, args=(model, shape), rounds=3, iterations=1)
+    benchmark.pedantic(verifier.prepare, args=(model, shape), rounds=bench_rounds(3),
+                       iterations=1)
     assert verifier.lipschitz > 0

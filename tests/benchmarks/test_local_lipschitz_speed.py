@@ -12,6 +12,7 @@ import torch
 
 from certbench.models import build_model
 from certbench.verifiers import get_verifier
+from conftest import bench_rounds
 
 CASES = {
     "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 64),
@@ -37,7 +38,8 @@ def test_local_lipschitz(benchmark, case, options):
     model, shape, x = _setup(case)
     verifier = get_verifier("local-lipschitz", **options)
     verifier.prepare(model, shape)
-    cert = benchmark.pedantic(verifier.certify, args=(x, "2", EPS), rounds=3, iterations=1)
+    cert = benchmark.pedantic(verifier.certify, args=(x, "2", EPS),
+                              rounds=bench_rounds(3), iterations=1)
     assert (cert.radius >= 0).all()
 
 
@@ -58,6 +60,6 @@ def test_complete_small_mlp(benchmark, name):
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     verifier = get_verifier(name)
     verifier.prepare(model, (1, 8, 8))
-    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01, 0.03]), rounds=2,
-                              iterations=1)
+    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01, 0.03]),
+                              rounds=bench_rounds(2), iterations=1)
     assert len(cert.verdicts) == 4
