@@ -90,6 +90,8 @@ def _shared_legend(fig, axes) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
+    if not entries:  # e.g. the radius figure when no verifier reports a radius
+        return
     fig.legend(entries.values(), entries.keys(), loc="outside lower center",
                ncol=min(4, len(entries)), fontsize=7.5)
 
@@ -542,6 +544,11 @@ LANDSCAPE_CAPTION = ("Robust loss CE(-m, y) along one random direction d in weig
                      "(theta + t d, d scaled per tensor to the tensor's norm) on 100 training "
                      "points at the training epsilon: raw (solid) and its Gaussian smoothing "
                      "over the weights at sigma (dashed, the same draws at every t).")
+PARADOX_TABLE_NOTE = ("Certified accuracy per training optimiser and relaxation (rows) and "
+                      "certifying verifier at each epsilon (columns, verifier@eps); clean: "
+                      "clean accuracy on the evaluated points; train_s: wall-clock training "
+                      "time from the checkpoint card, as measured when it was trained (a shared "
+                      "machine inflates it), where training.parquet is present.")
 OPTIMISER_ORDER = ("GRAD", "PGPE", "RGS")
 RELAXATION_ORDER = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
 
@@ -554,7 +561,8 @@ def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
 
     if folder is not None and (folder / "training.parquet").exists():
         table = pd.read_parquet(folder / "training.parquet")
-        return table.dropna(subset=["optimiser"])
+        return table.dropna(subset=["optimiser"])[["model", "optimiser", "relaxation",
+                                                   "train_time_s"]]
     from certbench.matrix import load_matrix
 
     cells = results.cells
@@ -658,9 +666,10 @@ def gls_section(results: ResultsView, folder: Path | None, out: Path) -> tuple[s
         figures.append(("landscape", "Certified loss along a random direction",
                         figure_landscape(pd.read_parquet(folder / "landscape.parquet")),
                         LANDSCAPE_CAPTION))
-    md = ["## The paradox of certified training", "", table.map(_fmt).to_markdown(index=False),
-          ""]
+    md = ["## The paradox of certified training", "", PARADOX_TABLE_NOTE, "",
+          table.map(_fmt).to_markdown(index=False), ""]
     page = [f"<section id='paradox'><h2>The paradox of certified training</h2>"
+            f"<p class='note'>{esc(PARADOX_TABLE_NOTE)}</p>"
             f"<div class='scroll'>{table.map(_fmt).to_html(index=False)}</div>"]
     for key, title, image, caption in figures:
         (out / "figures" / f"{key}.png").write_bytes(image)

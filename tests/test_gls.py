@@ -231,6 +231,8 @@ def _fake_results():
 
 
 def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_path):
+    import pandas as pd
+
     from certbench.report import gls_section, paradox_models
 
     results = _fake_results()
@@ -243,6 +245,13 @@ def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_pa
     md, page = gls_section(results, None, tmp_path)
     assert "paradox of certified training" in md and (tmp_path / "figures" / "paradox.png").exists()
     assert "| PGPE" in md and "<img" in page
+    training = pd.DataFrame([{"model": "grad-ibp", "recipe": "ibp", "optimiser": "GRAD",
+                              "relaxation": "IBP", "train_time_s": 1.5, "clean_acc": 0.9},
+                             {"model": "pgpe-crown", "recipe": "gls-pgpe", "optimiser": "PGPE",
+                              "relaxation": "CROWN", "train_time_s": 60.0, "clean_acc": 0.2}])
+    training.to_parquet(tmp_path / "training.parquet")
+    md, _ = gls_section(results, tmp_path, tmp_path)
+    assert "train_s" in md and "grad-crown" not in md  # the study's models only
     only_standard = results.cells[results.cells["recipe"] == "standard"]
     from certbench.view import ResultsView
 

@@ -17,6 +17,7 @@ import torch
 from certbench.loss_fusion import crown_ibp_margins, lirpa_fused_ce, robust_ce
 from certbench.models import build_model
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
+from conftest import bench_rounds
 
 SHAPE = (1, 8, 8)
 BATCH, EPS, BETA = 128, 0.05, 0.5
@@ -48,7 +49,7 @@ def _step(model, prop, ball, y, classes, fusion):
 def test_crown_ibp_loss_step(benchmark, classes, fusion):
     model, prop, ball, y = _setup(classes)
     loss = benchmark.pedantic(_step, args=(model, prop, ball, y, classes, fusion),
-                              rounds=1 if benchmark.disabled else 10, iterations=1,
+                              rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
                               warmup_rounds=0 if benchmark.disabled else 2)
     benchmark.extra_info["loss"] = float(loss)
     assert torch.isfinite(loss)
