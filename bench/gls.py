@@ -9,9 +9,9 @@ Two estimators of its gradient, each handed to the same Adam optimiser, cosine s
 epsilon ramp and kappa mix as the gradient recipes (so that a comparison isolates the
 estimator):
 
-- ``gls-pgpe``, PGPE (Sehnke et al. 2010, "Parameter-exploring policy gradients", with
-  symmetric sampling, Sec. 2.3): zeroth order, loss values only, ``population`` antithetic
-  pairs e_i of one shared sigma,
+- ``gls-pgpe``, PGPE (Sehnke et al. 2010, "Parameter-exploring policy gradients", Neural
+  Networks 23(4), with symmetric sampling): zeroth order, loss values only, ``population``
+  antithetic pairs e_i of one shared sigma,
       g = sum_i (L(theta + e_i) - L(theta - e_i)) e_i / (2 n sigma^2),
   an unbiased estimate of grad L_sigma (Stein's lemma). It needs no gradient of the
   relaxation, so it also trains through bounds whose gradient is useless. Sehnke et al.'s

@@ -6,7 +6,7 @@ i.e. log(1 + sum_{j != y} exp(-m[j])). Unfused, m comes from bounding the specif
 rows e_y - e_j, all K of them (the row j = y is zero), through the whole network.
 
 **Loss fusion** (Xu et al. 2020, "Automatic Perturbation Analysis for Scalable Certified
-Robustness and Beyond", Sec. 3.4, auto_LiRPA's ``loss_fusion``) puts the loss into the
+Robustness and Beyond", NeurIPS 2020, auto_LiRPA's ``loss_fusion``) puts the loss into the
 bounded graph: it bounds the *upper* bound of S = sum_j exp(f_j - f_y) directly, one
 output row instead of K, so the backward pass no longer grows with the number of classes.
 It is **not** the same loss. Each exp is replaced by its chord between the interval
