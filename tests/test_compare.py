@@ -157,3 +157,14 @@ def test_real_runs_pass_when_identical_and_fail_a_planted_doubling(tmp_path):
     result = compare(base, slow, max_slowdown=1.3)
     assert not result.passed, result.table.to_string()
     assert result.table["ratio_low"].iloc[0] > 1.3
+
+
+def test_timing_rule_gives_cheap_cells_more_passes_and_checks_its_bounds():
+    from certbench.errors import UserError
+    from certbench.matrix import TimingSpec
+
+    timing = TimingSpec(budget_s=1.0, max_repeats=10, min_repeats=2)
+    assert [timing.passes(t) for t in (0.01, 0.3, 0.6, 5.0)] == [10, 4, 2, 2]
+    assert TimingSpec().passes(3.0) == 1
+    with pytest.raises(UserError, match="min_repeats"):
+        small_matrix(timing={"min_repeats": 5, "max_repeats": 3})
