@@ -116,7 +116,7 @@ def test_results_without_repetitions_compare_by_their_single_time(tmp_path):
     assert not result.passed
 
 
-def test_accuracy_drops_and_failed_cells_still_fail(tmp_path):
+def test_accuracy_drops_failed_cells_and_violations_still_fail(tmp_path):
     base = _results(tmp_path / "base", {"a": STEADY})
     weaker = _results(tmp_path / "weaker", {"a": STEADY}, acc=0.4)
     assert not compare(base, weaker, max_slowdown=1.3, max_acc_drop=0.0).passed
@@ -124,6 +124,10 @@ def test_accuracy_drops_and_failed_cells_still_fail(tmp_path):
     cells = pd.read_parquet(failed / "cells.parquet").assign(status="timeout")
     cells.to_parquet(failed / "cells.parquet")
     assert "status timeout" in compare(base, failed).failures[0]
+    unsound = _results(tmp_path / "unsound", {"a": STEADY})
+    cells = pd.read_parquet(unsound / "cells.parquet").assign(soundness_violations=2)
+    cells.to_parquet(unsound / "cells.parquet")
+    assert "2 soundness violation(s)" in compare(base, unsound).failures[0]
 
 
 def test_bad_rule_settings_are_user_errors(tmp_path, capsys):
