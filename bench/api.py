@@ -45,7 +45,7 @@ from certbench.matrix import (
 )
 from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
 from certbench.provenance import git_commit, library_versions
-from certbench.runner import run_cells
+from certbench.runner import run_cells, run_timing_rounds
 from certbench.store import ResultsStore
 from certbench.summary import summary_of
 from certbench.verifiers import get_verifier
@@ -184,7 +184,11 @@ def evaluate(
                               indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
                               batch_size, spec.attack, spec.seed, identity,
                               timeout_s=verifier.timeout_s, timing=spec.timing))
-    rows = run_cells(cells, executor or InlineExecutor(), None, context, progress,
-                     f"evaluate {name}")
+    executor = executor or InlineExecutor()
+    rows = run_cells(cells, executor, None, context, progress, f"evaluate {name}")
+    if spec.timing.rounds > 1:
+        by_key = {r["cell_key"]: r for f in rows["cells"] for r in f.to_dict("records")}
+        by_key = run_timing_rounds(cells, by_key, executor, None, progress)
+        rows["cells"] = [pd.DataFrame(list(by_key.values()))]
     return Evaluation(**{k: pd.concat(v, ignore_index=True) if v else pd.DataFrame()
                          for k, v in rows.items()})

@@ -17,7 +17,10 @@ cells often, expensive ones once or twice). ``certify_s`` is the median wall tim
 passes, ``per_sample_s`` that over the number of samples, ``certify_cpu_s`` the median CPU
 time; ``certify_runs_s`` and ``certify_cpu_runs_s`` keep every pass (what `certbench
 compare` bootstraps), ``certify_passes`` their number and ``certify_iqr_s`` their
-interquartile range. ``time_s`` per sample is its batch's time in the first pass divided
+interquartile range. With ``[timing] rounds`` > 1 the driver times the cell again later in
+fresh workers (`TimingRound`, runner.py); ``certify_run_rounds`` names each pass's round,
+``certify_rounds`` counts them, and ``certify_s`` becomes the median of the rounds' median
+passes. ``time_s`` per sample is its batch's time in the first pass divided
 by the batch size, unless the verifier reports its own ``time_s`` column. Peak memory
 covers setup, warm-up and certification (measure.py); the baseline is taken after the
 model and the points are on the device, so in a fresh worker process it is what the cell
@@ -149,7 +152,8 @@ class Cell:
             "clean_acc": float("nan"), "status": "ok", "error": None,
             "setup_s": float("nan"), "certify_s": float("nan"), "per_sample_s": float("nan"),
             "certify_cpu_s": float("nan"), "certify_iqr_s": float("nan"),
-            "certify_passes": 0, "certify_runs_s": None, "certify_cpu_runs_s": None,
+            "certify_passes": 0, "certify_rounds": 0, "certify_runs_s": None,
+            "certify_cpu_runs_s": None, "certify_run_rounds": None,
             "timing": canonical_json(self.timing.model_dump()),
             "peak_mem_bytes": None, "mem_kind": None, "probabilistic": False, "alpha": None,
             "eps_grid": json.dumps(list(self.eps)), "soundness_violations": None,
@@ -188,13 +192,8 @@ class Cell:
                 verifier.certify(x[:WARMUP_SAMPLES], self.norm, eps)
                 cert, per_sample, wall, cpu = _certify_batches(verifier, x, self.norm, eps,
                                                                self.batch_size, device)
-                walls, cpus = [wall], [cpu]
-                for _ in range(self.timing.passes(wall) - 1):
-                    *_, wall, cpu = _certify_batches(verifier, x, self.norm, eps,
-                                                     self.batch_size, device)
-                    walls.append(wall)
-                    cpus.append(cpu)
-            row.update(_timing_columns(walls, cpus, len(y)),
+                walls, cpus = self.repeat_passes(verifier, x, wall, cpu)
+            row.update(timing_columns(walls, cpus, [0] * len(walls), len(y)),
                        probabilistic=cert.probabilistic, alpha=cert.alpha)
             tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
             if self.cross_check is not None and not cert.probabilistic:
@@ -218,14 +217,82 @@ class Cell:
         return tables
 
 
-def _timing_columns(walls: list[float], cpus: list[float], n: int) -> dict[str, Any]:
-    """The cell row's timing columns from every timed pass (wall and CPU seconds)."""
-    median = float(np.median(walls))
+    def repeat_passes(self, verifier: Any, x: torch.Tensor, wall: float,
+                      cpu: float) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of every timed pass: the first (given) and the repeats
+        the timing rule allows after it."""
+        walls, cpus = [wall], [cpu]
+        for _ in range(self.timing.passes(wall) - 1):
+            *_, wall, cpu = _certify_batches(verifier, x, self.norm, list(self.eps),
+                                             self.batch_size, torch.device(self.device))
+            walls.append(wall)
+            cpus.append(cpu)
+        return walls, cpus
+
+
+@dataclass(frozen=True, eq=False)
+class TimingRound:
+    """A later timing round of a cell (`TimingSpec.rounds`): in a fresh worker, the
+    verifier is prepared, warmed up and its passes timed as in `Cell.run`; the
+    certificates are discarded. ``run`` returns the passes' wall and CPU seconds."""
+
+    cell: Cell
+    round: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell.label} (timing round {self.round + 1})"
+
+    @property
+    def device(self) -> str:
+        return self.cell.device
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self.cell.timeout_s
+
+    def run(self) -> tuple[list[float], list[float]]:
+        cell = self.cell
+        import_plugins(cell.imports)
+        device = torch.device(cell.device)
+        model = cell.model.to(device).eval()
+        x = cell.x.to(device)
+        verifier = get_verifier(cell.verifier.name, **cell.verifier.options)
+        verifier.prepare(model, tuple(x.shape[1:]))
+        verifier.certify(x[:WARMUP_SAMPLES], cell.norm, list(cell.eps))
+        *_, wall, cpu = _certify_batches(verifier, x, cell.norm, list(cell.eps),
+                                         cell.batch_size, device)
+        return cell.repeat_passes(verifier, x, wall, cpu)
+
+
+def timing_columns(walls: list[float], cpus: list[float], rounds: list[int],
+                   n: int) -> dict[str, Any]:
+    """The cell row's timing columns from every timed pass (wall and CPU seconds, and the
+    timing round each pass belongs to). ``certify_s`` is the median over rounds of each
+    round's median pass (with one round: the median pass)."""
+    walls_a, cpus_a, rounds_a = np.asarray(walls), np.asarray(cpus), np.asarray(rounds)
+    labels = np.unique(rounds_a)
+    median = float(np.median([np.median(walls_a[rounds_a == r]) for r in labels]))
+    cpu = float(np.median([np.median(cpus_a[rounds_a == r]) for r in labels]))
     q1, q3 = np.percentile(walls, [25, 75])
     return {"certify_s": median, "per_sample_s": median / n,
-            "certify_cpu_s": float(np.median(cpus)), "certify_iqr_s": float(q3 - q1),
-            "certify_passes": len(walls), "certify_runs_s": [float(w) for w in walls],
-            "certify_cpu_runs_s": [float(c) for c in cpus]}
+            "certify_cpu_s": cpu, "certify_iqr_s": float(q3 - q1),
+            "certify_passes": len(walls), "certify_rounds": len(labels),
+            "certify_runs_s": [float(w) for w in walls],
+            "certify_cpu_runs_s": [float(c) for c in cpus],
+            "certify_run_rounds": [int(r) for r in rounds]}
+
+
+def add_timing_round(row: dict[str, Any], round_: int, walls: list[float],
+                     cpus: list[float]) -> dict[str, Any]:
+    """``row`` (a cell row) with one more timing round's passes merged in."""
+    previous = row.get("certify_run_rounds")
+    if previous is None or (np.isscalar(previous) and pd.isna(previous)):
+        previous = [0] * len(row["certify_runs_s"])
+    merged = timing_columns(list(row["certify_runs_s"]) + list(walls),
+                            list(row["certify_cpu_runs_s"]) + list(cpus),
+                            list(previous) + [round_] * len(walls), int(row["n_samples"]))
+    return {**row, **merged}
 
 
 def _certify_batches(

@@ -24,9 +24,13 @@ with probability about (1 - confidence) / 2 (2.5 %), less the further below it i
 ``rule = "ratio"`` the point ratio alone is held to the threshold (the old rule: every
 pass of noise counts). ``clock = "cpu"`` judges CPU time instead of wall time.
 
-What the interval does not see: the passes of one run share that run's machine state, so
-a slowdown of the whole machine between the two runs (another job, a warmer or cooler
-CPU) moves every cell together and stays inside the ratio. The threshold is for that:
+A cell timed in several *rounds* (``[timing] rounds``: passes spread over the run, a
+fresh worker per round) is summarised by the median of its rounds' median passes and
+resampled by rounds, not passes: the passes of one round share the machine's speed of
+that moment (on a shared VM it drifts by tens of percent over seconds), so treating them
+as independent would give intervals far too narrow. What the interval does not see: a
+slowdown of the whole machine between the two runs (another job, a warmer or cooler CPU)
+moves every cell together and stays inside the ratio. The threshold is for that:
 choose ``max_slowdown`` above the spread of identical runs on your machine (the README
 gives what was measured here). ``run factor`` (the median ratio over the judged cells) is
 printed so a machine-wide shift is visible. A cell timed once on both sides (its pass took
@@ -75,15 +79,31 @@ def _load(folder: str | Path) -> ResultsView:
     return view
 
 
+def _units(times: np.ndarray, rounds: np.ndarray | None) -> np.ndarray:
+    """What the bootstrap resamples: each timing round's median pass when the cell was
+    timed in several rounds, else the passes themselves."""
+    if rounds is None or len(np.unique(rounds)) < 2:
+        return times
+    return np.array([np.median(times[rounds == r]) for r in np.unique(rounds)])
+
+
 def ratio_interval(
     baseline: np.ndarray, candidate: np.ndarray, confidence: float = 0.95,
-    resamples: int = RESAMPLES, seed: int = 0,
+    resamples: int = RESAMPLES, seed: int = 0, baseline_rounds: np.ndarray | None = None,
+    candidate_rounds: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """median(candidate) / median(baseline) and its percentile bootstrap interval at
-    ``confidence`` (Efron and Tibshirani 1993, Sec. 13.3): each side's passes resampled
-    with replacement, independently, ``resamples`` times. A side with one pass contributes
-    no variation; with one pass on both sides the interval is the point."""
-    base, cand = np.asarray(baseline, float), np.asarray(candidate, float)
+    ``confidence`` (Efron and Tibshirani 1993, Sec. 13.3): each side resampled with
+    replacement, independently, ``resamples`` times. A side timed in several rounds
+    (``*_rounds``: the round of each pass) is summarised by the median of its rounds'
+    median passes and resampled by rounds, the independent units (the cluster bootstrap,
+    Davison and Hinkley 1997, Sec. 3.8): passes of one round share the machine's speed of
+    that moment. A side with one unit contributes no variation; with one on both sides the
+    interval is the point."""
+    base = _units(np.asarray(baseline, float), None if baseline_rounds is None
+                  else np.asarray(baseline_rounds))
+    cand = _units(np.asarray(candidate, float), None if candidate_rounds is None
+                  else np.asarray(candidate_rounds))
     ratio = float(np.median(cand) / np.median(base))
     rng = np.random.default_rng(seed)
     med_b = np.median(rng.choice(base, (resamples, len(base))), axis=1)
@@ -93,14 +113,24 @@ def ratio_interval(
     return ratio, float(low), float(high)
 
 
-def _passes(row: pd.Series, side: str, clock: str) -> np.ndarray:
-    """One side's pass times (results from before repetitions: the single time)."""
-    runs = row.get(f"certify{'_cpu' if clock == 'cpu' else ''}_runs_s_{side}")
-    if runs is not None and not (np.isscalar(runs) and pd.isna(runs)) and len(runs):
-        return np.asarray(runs, float)
+def _list(row: pd.Series, column: str) -> np.ndarray | None:
+    value = row.get(column)
+    if value is None or (np.isscalar(value) and pd.isna(value)) or not len(value):
+        return None
+    return np.asarray(value)
+
+
+def _passes(row: pd.Series, side: str, clock: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """One side's pass times and the timing round of each (results from before
+    repetitions: the single time; from before rounds: None)."""
+    runs = _list(row, f"certify{'_cpu' if clock == 'cpu' else ''}_runs_s_{side}")
+    if runs is not None:
+        rounds = _list(row, f"certify_run_rounds_{side}")
+        return runs.astype(float), rounds if rounds is not None and len(rounds) == len(runs) \
+            else None
     if clock == "cpu":
-        return np.asarray([row.get(f"certify_cpu_s_{side}", np.nan)], float)
-    return np.asarray([row[f"certify_s_{side}"]], float)
+        return np.asarray([row.get(f"certify_cpu_s_{side}", np.nan)], float), None
+    return np.asarray([row[f"certify_s_{side}"]], float), None
 
 
 def compare(
@@ -116,7 +146,7 @@ def compare(
     base_view, cand_view = _load(baseline), _load(candidate)
     columns = MATCH + ["cell_key", "checkpoint_sha256", "status", "per_sample_s",
                        "certify_s", "certify_cpu_s", "certify_runs_s", "certify_cpu_runs_s",
-                       "soundness_violations"]
+                       "certify_run_rounds", "soundness_violations"]
     base = base_view.cells.reindex(columns=columns)
     cand = cand_view.cells.reindex(columns=columns)
     merged = base.merge(cand, on=MATCH, how="outer", suffixes=("_base", "_cand"),
@@ -128,10 +158,11 @@ def compare(
         both["checkpoint_sha256_base"] == both["checkpoint_sha256_cand"], "same", "changed")
     intervals, passes, timed = [], [], []
     for _, row in both.iterrows():
-        b, c = _passes(row, "base", clock), _passes(row, "cand", clock)
+        (b, b_rounds), (c, c_rounds) = _passes(row, "base", clock), _passes(row, "cand", clock)
         passes.append(f"{len(b)}/{len(c)}")
         ok = np.isfinite(b).all() and np.isfinite(c).all() and (b > 0).all() and (c > 0).all()
-        intervals.append(ratio_interval(b, c, confidence) if ok else (np.nan,) * 3)
+        intervals.append(ratio_interval(b, c, confidence, baseline_rounds=b_rounds,
+                                        candidate_rounds=c_rounds) if ok else (np.nan,) * 3)
         timed.append(ok and max(np.median(b), np.median(c)) >= time_floor_s)
     both["passes"] = passes
     both[["time_ratio", "ratio_low", "ratio_high"]] = (

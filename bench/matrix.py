@@ -146,18 +146,28 @@ class AttackSpec(_Strict):
 
 
 class TimingSpec(_Strict):
-    """How many times a cell's certification pass is timed (measure.py, `passes_for`).
+    """How many times a cell's certification pass is timed (cells.py).
 
     The first pass gives the results; then the whole pass (every point, same batches) is
     repeated while the repeats fit in ``budget_s`` seconds: 1 + floor(budget_s / t_1)
     passes in all, t_1 the first pass's time, clamped to [``min_repeats``,
     ``max_repeats``]. Cheap cells are timed many times, expensive ones once or twice, so
-    the default (1 s, at most 10 passes) adds about 10 % to the default matrix. Timing is
-    not part of a cell's key: changing it reruns nothing."""
+    the default (1 s, at most 10 passes) adds about 10 % to the default matrix.
+
+    ``rounds`` > 1 times every cell again in ``rounds - 1`` later *timing rounds*: after
+    all cells have run, each round gives every cell a fresh worker (setup, warm-up and
+    passes by the same rule, certificates discarded), round after round, so each cell's
+    passes are spread over the whole run. Why: on a shared or virtual machine the speed
+    drifts over seconds (measured on a 2-core VM: medians of 1 s blocks of one cell's
+    passes, in one process, 0.65x-1.22x of their median, in streaks of about ten seconds),
+    so passes taken back to back measure the machine's speed at that moment, not the code.
+    Timing is not part of a cell's key: changing it reruns nothing, and raising
+    ``rounds`` on a finished results folder adds the missing rounds."""
 
     max_repeats: int = Field(default=10, ge=1)
     min_repeats: int = Field(default=1, ge=1)
     budget_s: float = Field(default=1.0, ge=0)
+    rounds: int = Field(default=1, ge=1, le=50)
 
     @model_validator(mode="after")
     def _ordered(self) -> TimingSpec:

@@ -11,6 +11,14 @@ the store with status ``ok`` is skipped unless ``force``; a cell that fails (``e
 setup, warm-up, certification and cross-check; the attack of the model has its own run
 under the matrix's ``timeout_s``) and the executor's memory limit. A failed attack leaves
 its cells without the cross-check, with the reason in ``attack_error``.
+
+With ``[timing] rounds`` > 1 (matrix.py, `TimingSpec`), the cells' later timing rounds run
+after every cell has run, round by round (each finished cell once per round, in a fresh
+worker: `cells.TimingRound`), so that each cell's passes are spread over the run; each
+round's passes are merged into the cell's row as it ends (`run_timing_rounds`). A run
+killed during the rounds resumes with the missing ones. A failed timing round (timeout,
+crash) leaves the certificates as they are and the row with fewer rounds; it is named in
+the log and retried by the next run.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certbench.cells import AttackJob, Cell, cell_identity
+from certbench.cells import AttackJob, Cell, TimingRound, add_timing_round, cell_identity
 from certbench.data import Dataset, default_data_dir, eval_indices, load_dataset
 from certbench.errors import UserError
 from certbench.executors import Outcome, ProcessExecutor
@@ -224,6 +232,40 @@ def run_cells(
     return rows
 
 
+def run_timing_rounds(
+    cells: list[Cell], rows: dict[str, dict[str, Any]], executor: Any,
+    store: ResultsStore | None, progress: bool = True, log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """The missing timing rounds of every cell whose row in ``rows`` (by cell key) is
+    ``ok``: round r of all cells, then round r + 1, up to each cell's ``timing.rounds``.
+    Returns ``rows`` with the passes merged; each merged row also goes to ``store``."""
+    def done(cell: Cell) -> int:
+        row = rows.get(cell.key)
+        if row is None or row.get("status") != "ok":
+            return cell.timing.rounds
+        rounds = row.get("certify_rounds")
+        return 1 if rounds is None or pd.isna(rounds) else int(rounds)
+
+    missing = sum(max(0, c.timing.rounds - done(c)) for c in cells)
+    if not missing:
+        return rows
+    bar = tqdm(total=missing, desc="timing rounds", unit="cell", disable=not progress)
+    for round_ in range(1, max(c.timing.rounds for c in cells)):
+        tasks = [TimingRound(c, round_) for c in cells if done(c) == round_ < c.timing.rounds]
+        for task, outcome in executor.run(tasks):
+            bar.update()
+            if outcome.status != "ok":
+                log(f"{task.label}: {outcome.status} ({outcome.reason}); its rows keep "
+                    f"{round_} round(s), the next run retries")
+                continue
+            row = add_timing_round(rows[task.cell.key], round_, *outcome.value)
+            rows[task.cell.key] = row
+            if store is not None:
+                store.write_cell({"cells": pd.DataFrame([row])})
+    bar.close()
+    return rows
+
+
 def run_matrix(
     spec: MatrixSpec,
     results_dir: Path,
@@ -256,8 +298,6 @@ def run_matrix(
         for verifier in spec.verifiers:
             for norm in spec.norms:
                 key = cell_key(spec, loaded, verifier, norm, device)
-                if key in done:
-                    continue
                 cells.append(Cell(
                     key, f"{loaded.spec.name} / {verifier.display} / l{norm}", loaded.model,
                     x, y, indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
@@ -266,8 +306,12 @@ def run_matrix(
                                   verifier, norm, str(device)),
                     timeout_s=verifier.timeout_s or spec.timeout_s,
                     imports=tuple(spec.imports), timing=spec.timing))
-    total = len(models) * len(spec.verifiers) * len(spec.norms)
-    run_cells(cells, executor, store, context, progress, f"run {spec.name}", spec.timeout_s)
-    log(f"{len(cells)} cell(s) run, {total - len(cells)} already done (use --force to "
+    todo = [cell for cell in cells if cell.key not in done]
+    run_cells(todo, executor, store, context, progress, f"run {spec.name}", spec.timeout_s)
+    if spec.timing.rounds > 1:
+        stored = store.read("cells")
+        rows = {row["cell_key"]: row for row in stored.to_dict("records")}
+        run_timing_rounds(cells, rows, executor, store, progress, log)
+    log(f"{len(todo)} cell(s) run, {len(cells) - len(todo)} already done (use --force to "
         f"recompute) -> {results_dir}")
     return store.read("cells")

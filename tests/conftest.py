@@ -34,6 +34,27 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIGITS_SHAPE = (1, 8, 8)
 
 
+def interrupt_training(monkeypatch, after_steps: int) -> None:
+    """Make training raise KeyboardInterrupt at its ``after_steps + 1``-th loss call (as if
+    killed there); ``monkeypatch.undo()`` lets the next run resume."""
+    from certbench import train
+
+    real, calls = train.make_loss, [0]
+
+    def interrupting(*make_args):
+        loss = real(*make_args)
+
+        def wrapped(*loss_args):
+            calls[0] += 1
+            if calls[0] == after_steps + 1:
+                raise KeyboardInterrupt
+            return loss(*loss_args)
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_loss", interrupting)
+
+
 def random_model(arch: str, seed: int = 0, **arch_args) -> torch.nn.Module:
     """An untrained model with random weights (and random BatchNorm statistics)."""
     torch.manual_seed(seed)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import certbench.train as train
 from certbench.errors import UserError
 from certbench.gls import (
     Estimate,
@@ -21,7 +20,7 @@ from certbench.gls import (
 )
 from certbench.train import recipe_args, train_model
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
-from conftest import DIGITS_SHAPE, random_model
+from conftest import DIGITS_SHAPE, interrupt_training, random_model
 
 
 def _phi(t: float) -> float:
@@ -158,21 +157,7 @@ def test_gls_training_resumes_to_the_same_weights(digits, tmp_path, monkeypatch,
     arch = {"widths": [16]}
     full, card = train_model(tmp_path / "full", digits, "mlp", arch, recipe, args,
                              progress=False)
-    steps = math.ceil(len(digits.y_train) / 256)
-    real, calls = train.make_loss, [0]
-
-    def interrupting(*make_args):
-        loss = real(*make_args)
-
-        def wrapped(*loss_args):
-            calls[0] += 1
-            if calls[0] == steps + 2:
-                raise KeyboardInterrupt
-            return loss(*loss_args)
-
-        return wrapped
-
-    monkeypatch.setattr(train, "make_loss", interrupting)
+    interrupt_training(monkeypatch, math.ceil(len(digits.y_train) / 256) + 1)
     with pytest.raises(KeyboardInterrupt):
         train_model(tmp_path / "resumed", digits, "mlp", arch, recipe, args, progress=False)
     monkeypatch.undo()

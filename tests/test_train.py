@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-import certbench.train as train
 from certbench.errors import UserError
 from certbench.train import gloro_logits, recipe_args, train_model
 from certbench.verifiers.global_lipschitz import LipschitzGraph
-from conftest import DIGITS_SHAPE, random_model
+from conftest import DIGITS_SHAPE, interrupt_training, random_model
 
 
 def test_gloro_bottom_logit_by_hand():
@@ -30,21 +29,8 @@ def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeyp
     args = {"epochs": 3, "eps": 0.3}
     full, full_card = train_model(tmp_path / "full", digits, "mlp", {"widths": [16]}, "gloro", args,
                           progress=False)
-    steps = math.ceil(len(digits.y_train) / 128)
-    real_make_loss, calls = train.make_loss, [0]
-
-    def interrupting(*make_args):
-        loss = real_make_loss(*make_args)
-
-        def wrapped(*loss_args):
-            calls[0] += 1
-            if calls[0] == 2 * steps + 3:  # in the middle of the third epoch
-                raise KeyboardInterrupt
-            return loss(*loss_args)
-
-        return wrapped
-
-    monkeypatch.setattr(train, "make_loss", interrupting)
+    # in the middle of the third epoch
+    interrupt_training(monkeypatch, 2 * math.ceil(len(digits.y_train) / 128) + 2)
     with pytest.raises(KeyboardInterrupt):
         train_model(tmp_path / "resumed", digits, "mlp", {"widths": [16]}, "gloro", args,
                     progress=False)
