@@ -285,13 +285,19 @@ def timing_columns(walls: list[float], cpus: list[float], rounds: list[int],
 
 def add_timing_round(row: dict[str, Any], round_: int, walls: list[float],
                      cpus: list[float]) -> dict[str, Any]:
-    """``row`` (a cell row) with one more timing round's passes merged in."""
-    previous = row.get("certify_run_rounds")
-    if previous is None or (np.isscalar(previous) and pd.isna(previous)):
-        previous = [0] * len(row["certify_runs_s"])
-    merged = timing_columns(list(row["certify_runs_s"]) + list(walls),
-                            list(row["certify_cpu_runs_s"]) + list(cpus),
-                            list(previous) + [round_] * len(walls), int(row["n_samples"]))
+    """``row`` (a cell row) with one more timing round's passes merged in (a row from
+    before repetitions counts its single time as round 0's one pass)."""
+    def listed(column: str, single: str) -> list:
+        value = row.get(column)
+        if value is None or (np.isscalar(value) and pd.isna(value)):
+            return [row.get(single, float("nan"))] if single else []
+        return list(value)
+
+    earlier = listed("certify_runs_s", "certify_s")
+    rounds = listed("certify_run_rounds", "") or [0] * len(earlier)
+    merged = timing_columns(earlier + list(walls),
+                            listed("certify_cpu_runs_s", "certify_cpu_s") + list(cpus),
+                            rounds + [round_] * len(walls), int(row["n_samples"]))
     return {**row, **merged}
 
 

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "rule, above this (e.g. 1.3)")
     comp.add_argument("--rule", choices=("interval", "ratio"), default="interval",
                       help="interval (default): fail only when the whole bootstrap interval "
-                      "of the ratio lies above --max-slowdown; ratio: the point ratio alone")
+                      "of the ratio (over timing rounds where the matrix has them, else "
+                      "over passes) lies above --max-slowdown; ratio: the point ratio alone")
     comp.add_argument("--confidence", type=float, default=0.95,
                       help="confidence of the ratio's interval (default 0.95)")
     comp.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -11,7 +11,8 @@ import pytest
 from scipy.stats import binomtest
 from test_runner import small_matrix
 
-from certbench.cells import TimingRound
+import certbench
+from certbench.cells import TimingRound, add_timing_round
 from certbench.compare import compare, ratio_interval
 from certbench.executors import InlineExecutor
 from certbench.runner import run_matrix
@@ -81,6 +82,27 @@ def test_a_failed_timing_round_is_named_and_retried_by_the_next_run(tmp_path, mo
     run_matrix(_spec(2), results, tmp_path / "ckpt", progress=False, log=logs.append,
                executor=InlineExecutor())
     assert (_cells(results)["certify_rounds"] == 2).all()
+
+
+def test_the_python_api_times_in_rounds_too():
+    from certbench.data import load_dataset
+    from conftest import random_model
+
+    data = load_dataset("digits")
+    result = certbench.evaluate(random_model("mlp", widths=[16]), data.x_test[:8],
+                                data.y_test[:8], verifiers=["ibp", "crown"], eps=[0.01],
+                                attack=False, progress=False,
+                                timing={"rounds": 3, "min_repeats": 2, "max_repeats": 2})
+    assert list(result.cells["certify_rounds"]) == [3, 3]
+    assert [len(r) for r in result.cells["certify_runs_s"]] == [6, 6]
+
+
+def test_a_row_from_before_repetitions_gains_rounds():
+    row = {"certify_s": 2.0, "certify_cpu_s": 3.0, "n_samples": 4, "certify_runs_s": None}
+    merged = add_timing_round(row, 1, [1.0, 1.2], [1.5, 1.7])
+    assert merged["certify_runs_s"] == [2.0, 1.0, 1.2]
+    assert merged["certify_run_rounds"] == [0, 1, 1] and merged["certify_rounds"] == 2
+    assert merged["certify_s"] == pytest.approx((2.0 + 1.1) / 2)
 
 
 def _rounds(rng, factor, rounds=5, passes=4, machine=0.15):
