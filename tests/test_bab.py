@@ -108,16 +108,18 @@ def _sectors_model() -> nn.Module:
     return model.eval()
 
 
-def test_bab_certified_region_matches_a_dense_grid_in_two_dimensions():
+@pytest.mark.parametrize("input_split_dims", [8, 0], ids=["input-splits", "relu-splits"])
+def test_bab_certified_region_matches_a_dense_grid_in_two_dimensions(input_split_dims):
     """Centres on a 7 x 7 grid over a 2-D network's three decision regions, l_inf balls:
     bab certifies exactly the balls in which a 201 x 201 grid finds no other class (up to
     balls where only a sliver, thinner than the grid, crosses the boundary: there bab
-    must answer falsified with a confirmed point)."""
+    must answer falsified with a confirmed point); by input splitting (the default for
+    two inputs) and by ReLU splitting alike."""
     model = _sectors_model()
     axis = torch.linspace(0.05, 0.95, 7)
     centers = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
     eps = [0.03, 0.08]
-    bab = get_verifier("bab", time_limit_s=60)
+    bab = get_verifier("bab", time_limit_s=60, input_split_dims=input_split_dims)
     bab.prepare(model, (2,))
     cert = bab.certify(centers, "inf", eps)
     assert ((cert.verdicts == CERTIFIED) | (cert.verdicts == FALSIFIED)).all()
@@ -136,6 +138,28 @@ def test_bab_certified_region_matches_a_dense_grid_in_two_dimensions():
                 disagree += 1
     assert (cert.verdicts == CERTIFIED).sum() > 15 and (cert.verdicts == FALSIFIED).sum() > 15
     assert disagree <= 2
+
+
+def test_input_splitting_agrees_with_the_exact_milp_on_a_five_input_network():
+    """A random 5-40-40-4 ReLU network (the shape of a control network such as ACAS Xu):
+    on l_inf balls from small to large, bab by input splitting answers what the MILP
+    answers, its counterexamples confirmed, splitting where CROWN alone leaves balls open."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                          nn.Linear(40, 4)).eval()
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(8))
+    eps = [0.01, 0.05, 0.15]
+    exact = get_verifier("exact", time_limit_s=60)
+    exact.prepare(model, (5,))
+    truth = exact.certify(x, "inf", eps)
+    bab = get_verifier("bab", time_limit_s=60, attack_restarts=1, attack_steps=1)
+    bab.prepare(model, (5,))
+    cert = bab.certify(x, "inf", eps)
+    assert (truth.verdicts == CERTIFIED).any() and (truth.verdicts == FALSIFIED).any()
+    assert torch.equal(cert.verdicts, truth.verdicts)
+    _check_counterexamples(model, x, eps, "inf", cert)
+    assert (cert.columns["bab_lp_leaves"].nan_to_num() == 0).all()  # no ReLU-split leaves
+    assert cert.columns["bab_domains"].nan_to_num().max() > 2
 
 
 def test_an_exhausted_budget_is_a_timeout_not_a_failure_to_certify():
