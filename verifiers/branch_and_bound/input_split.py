@@ -39,8 +39,13 @@ can halve one coordinate down to float resolution while another stays wide."""
 def bound_boxes(prop: BoundPropagator, lower: torch.Tensor, upper: torch.Tensor,
                 c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per box (m, *input): the CROWN lower bound of max_r c_r . f(x) - d_r, and the input
-    coefficients (m, rows, *input) of each row's linear bound."""
-    ball = Ball((lower + upper) / 2, (upper - lower) / 2, "inf", clip=False)
+    coefficients (m, rows, *input) of each row's linear bound. The box is bounded as a
+    ball whose radius is widened by 4 ulps of its largest coordinate, so that the rounded
+    centre -+ radius still contains [lower, upper]: the halves of a box then cover it,
+    with no sliver left unproven."""
+    center = (lower + upper) / 2
+    ulp = torch.finfo(lower.dtype).eps * torch.maximum(lower.abs(), upper.abs())
+    ball = Ball(center, (upper - lower) / 2 + 4 * ulp, "inf", clip=False)
     bounds = prop.intermediate_bounds(ball, "crown")
     record: dict[int, torch.Tensor | None] = {0: None}
     spec = c[None].expand(len(lower), *c.shape).contiguous()
