@@ -81,6 +81,8 @@ class ResultsView:
             table = table.join(wide)
         table["setup_s"] = indexed["setup_s"]
         table["ms/sample"] = indexed["per_sample_s"] * 1e3
+        if "certify_iqr_s" in indexed:  # the timed passes' spread: IQR over median
+            table["iqr%"] = 100 * indexed["certify_iqr_s"] / indexed["certify_s"]
         table["peak_MiB"] = indexed["peak_mem_bytes"].astype("float64") / 2**20
         table["status"] = indexed["status"]
         if "soundness_violations" in indexed:

@@ -145,6 +145,7 @@ def test_show_prints_the_summary(tmp_path, capsys):
     assert code == 0
     code, out, _ = run_cli(capsys, "show", str(tmp_path / "r"))
     assert code == 0 and "cert@0.1" in out and "global-lipschitz" in out and "ms/sample" in out
+    assert "iqr%" in out
     code, _, err = run_cli(capsys, "show", str(tmp_path / "nothing"))
     assert code == 2 and "no results" in err
 
