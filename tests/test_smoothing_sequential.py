@@ -29,13 +29,19 @@ def _oracle(p_a: torch.Tensor, seed: int):
     return draw
 
 
-def _wrong_rate(p_true: float, alpha: float, seed: int) -> tuple[int, float]:
-    """Runs whose lower bound exceeds the true p_A, and their mean draws."""
+def _runs(p_true: float, alpha: float, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """RUNS estimations at a known p_A: their draws and lower bounds."""
     p_a = torch.full((RUNS,), p_true, dtype=torch.float64)
     needed = torch.tensor([NEEDED], dtype=torch.float64).expand(RUNS, -1)
     looks = look_schedule(1000, 64_000)
-    _, used, lower = estimate(_oracle(p_a, seed), needed, looks, alpha)
-    return int((lower > p_true).sum()), float(used.double().mean())
+    _, used, lower = estimate(_oracle(p_a, seed), needed, looks, alpha, **options)
+    return used.double(), lower
+
+
+def _wrong_rate(p_true: float, alpha: float, seed: int) -> tuple[int, float]:
+    """Runs whose lower bound exceeds the true p_A, and their mean draws."""
+    used, lower = _runs(p_true, alpha, seed)
+    return int((lower > p_true).sum()), float(used.mean())
 
 
 @pytest.mark.parametrize("p_true", [0.65, 0.695, 0.7, 0.705, 0.9, 0.97, 0.999])
@@ -63,6 +69,24 @@ def test_points_far_from_the_thresholds_stop_early():
     _, far = _wrong_rate(0.999, ALPHA, seed=2)
     _, near = _wrong_rate(0.7, ALPHA, seed=3)
     assert far == 1000 and near > 30_000
+
+
+def test_futility_gives_up_below_a_threshold_early_and_rarely_above_it():
+    """Stochastic curtailment: at p_A 0.69 (needed 0.7) the futility rule stops at a
+    quarter of the draws the pure budget rule (futility ~ 0) uses; at 0.71, where fixed N
+    always certifies, it gives up at most 1 % of the certificates."""
+    below = {f: _runs(0.69, ALPHA, seed=4, futility=f)[0].mean() for f in (1e-9, 0.01)}
+    assert below[0.01] < below[1e-9] / 3, below
+    _, lower = _runs(0.71, ALPHA, seed=5)
+    assert (lower > NEEDED[0]).double().mean() >= 0.99
+
+
+def test_the_looks_grow_geometrically_in_whole_blocks():
+    assert look_schedule(1000, 100_000) == [1000, 2000, 3000, 5000, 8000, 11_000, 17_000,
+                                             26_000, 38_000, 58_000, 86_000, 100_000]
+    assert look_schedule(1000, 64_000, ratio=2) == [1000 * 2**j for j in range(7)]
+    with pytest.raises(ValueError, match="look_ratio"):
+        get_verifier("smoothing", sequential=True, look_ratio=1.0)
 
 
 def test_on_a_linear_classifier_sequential_and_fixed_n_agree_with_fewer_draws():

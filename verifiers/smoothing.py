@@ -13,23 +13,32 @@ p_A <= 1/2, else return c_A with radius R. The guarantee holds with probability 
 ``alpha``).
 
 Sequential CERTIFY (``sequential = true``): the same selection step, then the count is
-looked at after n_1 = ``first_look`` draws, then 2 n_1, 4 n_1, ... and finally ``n`` (J
-looks, fixed in advance); at look j the lower bound is Clopper-Pearson at level alpha_j,
-with alpha_J = alpha / 2 at the last look and alpha / (2 (J - 1)) at each earlier one. By
-the union bound, P(p_A < LB_j for some j) <= sum_j alpha_j = alpha, so the bound at the
-look where estimation stops, whatever made it stop, holds with probability at least
-1 - alpha: the same guarantee as CERTIFY's (a Bonferroni-corrected geometric grid of
-sample sizes). Half of alpha goes to the last look because the points that reach it are
-those closest to a threshold, where the level decides the verdict; points far from every
-threshold stop early even at the smaller level (the spending pattern of group-sequential
-designs, e.g. O'Brien and Fleming 1979, which keep most of alpha for the end). Confidence
-sequences such as Waudby-Smith and Ramdas' betting ones are tighter and not used here.
+looked at after n_1 = ``first_look`` draws, then at n_1 times ``look_ratio`` (1.5), its
+square, ... (rounded to blocks of 1000) and finally ``n`` (J looks, fixed in advance); at
+look j the lower bound is Clopper-Pearson at level alpha_j, with alpha_J = alpha / 2 at
+the last look and alpha / (2 (J - 1)) at each earlier one. By the union bound,
+P(p_A < LB_j for some j) <= sum_j alpha_j = alpha, so the bound at the look where
+estimation stops, whatever made it stop, holds with probability at least 1 - alpha: the
+same guarantee as CERTIFY's (a Bonferroni-corrected geometric grid of sample sizes). Half
+of alpha goes to the last look because the points that reach it are those closest to a
+threshold, where the level decides the verdict; points far from every threshold stop
+early even at the smaller level (the spending pattern of group-sequential designs, e.g.
+O'Brien and Fleming 1979, which keep most of alpha for the end). Confidence sequences
+such as Waudby-Smith and Ramdas' betting ones are tighter and not used here.
+
 Estimation of a sample stops at the first look where every epsilon of the grid is
-decided: certified (the radius from LB_j exceeds it), or out of reach (even if every
-remaining draw were c_A, LB at ``n`` would not certify it; or the upper Clopper-Pearson
-bound at level alpha_j is below what it needs: then the true p_A is too small, and
-stopping costs at most certificates, never soundness). The price of the correction is a
-slightly smaller radius at equal draws (LB at alpha / 2 at the last look); the gain is
+decided: certified (the radius from LB_j exceeds it), or futile: even a generous
+continuation to ``n`` would not certify it. That is stochastic curtailment (Lan, Simon and
+Halperin 1982, "Stochastically curtailed tests in long-term clinical trials"): with k of
+m draws so far, take the upper (1 - ``futility``) Clopper-Pearson bound u of p_A and the
+(1 - ``futility``) quantile q of Binomial(n - m, u); if LB_J(k + q, n) would still not
+certify the epsilon, it is futile. With every draw so far c_A (u = 1) this is the budget
+rule "even all remaining draws c_A would not certify it". A futility stop can only lose a
+certificate that running on would have given (with probability about 2 ``futility`` per
+look for a point at the edge), never make one: its level does not enter the guarantee,
+which is why it can be far looser (0.01) than the bounds' (alpha_j ~ 1e-4); at the
+bounds' level points just below a threshold ran to ``n``. The price of the correction is
+a slightly smaller radius at equal draws (LB at alpha / 2 at the last look); the gain is
 that points far from the thresholds stop after a few thousand draws.
 
 PREDICT (Sec. 3.1): the two most frequent classes over ``n`` copies, n_A and n_B; return
@@ -64,7 +73,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import beta, binomtest
+from scipy.stats import beta, binom, binomtest
 from scipy.stats import norm as normal
 from torch import nn
 
@@ -101,9 +110,12 @@ def clopper_pearson_upper(count, n, alpha: float):
     return float(bound) if bound.ndim == 0 else bound
 
 
-def smoothing_radius(p_a_lower: float, sigma: float) -> float:
-    """sigma * Phi^-1(p_A) (Theorem 1); 0 when p_A <= 1/2 (the method abstains)."""
-    return sigma * float(normal.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
+def smoothing_radius(p_a_lower, sigma: float):
+    """sigma * Phi^-1(p_A) (Theorem 1); 0 when p_A <= 1/2 (the method abstains);
+    elementwise for arrays."""
+    p = np.asarray(p_a_lower, dtype=np.float64)
+    radius = np.where(p > 0.5, sigma * normal.ppf(np.maximum(p, 0.5)), 0.0)
+    return float(radius) if radius.ndim == 0 else radius
 
 
 def look_levels(alpha: float, looks: int) -> list[float]:
@@ -114,20 +126,25 @@ def look_levels(alpha: float, looks: int) -> list[float]:
     return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
 
 
-def look_schedule(first_look: int, n: int) -> list[int]:
-    """The sample sizes at which sequential CERTIFY looks: first_look, doubling, then n."""
-    looks, size = [], first_look
-    while size < n:
-        looks.append(size)
-        size *= 2
+def look_schedule(first_look: int, n: int, ratio: float = 1.5) -> list[int]:
+    """The sample sizes at which sequential CERTIFY looks: first_look, then growing by
+    ``ratio`` (each rounded to a whole block of draws), then n."""
+    if ratio <= 1:
+        raise ValueError(f"look_ratio must exceed 1, got {ratio}")
+    looks, size = [], float(first_look)
+    while round(size / BLOCK) * BLOCK < n:
+        look = round(size / BLOCK) * BLOCK
+        if not looks or look > looks[-1]:
+            looks.append(look)
+        size *= ratio
     return looks + [n]
 
 
 Draw = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float,
+             futility: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count c_A with early stopping at ``looks`` (one look: fixed-N CERTIFY).
 
     ``draw(active, start, size)``: counts of each active sample's c_A over draws
@@ -147,8 +164,8 @@ def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float
         lower[active] = torch.from_numpy(clopper_pearson_lower(k, look, level))
         if look == n:
             break
-        reach = np.minimum(clopper_pearson_lower(k + n - look, n, levels[-1]),
-                           clopper_pearson_upper(k, look, level))
+        generous = binom.ppf(1 - futility, n - look, clopper_pearson_upper(k, look, futility))
+        reach = clopper_pearson_lower(np.minimum(k + generous, n), n, levels[-1])
         need = needed[active].numpy()
         decided = ((lower[active].numpy()[:, None] > need) | (reach[:, None] <= need)).all(1)
         active = active[torch.from_numpy(~decided)]
@@ -161,7 +178,8 @@ def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float
 class RandomizedSmoothing:
     """CERTIFY and PREDICT of Cohen et al.; defaults are the paper's (N0 = 100,
     N = 100 000, alpha = 0.001). ``sequential``: stop estimating once every epsilon is
-    decided (looks at ``first_look``, doubling, up to ``n``); ``batch_size``: noisy copies
+    decided (looks at ``first_look``, growing by ``look_ratio``, up to ``n``; an epsilon
+    is given up at level ``futility``, see the module docstring); ``batch_size``: noisy copies
     per forward pass, measured in ``prepare`` when not given; ``noise_cache_mb``: when
     the selection and estimation noise (float32) fits in this, it is drawn once in
     ``prepare`` (setup) and reused by every point."""
@@ -178,6 +196,8 @@ class RandomizedSmoothing:
         seed: int = 0,
         sequential: bool = False,
         first_look: int = 1000,
+        look_ratio: float = 1.5,
+        futility: float = 0.01,
         noise_cache_mb: float = 512,
     ):
         if sigma <= 0:
@@ -190,9 +210,13 @@ class RandomizedSmoothing:
             raise ValueError(f"first_look must be a positive multiple of {BLOCK}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+        if not 0 < futility < 0.5:
+            raise ValueError(f"futility must lie in (0, 0.5), got {futility}")
+        look_schedule(first_look, n, look_ratio)  # checks look_ratio
         self.sigma, self.n0, self.n, self.alpha = sigma, n0, n, alpha
         self.batch_size, self.seed = batch_size, seed
         self.sequential, self.first_look = sequential, first_look
+        self.look_ratio, self.futility = look_ratio, futility
         self.noise_cache_mb = noise_cache_mb
         self.model: nn.Module | None = None
 
@@ -201,7 +225,10 @@ class RandomizedSmoothing:
         self.input_shape = tuple(input_shape)
         self.input_dim = math.prod(input_shape)
         self.device = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.inference_mode():
+            self.classes = model(torch.zeros((1, *self.input_shape), device=self.device)).shape[1]
         self.batch = self.batch_size or self._fastest_batch()
+        self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict[int, torch.Tensor] = {}
         if (self.n0 + self.n) * self.input_dim * 4 <= self.noise_cache_mb * 2**20:
             for stream, size in ((SELECTION, self.n0), (ESTIMATION, self.n)):
@@ -249,6 +276,15 @@ class RandomizedSmoothing:
                 stream, (start + offset) // BLOCK), out=out[offset : offset + m])
         return out[:size].mul_(self.sigma)
 
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor kept between calls (fresh large tensors cost page faults on
+        every call); reallocated only when a larger or differently typed one is needed."""
+        size = math.prod(shape)
+        kept = self._buffers.get(name)
+        if kept is None or kept.numel() < size or kept.dtype != dtype:
+            kept = self._buffers[name] = torch.empty(size, device=self.device, dtype=dtype)
+        return kept[:size].view(shape)
+
     @torch.inference_mode()
     def class_counts(self, x: torch.Tensor, stream: int, start: int, size: int
                      ) -> torch.Tensor:
@@ -258,28 +294,28 @@ class RandomizedSmoothing:
         pieces are short (the selection step), several samples with the same piece."""
         piece = min(self.batch, size)
         group = max(1, self.batch // piece)
-        noise = torch.empty((piece, *self.input_shape), device=self.device, dtype=x.dtype)
-        noisy = torch.empty((min(group, len(x)) * piece, *self.input_shape),
-                            device=self.device, dtype=x.dtype)
-        total = None
+        rows_shape = (min(group, len(x)) * piece, *self.input_shape)
+        noisy = self._buffer("noisy", rows_shape, x.dtype)
+        cached = self._cache.get(stream)
+        if cached is not None and cached.dtype != x.dtype:
+            cached = None
+        total = torch.zeros((len(x), self.classes), dtype=torch.int64, device=self.device)
         for offset in range(0, size, piece):
             m = min(piece, size - offset)
-            cached = self._cache.get(stream)
-            if cached is not None and cached.dtype == x.dtype:
+            if cached is not None:
                 block = cached[start + offset : start + offset + m]
             else:
+                noise = self._buffer("noise", (piece, *self.input_shape), x.dtype)
                 block = self._noise(noise, stream, start + offset, m)
             for first in range(0, len(x), group):
                 points = x[first : first + group]
                 rows = noisy[: len(points) * m].view(len(points), m, *self.input_shape)
                 torch.add(block, points[:, None], out=rows)
                 labels = self.model(rows.view(-1, *self.input_shape)).argmax(1)
-                if total is None:
-                    classes = self.model(points[:1]).shape[1]
-                    total = torch.zeros((len(x), classes), dtype=torch.int64,
-                                        device=self.device)
-                total[first : first + len(points)].scatter_add_(
-                    1, labels.view(len(points), m), torch.ones_like(labels).view(len(points), m))
+                shift = torch.arange(len(points), device=self.device) * self.classes
+                total[first : first + len(points)] += torch.bincount(
+                    (labels.view(len(points), m) + shift[:, None]).view(-1),
+                    minlength=len(points) * self.classes).view(len(points), self.classes)
         return total.cpu()
 
     def certify(self, x: torch.Tensor, norm: str, eps: Sequence[float]) -> Certificate:
@@ -295,11 +331,11 @@ class RandomizedSmoothing:
             counts = self.class_counts(x[active.to(x.device)], ESTIMATION, start, size)
             return counts.gather(1, guess[active][:, None]).squeeze(1)
 
-        looks = look_schedule(self.first_look, self.n) if self.sequential else [self.n]
-        count_a, used, p_a_lower = estimate(draw, needed, looks, self.alpha)
+        looks = ([self.n] if not self.sequential
+                 else look_schedule(self.first_look, self.n, self.look_ratio))
+        count_a, used, p_a_lower = estimate(draw, needed, looks, self.alpha, self.futility)
         prediction = torch.where(p_a_lower > 0.5, guess, torch.full_like(guess, ABSTAIN))
-        radius = torch.tensor([smoothing_radius(float(p), self.sigma) for p in p_a_lower],
-                              dtype=torch.float64) / scale
+        radius = torch.from_numpy(smoothing_radius(p_a_lower.numpy(), self.sigma)) / scale
         certified = radius[:, None] > torch.tensor(eps, dtype=torch.float64)
         not_certified = torch.where(
             prediction == ABSTAIN, verdict_code(Verdict.ABSTAIN),
