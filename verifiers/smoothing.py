@@ -73,8 +73,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import beta, binom, binomtest
-from scipy.stats import norm as normal
+from scipy.special import betaincinv, ndtr, ndtri
+from scipy.stats import binom, binomtest
 from torch import nn
 
 from certbench.verifiers.base import (
@@ -98,7 +98,7 @@ def clopper_pearson_lower(count, n, alpha: float):
     for arrays of counts and sizes)."""
     count, n = np.asarray(count, dtype=np.float64), np.asarray(n, dtype=np.float64)
     safe = np.maximum(count, 1)
-    bound = np.where(count == 0, 0.0, beta.ppf(alpha, safe, n - safe + 1))
+    bound = np.where(count == 0, 0.0, betaincinv(safe, n - safe + 1, alpha))
     return float(bound) if bound.ndim == 0 else bound
 
 
@@ -106,7 +106,7 @@ def clopper_pearson_upper(count, n, alpha: float):
     """One-sided (1 - alpha) upper confidence bound of a binomial proportion."""
     count, n = np.asarray(count, dtype=np.float64), np.asarray(n, dtype=np.float64)
     safe = np.minimum(count, n - 1)
-    bound = np.where(count == n, 1.0, beta.ppf(1 - alpha, safe + 1, n - safe))
+    bound = np.where(count == n, 1.0, betaincinv(safe + 1, n - safe, 1 - alpha))
     return float(bound) if bound.ndim == 0 else bound
 
 
@@ -114,7 +114,7 @@ def smoothing_radius(p_a_lower, sigma: float):
     """sigma * Phi^-1(p_A) (Theorem 1); 0 when p_A <= 1/2 (the method abstains);
     elementwise for arrays."""
     p = np.asarray(p_a_lower, dtype=np.float64)
-    radius = np.where(p > 0.5, sigma * normal.ppf(np.maximum(p, 0.5)), 0.0)
+    radius = np.where(p > 0.5, sigma * ndtri(np.maximum(p, 0.5)), 0.0)
     return float(radius) if radius.ndim == 0 else radius
 
 
@@ -325,7 +325,7 @@ class RandomizedSmoothing:
         guess = self.class_counts(x, SELECTION, 0, self.n0).argmax(1)
         scale = math.sqrt(self.input_dim) if norm == "inf" else 1.0
         grid = torch.tensor(eps, dtype=torch.float64) * scale  # as l2 radii
-        needed = torch.from_numpy(normal.cdf(grid.numpy() / self.sigma)).expand(len(x), -1)
+        needed = torch.from_numpy(ndtr(grid.numpy() / self.sigma)).expand(len(x), -1)
 
         def draw(active: torch.Tensor, start: int, size: int) -> torch.Tensor:
             counts = self.class_counts(x[active.to(x.device)], ESTIMATION, start, size)
