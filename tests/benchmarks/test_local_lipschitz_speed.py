@@ -12,6 +12,7 @@ import torch
 
 from certbench.models import build_model
 from certbench.verifiers import get_verifier
+from certbench.verifiers.base import Verdict, verdict_code
 from conftest import bench_rounds
 
 CASES = {
@@ -63,3 +64,19 @@ def test_complete_small_mlp(benchmark, name):
     cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.01, 0.03]),
                               rounds=bench_rounds(2), iterations=1)
     assert len(cert.verdicts) == 4
+
+
+@pytest.mark.parametrize("input_split_dims", [8, 0], ids=["input-splits", "relu-splits"])
+def test_bab_on_a_five_input_network(benchmark, input_split_dims):
+    """bab on the 5-40-40-4 network of test_bab (the shape of ACAS Xu) at balls CROWN
+    leaves open: splitting the input box against splitting ReLUs, same decisions."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
+                                torch.nn.ReLU(), torch.nn.Linear(40, 4)).eval()
+    x = torch.rand(6, 5, generator=torch.Generator().manual_seed(8))
+    verifier = get_verifier("bab", time_limit_s=60, attack_restarts=1, attack_steps=1,
+                            input_split_dims=input_split_dims)
+    verifier.prepare(model, (5,))
+    cert = benchmark.pedantic(verifier.certify, args=(x, "inf", [0.05, 0.15]),
+                              rounds=bench_rounds(2), iterations=1)
+    assert not (cert.verdicts == verdict_code(Verdict.TIMEOUT)).any()  # both decide every ball
