@@ -2,7 +2,8 @@
 on every point and epsilon, its certificates survive attacks and dense grids, each of its
 counterexamples changes the prediction inside the ball, and an exhausted budget reads
 ``timeout``, never ``not_certified``. Its parts are checked alone: beta-CROWN bounds of
-split domains hold on sampled points of the domain, and BaBSR splits unstable neurons."""
+split domains hold on sampled points of the domain, BaBSR splits unstable neurons, and
+filtered smart branching picks the candidate whose worse child it bounds best."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from certbench.attacks import pgd
 from certbench.verifiers import Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
-from certbench.verifiers.branch_and_bound.branching import babsr
+from certbench.verifiers.branch_and_bound.branching import _decisions, _scores, babsr, fsb
 from certbench.verifiers.branch_and_bound.domains import DomainBounder, Domains
 from conftest import DIGITS_SHAPE, random_model
 
@@ -36,15 +37,16 @@ def _check_counterexamples(model, x, eps, norm, cert):
     assert len(cert.counterexamples) == int((cert.verdicts == FALSIFIED).sum())
 
 
+@pytest.mark.parametrize("branching", ["babsr", "fsb"])
 @pytest.mark.parametrize("arch", sorted(SMALL_MODELS))
-def test_bab_agrees_with_the_exact_milp_on_every_point(arch):
+def test_bab_agrees_with_the_exact_milp_on_every_point(arch, branching):
     arch_args, seed, eps = SMALL_MODELS[arch]
     model = random_model(arch, seed=seed, **arch_args)
     x = torch.rand(6, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(5))
     exact = get_verifier("exact", time_limit_s=60)
     exact.prepare(model, DIGITS_SHAPE)
     truth = exact.certify(x, "inf", eps)
-    bab = get_verifier("bab", time_limit_s=60)
+    bab = get_verifier("bab", time_limit_s=60, branching=branching)
     bab.prepare(model, DIGITS_SHAPE)
     cert = bab.certify(x, "inf", eps)
     assert (truth.verdicts == CERTIFIED).any() and (truth.verdicts == FALSIFIED).any()
@@ -276,3 +278,36 @@ def test_babsr_picks_an_unstable_neuron_and_reports_leaves():
     assert domain.lower[node].flatten()[index] < 0 < domain.upper[node].flatten()[index]
     stable = {i: v.clamp(min=0) for i, v in domain.lower.items()}
     assert babsr(prop, stable, domain.upper, coefficients).tolist() == [[-1, -1]]
+
+
+def _worse_child(prop, bounder, domain, offsets, flat: int) -> float:
+    """The bound FSB estimates for splitting neuron ``flat``: one pass per child with the
+    parent's slopes and multipliers, the worse of the two."""
+    trial = domain.take(slice(None))
+    trial.branch = _decisions(torch.tensor([flat]), torch.tensor([True]), offsets)
+    children = trial.split(prop.relu_inputs)
+    with torch.no_grad():
+        return float(bounder._pass(children, children.alphas, children.betas).amax(1).min())
+
+
+def test_fsb_picks_its_best_candidate_which_is_never_worse_than_babsrs():
+    """On a 3-hidden-layer network: FSB's neuron is unstable, and its estimated worse
+    child is the best among all the candidates it considers, BaBSR's pick among them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                          nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 2)).eval()
+    rows = torch.tensor([[1.0, -1.0]])
+    prop, ball, domain = _root(model, torch.full((1, 10), 0.5), 0.15, rows)
+    bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
+    coefficients = bounder.bound(domain, 0, float("inf"))
+    score, intercept, offsets = _scores(prop, domain.lower, domain.upper, coefficients)
+    (position, index), = fsb(bounder, domain, coefficients).tolist()
+    node = prop.relu_inputs[position]
+    assert domain.lower[node].flatten()[index] < 0 < domain.upper[node].flatten()[index]
+    chosen = _worse_child(prop, bounder, domain, offsets, int(offsets[position]) + index)
+    candidates = [*score[0].topk(3).indices.tolist(), *(-intercept[0]).topk(3).indices.tolist()]
+    assert all(chosen >= _worse_child(prop, bounder, domain, offsets, f) - 1e-6
+               for f in candidates)
+    (b_position, b_index), = babsr(prop, domain.lower, domain.upper, coefficients).tolist()
+    assert int(offsets[b_position]) + b_index in candidates
+    assert chosen > float(domain.value[0])  # the split helps both children

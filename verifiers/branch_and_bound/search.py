@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from certbench.verifiers.branch_and_bound.branching import babsr
+from certbench.verifiers.branch_and_bound.branching import babsr, fsb
 from certbench.verifiers.branch_and_bound.domains import DomainBounder, Domains
 from certbench.verifiers.specification import SpecVerdict
 
@@ -64,21 +64,31 @@ Leaf = Callable[[Domains], "tuple[SpecVerdict, torch.Tensor | None]"]
 """A single fully split domain -> (unsat | sat with its point | unknown)."""
 
 
+BRANCHING = ("babsr", "fsb")
+
+
 def branch_and_bound(
     bounder: DomainBounder, root: Domains, root_coefficients: dict[int, torch.Tensor],
     slack: float, deadline: float, confirm: Confirm, leaf: Leaf | None,
-    batch_size: int = 1024, iterations: int = 10,
+    batch_size: int = 1024, iterations: int = 10, branching: str = "babsr",
 ) -> SearchResult:
     """Decide the property whose root domain ``root`` (bounded, with its last pass's
-    ``root_coefficients``) is given; see the module docstring."""
+    ``root_coefficients``) is given; see the module docstring. ``branching``: BaBSR or
+    filtered smart branching (branching.py)."""
     prop = bounder.prop
     stats = SearchStats()
+
+    def choose(domains: Domains, coefficients: dict[int, torch.Tensor]) -> torch.Tensor:
+        if branching == "fsb":
+            return fsb(bounder, domains, coefficients)
+        return babsr(prop, domains.lower, domains.upper, coefficients)
+
     if float(root.value[0]) > slack:
         return SearchResult(SpecVerdict.UNSAT, stats=stats)
     found = _falsify(bounder, root_coefficients, confirm)
     if found is not None:
         return SearchResult(SpecVerdict.SAT, found, stats)
-    root.branch = babsr(prop, root.lower, root.upper, root_coefficients)
+    root.branch = choose(root, root_coefficients)
     pool = [root]  # a stack of batches of open domains, newest last
     while pool:
         if time.perf_counter() > deadline:
@@ -111,7 +121,7 @@ def branch_and_bound(
             found = _falsify(bounder, coefficients, confirm)
             if found is not None:
                 return SearchResult(SpecVerdict.SAT, found, stats)
-            children.branch = babsr(prop, children.lower, children.upper, coefficients)
+            children.branch = choose(children, coefficients)
             pool.append(children)
         stats.branch_s += time.perf_counter() - t0
     return SearchResult(SpecVerdict.UNSAT, stats=stats)

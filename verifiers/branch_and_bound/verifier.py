@@ -11,8 +11,9 @@ Per sample and epsilon (or per VNN-LIB property), within ``time_limit_s``:
    intermediate bounds it tightens are the ones every subdomain keeps;
 4. every disjunct of the unsafe set the root leaves open (for robustness: every class
    j with f_y - f_j not proven positive), the worst first, goes through the
-   branch-and-bound loop of search.py (BaBSR branching, batched beta-CROWN bounds, an LP
-   at fully split leaves).
+   branch-and-bound loop of search.py (``branching``: BaBSR, or filtered smart branching
+   which bounds the children of 6 candidate neurons per domain before it splits one;
+   batched beta-CROWN bounds, an LP at fully split leaves).
 
 Inputs of at most ``input_split_dims`` coordinates (8 by default), in an l_inf ball or a
 VNN-LIB box, skip steps 3-4: each open disjunct goes to input splitting instead
@@ -57,6 +58,7 @@ from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.branch_and_bound.domains import ALPHA_LR, DomainBounder, Domains
 from certbench.verifiers.branch_and_bound.input_split import input_split_search
 from certbench.verifiers.branch_and_bound.search import (
+    BRANCHING,
     SearchResult,
     SearchStats,
     branch_and_bound,
@@ -88,9 +90,12 @@ class BranchAndBoundVerifier:
     def __init__(self, time_limit_s: float = 60.0, batch_size: int = 1024,
                  iterations: int = 10, root_iterations: int = 20,
                  attack_restarts: int = 8, attack_steps: int = 50,
-                 input_split_dims: int = 8):
+                 input_split_dims: int = 8, branching: str = "babsr"):
         if time_limit_s <= 0 or batch_size < 1:
             raise ValueError("time_limit_s and batch_size must be positive")
+        if branching not in BRANCHING:
+            raise ValueError(f"branching must be one of {BRANCHING}, got {branching!r}")
+        self.branching = branching
         self.time_limit_s = time_limit_s
         self.batch_size = batch_size
         self.iterations, self.root_iterations = iterations, root_iterations
@@ -263,7 +268,7 @@ class BranchAndBoundVerifier:
         leaf = self._leaf_lp(ball, c, d, slack, deadline, confirm) if ball.norm == "inf" else None
         result = branch_and_bound(
             bounder, domain, coefficients, slack, deadline, confirm, leaf,
-            self.batch_size, self.iterations)
+            self.batch_size, self.iterations, self.branching)
         result.stats.bound_s += root_s
         return result
 
