@@ -18,7 +18,7 @@ from certbench.attacks import pgd
 from certbench.verifiers import Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
-from certbench.verifiers.branch_and_bound.branching import _decisions, _scores, babsr, fsb
+from certbench.verifiers.branch_and_bound.branching import babsr, flat_decisions, fsb, neuron_scores
 from certbench.verifiers.branch_and_bound.domains import DomainBounder, Domains
 from conftest import DIGITS_SHAPE, random_model
 
@@ -284,7 +284,7 @@ def _worse_child(prop, bounder, domain, offsets, flat: int) -> float:
     """The bound FSB estimates for splitting neuron ``flat``: one pass per child with the
     parent's slopes and multipliers, the worse of the two."""
     trial = domain.take(slice(None))
-    trial.branch = _decisions(torch.tensor([flat]), torch.tensor([True]), offsets)
+    trial.branch = flat_decisions(torch.tensor([flat]), torch.tensor([True]), offsets)
     children = trial.split(prop.relu_inputs)
     with torch.no_grad():
         return float(bounder._pass(children, children.alphas, children.betas).amax(1).min())
@@ -300,7 +300,7 @@ def test_fsb_picks_its_best_candidate_which_is_never_worse_than_babsrs():
     prop, ball, domain = _root(model, torch.full((1, 10), 0.5), 0.15, rows)
     bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
     coefficients = bounder.bound(domain, 0, float("inf"))
-    score, intercept, offsets = _scores(prop, domain.lower, domain.upper, coefficients)
+    score, intercept, offsets = neuron_scores(prop, domain.lower, domain.upper, coefficients)
     (position, index), = fsb(bounder, domain, coefficients).tolist()
     node = prop.relu_inputs[position]
     assert domain.lower[node].flatten()[index] < 0 < domain.upper[node].flatten()[index]

@@ -51,7 +51,7 @@ def layer_bias(prop: BoundPropagator, node: int) -> torch.Tensor | None:
     return None
 
 
-def _scores(prop: BoundPropagator, lower: dict[int, torch.Tensor],
+def neuron_scores(prop: BoundPropagator, lower: dict[int, torch.Tensor],
             upper: dict[int, torch.Tensor], coefficients: dict[int, torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BaBSR scores (n, neurons of all layers; -1 where stable), intercept terms
@@ -79,7 +79,7 @@ def _scores(prop: BoundPropagator, lower: dict[int, torch.Tensor],
     return torch.cat(scores, 1), torch.cat(intercepts, 1), offsets
 
 
-def _decisions(flat: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def flat_decisions(flat: torch.Tensor, valid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(n, 2) (layer position, index in layer) of flat neuron indices; -1 where not valid."""
     layer = torch.searchsorted(offsets[1:], flat.contiguous(), right=True)
     decision = torch.full((len(flat), 2), -1, dtype=torch.long, device=flat.device)
@@ -92,19 +92,19 @@ def babsr(prop: BoundPropagator, lower: dict[int, torch.Tensor], upper: dict[int
           coefficients: dict[int, torch.Tensor]) -> torch.Tensor:
     """(n, 2) decisions (position in ``prop.relu_inputs``, flat neuron index); (-1, -1)
     where no unstable neuron is left (the domain is a leaf: the network is linear on it)."""
-    score, intercept, offsets = _scores(prop, lower, upper, coefficients)
+    score, intercept, offsets = neuron_scores(prop, lower, upper, coefficients)
     best_score, by_score = score.max(1)
     best_intercept, by_intercept = intercept.min(1)
     flat = torch.where(best_score > UNINFORMATIVE, by_score,
                        torch.where(best_intercept < -1e-4, by_intercept, by_score))
-    return _decisions(flat, best_score >= 0, offsets)
+    return flat_decisions(flat, best_score >= 0, offsets)
 
 
 def fsb(bounder: DomainBounder, domains: Domains, coefficients: dict[int, torch.Tensor],
         candidates: int = FSB_CANDIDATES) -> torch.Tensor:
     """Filtered smart branching (module docstring): ``babsr``'s format of decisions."""
     prop = bounder.prop
-    score, intercept, offsets = _scores(prop, domains.lower, domains.upper, coefficients)
+    score, intercept, offsets = neuron_scores(prop, domains.lower, domains.upper, coefficients)
     k = min(candidates, score.shape[1])
     by_score = score.topk(k, dim=1)
     by_intercept = (-intercept).topk(k, dim=1)
@@ -118,7 +118,7 @@ def fsb(bounder: DomainBounder, domains: Domains, coefficients: dict[int, torch.
             if not valid[:, j].any():
                 continue
             trial = domains.take(slice(None))
-            trial.branch = _decisions(flats[:, j], valid[:, j], offsets)
+            trial.branch = flat_decisions(flats[:, j], valid[:, j], offsets)
             children = trial.split(prop.relu_inputs)
             bound = bounder._pass(children, children.alphas, children.betas).amax(1)
             worse_child[:, j] = torch.minimum(bound[:n], bound[n:])
@@ -126,5 +126,5 @@ def fsb(bounder: DomainBounder, domains: Domains, coefficients: dict[int, torch.
     best, pick = worse_child.max(1)
     chosen = flats.gather(1, pick[:, None]).squeeze(1)
     fallback = babsr(prop, domains.lower, domains.upper, coefficients)
-    decision = _decisions(chosen, torch.isfinite(best), offsets)
+    decision = flat_decisions(chosen, torch.isfinite(best), offsets)
     return torch.where(torch.isfinite(best)[:, None], decision, fallback)
