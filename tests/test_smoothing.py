@@ -12,7 +12,9 @@ from scipy.stats import beta
 from scipy.stats import norm as normal
 from torch import nn
 
+from certbench.models import build_model
 from certbench.verifiers import ABSTAIN, VERDICTS, Verdict, get_verifier
+from certbench.verifiers.smoothing import affine_head
 from conftest import DIGITS_SHAPE
 
 SIGMA = 0.25
@@ -127,3 +129,40 @@ def test_bad_options_are_refused():
         get_verifier("smoothing", sigmaa=0.5)
     with pytest.raises(ValueError, match="alpha"):
         get_verifier("smoothing", alpha=0.7)
+
+
+@pytest.mark.parametrize(("arch", "args", "head"), [
+    ("mlp", {"widths": [48, 32]}, 3),  # Normalize, Flatten, Linear(64 -> 48)
+    ("mlp", {"widths": [96, 32]}, 0),  # the first Linear widens (96 > 64)
+    ("cnn-small", {"linear_size": 32}, 0),  # the first conv widens (16 x 4 x 4 > 64)
+])
+def test_the_cached_noise_passes_the_first_layer_once_and_the_counts_do_not_change(
+        arch, args, head):
+    torch.manual_seed(0)
+    model = build_model(arch, DIGITS_SHAPE, 10, (0.5,), (0.5,), args).eval()
+    cached = get_verifier("smoothing", sigma=SIGMA, n=3000)
+    cached.prepare(model, DIGITS_SHAPE)
+    if head:
+        assert len(cached.head) == head
+    else:
+        assert isinstance(cached.head, nn.Identity)
+    plain = get_verifier("smoothing", sigma=SIGMA, n=3000, noise_cache_mb=0)
+    plain.prepare(model, DIGITS_SHAPE)  # no cache: the whole network on x + noise
+    assert isinstance(plain.head, nn.Identity)
+    x = torch.rand(4, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(2))
+    counts = cached.class_counts(x, 1, 0, 3000)
+    assert counts.sum(1).tolist() == [3000] * 4 and (counts.max(1).values < 3000).any()
+    assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
+
+
+def test_models_that_are_not_a_sequential_keep_the_whole_network():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = linear_classifier()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    head, tail = affine_head(Wrapped(), DIGITS_SHAPE, torch.device("cpu"))
+    assert isinstance(head, nn.Identity) and isinstance(tail, Wrapped)

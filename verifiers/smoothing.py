@@ -55,7 +55,12 @@ measured in ``prepare``), and the *same* noise serves every sample of a batch: e
 sample's count is still over draws independent of it, so each certificate keeps its
 guarantee (certificates of different samples become dependent, which no per-sample claim
 uses), and drawing the noise costs once per batch instead of once per sample; when it
-fits in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept. Noise comes
+fits in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept; where
+the model begins with affine layers that do not widen the input (`affine_head`: an MLP's
+normalisation and first Linear), what is kept is their image of the noise, and each point
+enters as head(x) + [head(e) - head(0)] = head(x + e) (exact in real arithmetic; in float
+it differs from the direct sum by rounding only, and the counts of the tests' networks
+are unchanged). Noise comes
 in blocks of ``BLOCK`` draws, each from a generator seeded by (``seed``, step, block), so
 a sample's counts depend neither on the batch it came in nor on ``batch_size``. Counts are
 exact (``bincount`` of the argmax), in inference mode. The noise is not clipped to
@@ -85,6 +90,7 @@ from certbench.verifiers.base import (
     register,
     verdict_code,
 )
+from certbench.verifiers.bound_propagation import TracedNetwork
 
 BLOCK = 1000
 """Noise draws per seeded block; ``first_look`` and ``batch_size`` are multiples of it."""
@@ -174,6 +180,36 @@ def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float,
     return counts, used, lower
 
 
+def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.device
+                ) -> tuple[nn.Module, nn.Module]:
+    """(head, tail) with model = tail o head, head the longest run of leading modules of
+    an ``nn.Sequential`` that is affine (every operation of its traced graph linear: a
+    normalisation, Flatten, Linear, Conv2d, ...) and whose output has no more elements
+    than the input; (Identity, model) where there is none with parameters (any other
+    model, or a first layer that widens). Since head(x + e) = head(x) + head(e) - head(0),
+    the head's image of the cached noise serves every point: its first layer is paid once
+    per noise draw in ``prepare`` instead of once per draw and point."""
+    none = (nn.Identity(), model)
+    if type(model) is not nn.Sequential:
+        return none
+    size, best, shape = math.prod(input_shape), 0, tuple(input_shape)
+    for k, module in enumerate(model, start=1):
+        try:
+            traced = TracedNetwork(nn.Sequential(module), shape)
+        except Exception:  # anything the tracer does not take ends the affine run
+            break
+        if not all(node.op.linear for node in traced.nodes[1:]):
+            break
+        with torch.inference_mode():
+            shape = tuple(module(torch.zeros((1, *shape), device=device)).shape[1:])
+        if math.prod(shape) <= size:
+            best = k
+    head = model[:best]
+    if not any(True for _ in head.parameters()):
+        return none
+    return head, model[best:]
+
+
 @register("smoothing", "randomized smoothing, Gaussian noise (Cohen et al. 2019); probabilistic")
 class RandomizedSmoothing:
     """CERTIFY and PREDICT of Cohen et al.; defaults are the paper's (N0 = 100,
@@ -182,7 +218,8 @@ class RandomizedSmoothing:
     is given up at level ``futility``, see the module docstring); ``batch_size``: noisy copies
     per forward pass, measured in ``prepare`` when not given; ``noise_cache_mb``: when
     the selection and estimation noise (float32) fits in this, it is drawn once in
-    ``prepare`` (setup) and reused by every point."""
+    ``prepare`` (setup) and reused by every point, as its image under `affine_head`'s
+    layers where there are some."""
 
     name = method = "smoothing"
 
@@ -230,10 +267,20 @@ class RandomizedSmoothing:
         self.batch = self.batch_size or self._fastest_batch()
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict[int, torch.Tensor] = {}
+        self.head, self.tail = nn.Identity(), model
         if (self.n0 + self.n) * self.input_dim * 4 <= self.noise_cache_mb * 2**20:
+            self.head, self.tail = affine_head(model, self.input_shape, self.device)
+            with torch.inference_mode():
+                zero = self.head(torch.zeros((1, *self.input_shape), device=self.device))
             for stream, size in ((SELECTION, self.n0), (ESTIMATION, self.n)):
-                buffer = torch.empty((size, *self.input_shape), device=self.device)
-                self._cache[stream] = self._noise(buffer, stream, 0, size)
+                image = torch.empty((size, *zero.shape[1:]), device=self.device)
+                noise = torch.empty((BLOCK, *self.input_shape), device=self.device)
+                with torch.inference_mode():
+                    for start in range(0, size, BLOCK):
+                        m = min(BLOCK, size - start)
+                        block = self.head(self._noise(noise, stream, start, m))
+                        torch.sub(block, zero, out=image[start : start + m])
+                self._cache[stream] = image
 
     @torch.inference_mode()
     def _fastest_batch(self) -> int:
@@ -294,11 +341,13 @@ class RandomizedSmoothing:
         pieces are short (the selection step), several samples with the same piece."""
         piece = min(self.batch, size)
         group = max(1, self.batch // piece)
-        rows_shape = (min(group, len(x)) * piece, *self.input_shape)
-        noisy = self._buffer("noisy", rows_shape, x.dtype)
         cached = self._cache.get(stream)
-        if cached is not None and cached.dtype != x.dtype:
-            cached = None
+        head, network = self.head, self.tail  # cached noise is the head's image of it
+        if cached is None or cached.dtype != x.dtype:
+            cached, head, network = None, nn.Identity(), self.model
+        x = head(x)
+        row_shape = x.shape[1:]
+        noisy = self._buffer("noisy", (min(group, len(x)) * piece, *row_shape), x.dtype)
         total = torch.zeros((len(x), self.classes), dtype=torch.int64, device=self.device)
         for offset in range(0, size, piece):
             m = min(piece, size - offset)
@@ -309,9 +358,9 @@ class RandomizedSmoothing:
                 block = self._noise(noise, stream, start + offset, m)
             for first in range(0, len(x), group):
                 points = x[first : first + group]
-                rows = noisy[: len(points) * m].view(len(points), m, *self.input_shape)
+                rows = noisy[: len(points) * m].view(len(points), m, *row_shape)
                 torch.add(block, points[:, None], out=rows)
-                labels = self.model(rows.view(-1, *self.input_shape)).argmax(1)
+                labels = network(rows.view(-1, *row_shape)).argmax(1)
                 shift = torch.arange(len(points), device=self.device) * self.classes
                 total[first : first + len(points)] += torch.bincount(
                     (labels.view(len(points), m) + shift[:, None]).view(-1),
