@@ -22,11 +22,17 @@ input boxes): children of an l2 ball's bounding box would hold points outside th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator
-from certbench.verifiers.branch_and_bound.search import Confirm, SearchResult, SearchStats
+from certbench.verifiers.branch_and_bound.search import (
+    Confirm,
+    SearchResult,
+    SearchStats,
+    pop_newest,
+)
 from certbench.verifiers.specification import SpecVerdict
 
 MAX_ASPECT = 4.0
@@ -34,6 +40,29 @@ MAX_ASPECT = 4.0
 widest are candidates for its split: smear sees the output bound's dependence on a
 coordinate, not the looseness that coordinate causes in the hidden layers, and alone it
 can halve one coordinate down to float resolution while another stays wide."""
+
+
+@dataclass
+class Boxes:
+    """A batch of m open boxes: bounds (m, *input), the input coefficients
+    (m, rows, *input) of each box's CROWN bound, and the number of halvings (m,)."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    coefficients: torch.Tensor
+    depth: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.depth)
+
+    def take(self, index: torch.Tensor | slice) -> Boxes:
+        return Boxes(self.lower[index], self.upper[index], self.coefficients[index],
+                     self.depth[index])
+
+    @staticmethod
+    def cat(parts: list[Boxes]) -> Boxes:
+        return Boxes(*(torch.cat(ts) for ts in zip(
+            *[(p.lower, p.upper, p.coefficients, p.depth) for p in parts], strict=True)))
 
 
 def bound_boxes(prop: BoundPropagator, lower: torch.Tensor, upper: torch.Tensor,
@@ -68,12 +97,13 @@ def input_split_search(
         return SearchResult(SpecVerdict.UNSAT, stats=stats)
     depth = torch.zeros(1, dtype=torch.long, device=lower.device)
     root_width = (upper - lower).flatten(1)
-    pool = [(lower, upper, coefficients, depth)]
+    pool = [Boxes(lower, upper, coefficients, depth)]
     while pool:
         if time.perf_counter() > deadline:
             return SearchResult(SpecVerdict.TIMEOUT, stats=stats)
         t0 = time.perf_counter()
-        lo, hi, a, depth = _pop(pool, batch_size)
+        boxes = pop_newest(pool, batch_size)
+        lo, hi, a, depth = boxes.lower, boxes.upper, boxes.coefficients, boxes.depth
         width = (hi - lo).flatten(1)
         relative = torch.where(root_width > 0, width / root_width.clamp(min=1e-30), 0.0)
         wide = relative >= relative.max(1, keepdim=True).values / MAX_ASPECT
@@ -105,20 +135,6 @@ def input_split_search(
             found = confirm(candidates)
             if found is not None:
                 return SearchResult(SpecVerdict.SAT, found, stats)
-            pool.append((child_lo, child_hi, a, child_depth))
+            pool.append(Boxes(child_lo, child_hi, a, child_depth))
         stats.branch_s += time.perf_counter() - t0
     return SearchResult(SpecVerdict.UNSAT, stats=stats)
-
-
-def _pop(pool: list, size: int):
-    """Up to ``size`` boxes from the top of the stack (lower, upper, coefficients, depth)."""
-    taken, count = [], 0
-    while pool and count < size:
-        chunk = pool.pop()
-        need = size - count
-        if len(chunk[0]) > need:
-            pool.append(tuple(t[need:] for t in chunk))
-            chunk = tuple(t[:need] for t in chunk)
-        taken.append(chunk)
-        count += len(chunk[0])
-    return tuple(torch.cat(parts) for parts in zip(*taken, strict=True))

@@ -94,7 +94,7 @@ def branch_and_bound(
         if time.perf_counter() > deadline:
             return SearchResult(SpecVerdict.TIMEOUT, stats=stats)
         t0 = time.perf_counter()
-        batch = _pop(pool, batch_size)
+        batch = pop_newest(pool, batch_size)
         leaves = batch.branch[:, 0] < 0
         if leaves.any():
             for k in leaves.nonzero().flatten().tolist():
@@ -127,8 +127,10 @@ def branch_and_bound(
     return SearchResult(SpecVerdict.UNSAT, stats=stats)
 
 
-def _pop(pool: list[Domains], size: int) -> Domains:
-    """Up to ``size`` domains from the top of the stack (slices: no copy of the rest)."""
+def pop_newest(pool: list, size: int):
+    """Up to ``size`` items from the top of a stack of batches (`Domains`, or input
+    splitting's `Boxes`: anything with len, ``take`` and ``cat``), as one batch; a batch
+    taken in part leaves its rest on the stack (slices: no copy)."""
     taken, count = [], 0
     while pool and count < size:
         chunk = pool.pop()
@@ -138,7 +140,7 @@ def _pop(pool: list[Domains], size: int) -> Domains:
             chunk = chunk.take(slice(0, need))
         taken.append(chunk)
         count += len(chunk)
-    return taken[0] if len(taken) == 1 else Domains.cat(taken)
+    return taken[0] if len(taken) == 1 else type(taken[0]).cat(taken)
 
 
 def _falsify(bounder: DomainBounder, coefficients: dict[int, torch.Tensor],
