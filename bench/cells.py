@@ -187,12 +187,8 @@ class Cell:
         try:
             verifier = get_verifier(self.verifier.name, **self.verifier.options)
             with memory:
-                _, row["setup_s"] = timed(
-                    lambda: verifier.prepare(model, tuple(x.shape[1:])), device)
-                verifier.certify(x[:WARMUP_SAMPLES], self.norm, eps)
-                cert, per_sample, wall, cpu = _certify_batches(verifier, x, self.norm, eps,
-                                                               self.batch_size, device)
-                walls, cpus = self.repeat_passes(verifier, x, wall, cpu)
+                cert, per_sample, walls, cpus, row["setup_s"] = self.certify_timed(
+                    verifier, model, x)
             row.update(timing_columns(walls, cpus, [0] * len(walls), len(y)),
                        probabilistic=cert.probabilistic, alpha=cert.alpha)
             tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
@@ -217,8 +213,21 @@ class Cell:
         return tables
 
 
-    def repeat_passes(self, verifier: Any, x: torch.Tensor, wall: float,
-                      cpu: float) -> tuple[list[float], list[float]]:
+    def certify_timed(self, verifier: Any, model: nn.Module, x: torch.Tensor):
+        """Prepare the verifier (timed: the setup seconds), warm it up, certify every
+        batch, then repeat the pass as the timing rule allows. Returns the certificate,
+        the per-sample seconds, the wall and CPU seconds of every timed pass, and the
+        setup seconds."""
+        device = torch.device(self.device)
+        _, setup_s = timed(lambda: verifier.prepare(model, tuple(x.shape[1:])), device)
+        verifier.certify(x[:WARMUP_SAMPLES], self.norm, list(self.eps))
+        cert, per_sample, wall, cpu = _certify_batches(verifier, x, self.norm,
+                                                       list(self.eps), self.batch_size, device)
+        walls, cpus = self._repeat_passes(verifier, x, wall, cpu)
+        return cert, per_sample, walls, cpus, setup_s
+
+    def _repeat_passes(self, verifier: Any, x: torch.Tensor, wall: float,
+                       cpu: float) -> tuple[list[float], list[float]]:
         """Wall and CPU seconds of every timed pass: the first (given) and the repeats
         the timing rule allows after it."""
         walls, cpus = [wall], [cpu]
@@ -258,11 +267,8 @@ class TimingRound:
         model = cell.model.to(device).eval()
         x = cell.x.to(device)
         verifier = get_verifier(cell.verifier.name, **cell.verifier.options)
-        verifier.prepare(model, tuple(x.shape[1:]))
-        verifier.certify(x[:WARMUP_SAMPLES], cell.norm, list(cell.eps))
-        *_, wall, cpu = _certify_batches(verifier, x, cell.norm, list(cell.eps),
-                                         cell.batch_size, device)
-        return cell.repeat_passes(verifier, x, wall, cpu)
+        _, _, walls, cpus, _ = cell.certify_timed(verifier, model, x)
+        return walls, cpus
 
 
 def timing_columns(walls: list[float], cpus: list[float], rounds: list[int],
