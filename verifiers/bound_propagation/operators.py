@@ -486,20 +486,20 @@ class Relu(Activation):
         is -slope * lower, so the constant is -sum(min(a', 0) * lower) over unstable
         neurons, with a' the new coefficients."""
         unstable = (lower < 0) & (upper > 0)
-        lower_slope, _, upper_slope, _ = self.relaxation(lower, upper)
-        shift = torch.where(unstable, -lower, torch.zeros_like(lower))
+        active = (lower >= 0).to(lower.dtype)
+        upper_slope = torch.where(unstable, upper / (upper - lower).clamp(min=1e-12), active)
+        shift = torch.where(unstable, -lower, 0.0)
         if isinstance(a, Patches):
             values = a.values
-            lower_slope, upper_slope, shift = (a.gather(t) for t in (lower_slope, upper_slope,
-                                                                     shift))
-            if alpha is not None:
-                lower_slope = torch.where(a.gather(unstable.to(values.dtype)) > 0,
-                                          a.gather(alpha), lower_slope)
+            upper_slope, shift, active = (a.gather(t) for t in (upper_slope, shift, active))
+            chosen = (self.initial_alpha(lower, upper) if alpha is None else alpha)
+            lower_slope = torch.where(a.gather(unstable.to(values.dtype)) > 0,
+                                      a.gather(chosen), active)
             a_in = values * torch.where(values >= 0, lower_slope, upper_slope)
             return a.with_values(a_in), rowsum(a_in.clamp(max=0) * shift)
-        lower_slope, upper_slope = lower_slope.unsqueeze(1), upper_slope.unsqueeze(1)
-        if alpha is not None:
-            lower_slope = torch.where(unstable.unsqueeze(1), alpha, lower_slope)
+        upper_slope, unstable, active = (t.unsqueeze(1) for t in (upper_slope, unstable, active))
+        chosen = (self.initial_alpha(lower, upper).unsqueeze(1) if alpha is None else alpha)
+        lower_slope = torch.where(unstable, chosen, active)
         a_in = a * torch.where(a >= 0, lower_slope, upper_slope)
         const = (a_in.clamp(max=0).flatten(2) @ shift.flatten(1).unsqueeze(-1)).squeeze(-1)
         return a_in, const
