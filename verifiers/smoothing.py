@@ -71,6 +71,7 @@ batch's time shared in proportion to each sample's draws).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -195,7 +196,7 @@ def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.devi
     size, best, shape = math.prod(input_shape), 0, tuple(input_shape)
     for k, module in enumerate(model, start=1):
         try:
-            traced = TracedNetwork(nn.Sequential(module), shape)
+            traced = TracedNetwork(nn.Sequential(copy.deepcopy(module).cpu()), shape)
         except Exception:  # anything the tracer does not take ends the affine run
             break
         if not all(node.op.linear for node in traced.nodes[1:]):
