@@ -8,6 +8,7 @@ filtered smart branching picks the candidate whose worse child it bounds best.""
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -264,6 +265,38 @@ def test_split_domain_bounds_hold_on_sampled_points_of_each_domain():
             if inside.any():
                 assert children.value[c] <= objective[inside].min() + 1e-5
         domains = children
+
+
+def test_no_optimisation_step_starts_after_the_deadline():
+    """At a passed deadline the root's alpha-CROWN and a round's beta-CROWN take no Adam
+    step (parameters untouched) and still return sound bounds: a timeout is not late by
+    a whole round. With time left, the same calls do move the parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                          nn.Linear(12, 2)).eval()
+    x = torch.full((1, 3), 0.5)
+    rows = torch.tensor([[1.0, -1.0]])
+    prop, ball, domain = _root(model, x, 0.3, rows)
+    bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
+    coefficients = bounder.bound(domain, 0, float("inf"))
+    domain.branch = babsr(prop, domain.lower, domain.upper, coefficients)
+    for deadline, moved in ((time.perf_counter() - 1, False), (float("inf"), True)):
+        children = domain.split(prop.relu_inputs)
+        start = {a: p.clone() for a, p in children.alphas.items()}
+        bounder.bound(children, 5, float("inf"), deadline=deadline)
+        changed = any(not torch.equal(start[a], p) for a, p in children.alphas.items())
+        assert changed == moved
+        assert torch.isfinite(children.value).all()
+
+        bounds = prop.intermediate_bounds(ball, "crown")
+        optimiser = AlphaOptimiser(prop, rows[None], ball, bounds, 0.1)
+        first = {a: p.clone() for a, p in optimiser.alphas[prop.net.output].items()}
+        crown = prop.backward(prop.net.output, rows[None], ball, bounds)
+        best = optimiser.run(crown, 5, deadline=deadline)
+        assert (best >= crown).all()
+        changed = any(not torch.equal(first[a], p)
+                      for a, p in optimiser.alphas[prop.net.output].items())
+        assert changed == moved
 
 
 def test_babsr_picks_an_unstable_neuron_and_reports_leaves():

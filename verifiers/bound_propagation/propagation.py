@@ -30,6 +30,7 @@ The input set is an l_inf or l2 ball around x0 intersected with the [0, 1] box.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -518,7 +519,9 @@ class AlphaOptimiser:
         return prop.backward(out, self.spec[samples], ball, bounds, slopes)
 
     def run(self, best: torch.Tensor, iterations: int,
-            threshold: torch.Tensor | None = None) -> torch.Tensor:
+            threshold: torch.Tensor | None = None, deadline: float = math.inf) -> torch.Tensor:
+        """Up to ``iterations`` Adam steps; none starts after ``deadline``
+        (`time.perf_counter`); ``best`` is the best bound seen either way."""
         params = [p for slopes in self.alphas.values() for p in slopes.values()]
         best = best.detach().clone()
         if not params:
@@ -527,6 +530,8 @@ class AlphaOptimiser:
         schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, self.DECAY)
         stale = torch.zeros(len(best), dtype=torch.long, device=best.device)
         for _ in range(iterations):
+            if time.perf_counter() > deadline:
+                break
             open_ = stale < self.PATIENCE
             if threshold is not None:
                 open_ &= (best <= threshold[:, None]).any(1)

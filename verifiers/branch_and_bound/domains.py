@@ -25,6 +25,8 @@ done here.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -116,9 +118,10 @@ class DomainBounder:
         return Ball(center, eps, self.ball.norm, self.ball.clip)
 
     def bound(self, domains: Domains, iterations: int, done: torch.Tensor | float,
-              record: bool = True) -> dict[int, torch.Tensor] | None:
+              record: bool = True, deadline: float = math.inf) -> dict[int, torch.Tensor] | None:
         """Tighten ``domains.value`` in place with ``iterations`` Adam steps on (alpha,
-        beta), stopping early once every value exceeds ``done``; keep the final
+        beta), stopping early once every value exceeds ``done`` or at ``deadline``
+        (`time.perf_counter`: the search then times out); keep the final
         parameters in the domains. With ``record``, a last pass returns the coefficients
         of the bound at every activation and at the input (node 0), (n, R, *shape)."""
         alphas = {a: p.detach().clone().requires_grad_(True) for a, p in domains.alphas.items()}
@@ -128,7 +131,7 @@ class DomainBounder:
                   {"params": list(betas.values()), "lr": BETA_LR}]
         optimiser = torch.optim.Adam([g for g in groups if g["params"]], fused=True)
         for _ in range(iterations if any(g["params"] for g in groups) else 0):
-            if bool((best > done).all()):
+            if bool((best > done).all()) or time.perf_counter() > deadline:
                 break
             with torch.enable_grad():
                 gap = self._pass(domains, alphas, betas)

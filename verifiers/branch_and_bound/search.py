@@ -109,7 +109,7 @@ def branch_and_bound(
         children = batch.split(prop.relu_inputs)
         stats.branch_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        coefficients = bounder.bound(children, iterations, slack)
+        coefficients = bounder.bound(children, iterations, slack, deadline=deadline)
         stats.bound_s += time.perf_counter() - t0
         stats.domains += len(children)
         stats.depth = max(stats.depth, int(children.depth.max()))

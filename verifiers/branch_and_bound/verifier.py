@@ -207,7 +207,7 @@ class BranchAndBoundVerifier:
         optimiser = AlphaOptimiser(prop, c_all[None], ball, bounds, ALPHA_LR)
         threshold = torch.full((1,), slack + float(d_all.max()), dtype=best.dtype,
                                device=best.device)
-        best = optimiser.run(best, self.root_iterations, threshold)[0]
+        best = optimiser.run(best, self.root_iterations, threshold, deadline)[0]
         stats.bound_s += time.perf_counter() - t0
         gaps = [float((best - d_all)[owner == i].max()) for i in range(len(spec.disjuncts))]
         for i in sorted(range(len(gaps)), key=gaps.__getitem__):
