@@ -228,18 +228,23 @@ def _root(model, x, eps, rows):
     return prop, ball, domain
 
 
+def _two_hidden_layer_root():
+    """A 3-12-12-2 network's root domain at 0.5 +- 0.3 for f_0 - f_1, bounded once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                          nn.Linear(12, 2)).eval()
+    rows = torch.tensor([[1.0, -1.0]])
+    prop, ball, domain = _root(model, torch.full((1, 3), 0.5), 0.3, rows)
+    bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
+    coefficients = bounder.bound(domain, 0, float("inf"))
+    return model, rows, prop, ball, domain, bounder, coefficients
+
+
 def test_split_domain_bounds_hold_on_sampled_points_of_each_domain():
     """Three rounds of splitting on BaBSR's choice: every child's beta-CROWN bound is at
     most the objective at every sampled input whose pre-activations have the child's
     signs, and optimising beta never loosens the bound it starts from."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
-                          nn.Linear(12, 2)).eval()
-    x = torch.full((1, 3), 0.5)
-    rows = torch.tensor([[1.0, -1.0]])
-    prop, ball, domains = _root(model, x, 0.3, rows)
-    bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
-    coefficients = bounder.bound(domains, 0, float("inf"))
+    model, rows, prop, ball, domains, bounder, coefficients = _two_hidden_layer_root()
     samples = ball.center + (2 * torch.rand(20000, 3) - 1) * 0.3
     hidden = {}
     with torch.no_grad():
@@ -269,16 +274,9 @@ def test_split_domain_bounds_hold_on_sampled_points_of_each_domain():
 
 def test_no_optimisation_step_starts_after_the_deadline():
     """At a passed deadline the root's alpha-CROWN and a round's beta-CROWN take no Adam
-    step (parameters untouched) and still return sound bounds: a timeout is not late by
-    a whole round. With time left, the same calls do move the parameters."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
-                          nn.Linear(12, 2)).eval()
-    x = torch.full((1, 3), 0.5)
-    rows = torch.tensor([[1.0, -1.0]])
-    prop, ball, domain = _root(model, x, 0.3, rows)
-    bounder = DomainBounder(prop, ball, rows, torch.zeros(1))
-    coefficients = bounder.bound(domain, 0, float("inf"))
+    step (parameters untouched) and return finite bounds no looser than CROWN's: a timeout
+    is not late by a whole round. With time left, the same calls do move the parameters."""
+    model, rows, prop, ball, domain, bounder, coefficients = _two_hidden_layer_root()
     domain.branch = babsr(prop, domain.lower, domain.upper, coefficients)
     for deadline, moved in ((time.perf_counter() - 1, False), (float("inf"), True)):
         children = domain.split(prop.relu_inputs)
