@@ -6,7 +6,8 @@ without it) and answers every instance with every chosen verifier:
 
 1. *overhead* (timed apart, as the competition scores it): load and convert the network
    (once per network), ``prepare`` the verifier, parse the property;
-2. *falsification*: PGD on the box for each region (`attacks.box_pgd`);
+2. *falsification*: PGD on the box for each region (`attacks.box_pgd`; no step starts
+   after the instance's budget);
 3. *verification*: the verifier's ``check_spec`` on each region of the property.
 
 Answers, each kept apart: ``unsat`` (every region proved), ``sat`` (a counterexample that
@@ -194,7 +195,8 @@ def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, sta
             t0 = time.perf_counter()
             point, value = box_pgd(
                 network.module, lower.to(param), upper.to(param), spec.to(param.dtype).violation,
-                steps=attack.get("steps", 50), restarts=attack.get("restarts", 8))
+                steps=attack.get("steps", 50), restarts=attack.get("restarts", 8),
+                deadline=started + budget_s)
             attack_s += time.perf_counter() - t0
             found = None if value > 0 else confirm(runtime, point, region.lower, region.upper,
                                                    spec)

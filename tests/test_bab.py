@@ -21,6 +21,8 @@ from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedN
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.branch_and_bound.branching import babsr, flat_decisions, fsb, neuron_scores
 from certbench.verifiers.branch_and_bound.domains import DomainBounder, Domains
+from certbench.verifiers.falsification import box_pgd
+from certbench.verifiers.specification import OutputSpec, SpecVerdict
 from conftest import DIGITS_SHAPE, random_model
 
 CERTIFIED, FALSIFIED, TIMEOUT = (verdict_code(v) for v in (
@@ -295,6 +297,29 @@ def test_no_optimisation_step_starts_after_the_deadline():
         changed = any(not torch.equal(first[a], p)
                       for a, p in optimiser.alphas[prop.net.output].items())
         assert changed == moved
+
+
+def test_the_attack_and_the_search_start_nothing_after_the_deadline():
+    """PGD at a passed deadline evaluates its starting points once and takes no step;
+    bab with no time left answers timeout right after its CROWN pass, without attacking.
+    With time left, PGD takes its steps."""
+    model, rows, *_ = _two_hidden_layer_root()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    lower, upper = torch.full((1, 3), 0.2), torch.full((1, 3), 0.8)
+    violation = OutputSpec(((rows, torch.full((1,), -1e9)),)).violation  # never reached
+    for deadline, forward_passes in ((time.perf_counter() - 1, 1), (float("inf"), 11)):
+        calls.clear()
+        box_pgd(model, lower, upper, violation, steps=10, restarts=2, deadline=deadline)
+        assert len(calls) == forward_passes
+
+    verifier = get_verifier("bab")
+    verifier.prepare(model, (3,))
+    # every output is unsafe (f_0 <= f_1 or f_1 <= f_0): only the deadline keeps PGD off it
+    spec = OutputSpec(((rows, torch.zeros(1)), (-rows, torch.zeros(1))))
+    result = verifier.check_spec(lower, upper, spec, time_limit_s=1e-9)
+    assert result.verdict == SpecVerdict.TIMEOUT
+    assert result.columns["falsify_s"] == 0.0
 
 
 def test_babsr_picks_an_unstable_neuron_and_reports_leaves():

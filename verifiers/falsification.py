@@ -11,6 +11,7 @@ this CPU-only torch without torchvision); the harness re-exports it.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -21,6 +22,7 @@ def box_pgd(
     model: nn.Module, lower: torch.Tensor, upper: torch.Tensor,
     violation: Callable[[torch.Tensor], torch.Tensor], steps: int = 50, restarts: int = 8,
     seed: int = 0, center: torch.Tensor | None = None, radius: float | None = None,
+    deadline: float = math.inf,
 ) -> tuple[torch.Tensor, float]:
     """Minimise ``violation(model(x))`` (<= 0 inside the unsafe set; `OutputSpec.violation`)
     over the box [lower, upper] (each (1, *input_shape)), within the l2 ball of ``radius``
@@ -28,7 +30,8 @@ def box_pgd(
     centre, the others from uniform points (uniform radii along Gaussian directions for
     l2). Steps: sign steps of 2.5 x half-width / steps (box), normalised-gradient steps of
     2.5 x radius / steps (l2), each projected back onto the set. Returns the best point
-    (1, *input_shape) and its violation."""
+    (1, *input_shape) and its violation. No step starts after ``deadline``
+    (`time.perf_counter`); the starting points are always evaluated."""
     gen = torch.Generator().manual_seed(seed)
     shape = (restarts, *lower.shape[1:])
     noise = torch.rand(shape, generator=gen).to(lower)
@@ -54,7 +57,7 @@ def box_pgd(
             k = int(value.argmin())
             if float(value[k]) < best_value:
                 best, best_value = x[k : k + 1].detach().clone(), float(value[k])
-            if best_value <= 0:
+            if best_value <= 0 or time.perf_counter() > deadline:
                 break
             if radius is None:
                 x = x - step * grad.sign()

@@ -21,7 +21,8 @@ VNN-LIB box, skip steps 3-4: each open disjunct goes to input splitting instead
 box), which on such networks needs orders of magnitude fewer domains than ReLU splits.
 
 Verdicts: ``certified`` (every disjunct proven empty), ``falsified`` (a confirmed
-counterexample), ``timeout`` (the budget ended first: never ``not_certified``), and
+counterexample), ``timeout`` (the budget ended first: never ``not_certified``; no PGD
+step, Adam step or round starts after it, so a timeout is late by at most one of those), and
 ``not_certified`` only where the method itself cannot decide (an l2 leaf, or a leaf LP
 whose minimiser a float forward pass does not confirm: a numerical tie). Columns per
 sample and epsilon: ``bab_domains`` (subdomains bounded), ``bab_depth``,
@@ -184,8 +185,11 @@ class BranchAndBoundVerifier:
         bounds = prop.intermediate_bounds(ball, "crown")
         best = prop.backward(prop.net.output, c_all[None], ball, bounds)
         crown_s = time.perf_counter() - t0
+        stats = SearchStats(domains=1, bound_s=crown_s)
         if spec.proves_safe(best[0], slack):
-            return SearchResult(SpecVerdict.UNSAT, stats=SearchStats(1, bound_s=crown_s)), 0.0
+            return SearchResult(SpecVerdict.UNSAT, stats=stats), 0.0
+        if time.perf_counter() > deadline:
+            return SearchResult(SpecVerdict.TIMEOUT, stats=stats), 0.0
 
         t0 = time.perf_counter()
         lower, upper = ball.box()
@@ -193,13 +197,14 @@ class BranchAndBoundVerifier:
         point, value = box_pgd(
             self.model, lower, upper, spec.violation, self.attack_steps,
             self.attack_restarts, center=ball.center if l2 else None,
-            radius=float(ball.eps) if l2 else None)
+            radius=float(ball.eps) if l2 else None, deadline=deadline)
         attack_s = time.perf_counter() - t0
         found = confirm(point) if value <= 0 else None
         if found is not None:
-            return SearchResult(SpecVerdict.SAT, found, SearchStats(1, bound_s=crown_s)), attack_s
+            return SearchResult(SpecVerdict.SAT, found, stats), attack_s
+        if time.perf_counter() > deadline:
+            return SearchResult(SpecVerdict.TIMEOUT, stats=stats), attack_s
 
-        stats = SearchStats(domains=1, bound_s=crown_s)
         if ball.norm == "inf" and ball.center[0].numel() <= self.input_split_dims:
             return self._split_input(ball, spec, best[0] - d_all, owner, slack, confirm,
                                      deadline, stats), attack_s
