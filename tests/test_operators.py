@@ -27,7 +27,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Sum,
     Tanh,
 )
-from certbench.verifiers.bound_propagation.patches import Patches
+from certbench.verifiers.bound_propagation.patches import ROWDOT_BMM_ROWS, Patches, rowdot
 
 
 def _batchnorm():
@@ -108,6 +108,15 @@ def test_linear_rows_and_patches_equal_the_dense_backward(case):
         torch.testing.assert_close(out[0].to_dense() if isinstance(out[0], Patches) else out[0],
                                    ref[0])
         torch.testing.assert_close(torch.as_tensor(const) + 0.0, torch.as_tensor(ref_const) + 0.0)
+
+
+@pytest.mark.parametrize("rows", [1, ROWDOT_BMM_ROWS - 1, ROWDOT_BMM_ROWS, 40])
+def test_rowdot_is_the_row_by_row_dot_product(rows):
+    """Both ways `rowdot` computes (multiply-and-sum, bmm) give sum_k a[b, r, k] v[b, k]."""
+    gen = torch.Generator().manual_seed(rows)
+    a = torch.randn(3, rows, 50, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, 50, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(rowdot(a, v), torch.einsum("brk,bk->br", a, v))
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR))

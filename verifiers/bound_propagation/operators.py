@@ -21,7 +21,7 @@ from torch import nn
 
 from certbench.verifiers import operator_norms
 from certbench.verifiers.base import UnsupportedLayerError
-from certbench.verifiers.bound_propagation.patches import Patches, rowsum
+from certbench.verifiers.bound_propagation.patches import Patches, rowdot, rowsum
 from certbench.verifiers.bound_propagation.s_shaped import (
     s_shaped_relaxation,
     sigmoid_derivative,
@@ -501,7 +501,7 @@ class Relu(Activation):
         chosen = (self.initial_alpha(lower, upper).unsqueeze(1) if alpha is None else alpha)
         lower_slope = torch.where(unstable, chosen, active)
         a_in = a * torch.where(a >= 0, lower_slope, upper_slope)
-        const = (a_in.clamp(max=0).flatten(2) @ shift.flatten(1).unsqueeze(-1)).squeeze(-1)
+        const = rowdot(a_in.clamp(max=0).flatten(2), shift.flatten(1))
         return a_in, const
 
 

@@ -98,3 +98,18 @@ class Patches:
 def rowsum(a: torch.Tensor | Patches) -> torch.Tensor:
     values = a.values if isinstance(a, Patches) else a
     return values.flatten(2).sum(-1)
+
+
+ROWDOT_BMM_ROWS = 16
+"""From this many rows on, `rowdot` is a batched matrix-vector product. With fewer,
+``bmm``'s per-matrix overhead dominates: measured on this project's 2-core CPU (with the
+backward pass), 2048 one-row matrices of width 784 (bab's subdomains at the input) took
+7.3 ms by bmm against 1.5 ms multiplied and summed, and 9 rows 2.0 against 1.8 ms, while
+20 rows of width 3136 took 2.6 against 3.6 ms."""
+
+
+def rowdot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_k a[b, r, k] v[b, k] for a (batch, rows, k) and v (batch, k): (batch, rows)."""
+    if a.shape[1] >= ROWDOT_BMM_ROWS:
+        return (a @ v.unsqueeze(-1)).squeeze(-1)
+    return (a * v.unsqueeze(1)).sum(-1)

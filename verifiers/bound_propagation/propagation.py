@@ -43,7 +43,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Elementwise,
     Reshape,
 )
-from certbench.verifiers.bound_propagation.patches import Patches, rowsum
+from certbench.verifiers.bound_propagation.patches import Patches, rowdot, rowsum
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,14 +88,12 @@ class Ball:
             return self._concretize_patches(a)
         flat = a.flatten(2)
         lower, upper = self.box()
-        mid = ((upper + lower) / 2).flatten(1).unsqueeze(-1)
-        rad = ((upper - lower) / 2).flatten(1).unsqueeze(-1)
-        over_box = (flat @ mid - flat.abs() @ rad).squeeze(-1)
+        mid, rad = ((upper + lower) / 2).flatten(1), ((upper - lower) / 2).flatten(1)
+        over_box = rowdot(flat, mid) - rowdot(flat.abs(), rad)
         if self.norm == "inf":
             return over_box
         eps = self._eps().reshape(-1, 1)
-        center = self.center.flatten(1).unsqueeze(-1)
-        over_ball = (flat @ center).squeeze(-1) - eps * flat.norm(dim=2)
+        over_ball = rowdot(flat, self.center.flatten(1)) - eps * flat.norm(dim=2)
         # the set lies in both the ball and the box, so both minima are lower bounds
         return torch.maximum(over_ball, over_box) if self.clip else over_ball
 
