@@ -214,3 +214,25 @@ def test_alpha_crown_in_sample_chunks_equals_one_batch():
         whole = BoundPropagator(net).lower_bound(spec, ball, "alpha-crown", alpha_iterations=5)
         chunked = small.lower_bound(spec, ball, "alpha-crown", alpha_iterations=5)
     torch.testing.assert_close(whole, chunked, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn-small"])
+def test_kept_relaxations_give_the_bounds_of_fresh_ones(arch):
+    """Passes that share a ``relaxations`` dict (same bounds, slopes changing between
+    passes, as in beta-CROWN's steps) give exactly the bounds of passes without it."""
+    model = random_model(arch, seed=3, **ARCHS[arch])
+    x = torch.rand(4, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(2))
+    spec = margin_spec(model(x).argmax(1), 10)
+    prop = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    ball = Ball(x, 0.03, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    shapes = {a: prop.net.nodes[a].shape for a in prop.activations}
+    gen = torch.Generator().manual_seed(4)
+    relaxations: dict = {}
+    for _ in range(3):
+        alphas = {a: torch.rand(4, 9, *shape, generator=gen) for a, shape in shapes.items()}
+        kept = prop.backward(prop.net.output, spec, ball, bounds, alphas,
+                             relaxations=relaxations)
+        fresh = prop.backward(prop.net.output, spec, ball, bounds, alphas)
+        torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
+    assert set(relaxations) == set(prop.activations)

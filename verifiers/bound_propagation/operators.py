@@ -430,9 +430,13 @@ class Activation(Operation):
         tighter input bound can help, and so the only ones CROWN bounds."""
         return upper > lower
 
-    def relaxed_backward(self, a, lower, upper, alpha=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def relaxed_backward(self, a, lower, upper, alpha=None, cache=None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward step for a lower bound of sum(a * y): positive coefficients take the
-        lower relaxation, negative ones the upper (each row separately)."""
+        lower relaxation, negative ones the upper (each row separately). ``cache``: a
+        dict the caller keeps while [lower, upper] stay the same, where an operation may
+        keep what of its relaxation depends on the bounds alone (`Relu` does; the others
+        recompute it: only branch and bound, which takes ReLU networks, passes one)."""
         values, lower, upper, alpha = _row_view(a, lower, upper, alpha)
         lower_slope, lower_icpt, upper_slope, upper_icpt = self.relaxation(lower, upper, alpha)
         a_pos, a_neg = values.clamp(min=0), values.clamp(max=0)
@@ -479,16 +483,23 @@ class Relu(Activation):
     def inexact(self, lower, upper):
         return (lower < 0) & (upper > 0)
 
-    def relaxed_backward(self, a, lower, upper, alpha=None):
+    def relaxed_backward(self, a, lower, upper, alpha=None, cache=None):
         """`Activation.relaxed_backward` in fewer passes over ``a`` (the hot loop of
         CROWN): the slopes are computed once on the input's shape (windows of them for
         `Patches`), the lower relaxation has no intercept, and the upper one's intercept
         is -slope * lower, so the constant is -sum(min(a', 0) * lower) over unstable
-        neurons, with a' the new coefficients."""
-        unstable = (lower < 0) & (upper > 0)
-        active = (lower >= 0).to(lower.dtype)
-        upper_slope = torch.where(unstable, upper / (upper - lower).clamp(min=1e-12), active)
-        shift = torch.where(unstable, -lower, 0.0)
+        neurons, with a' the new coefficients. ``cache`` keeps everything but the lower
+        slope, which alone depends on alpha."""
+        parts = None if cache is None else cache.get("parts")
+        if parts is None:
+            unstable = (lower < 0) & (upper > 0)
+            active = (lower >= 0).to(lower.dtype)
+            upper_slope = torch.where(unstable, upper / (upper - lower).clamp(min=1e-12),
+                                      active)
+            parts = unstable, active, upper_slope, torch.where(unstable, -lower, 0.0)
+            if cache is not None:
+                cache["parts"] = parts
+        unstable, active, upper_slope, shift = parts
         if isinstance(a, Patches):
             values = a.values
             upper_slope, shift, active = (a.gather(t) for t in (upper_slope, shift, active))
@@ -634,7 +645,7 @@ class MaxPool(Activation):
         cols = F.unfold(t, self.kernel, stride=self.stride)
         return cols.reshape(t.shape[0], t.shape[1], -1, cols.shape[-1])
 
-    def relaxed_backward(self, a, lower, upper, alpha=None):
+    def relaxed_backward(self, a, lower, upper, alpha=None, cache=None):
         low, up = self._windows(lower), self._windows(upper)
         best = low.argmax(2, keepdim=True)  # j of each window
         others = up.scatter(2, best, -math.inf).amax(2, keepdim=True)

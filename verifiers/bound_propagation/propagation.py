@@ -248,6 +248,7 @@ class BoundPropagator:
         alphas: dict[int, torch.Tensor] | None = None,
         extra: dict[int, torch.Tensor] | None = None,
         record: dict[int, torch.Tensor | None] | None = None,
+        relaxations: dict[int, dict] | None = None,
     ) -> torch.Tensor:
         """Lower bound (batch, rows) of sum(spec[b, r] * node_target(x)) over the ball,
         with every activation before ``target`` relaxed using the bounds of its input and
@@ -257,11 +258,15 @@ class BoundPropagator:
         value: the bound is then one of spec . f(x) + sum(extra[node] * node(x))
         (beta-CROWN's split multipliers). ``record`` names nodes whose coefficients (as
         dense tensors) are written into it: BaBSR reads them at the activations, the
-        branch-and-bound's primal point at the input (node 0)."""
-        return self._walk({target: spec}, 0.0, ball, bounds, alphas, extra, record)
+        branch-and-bound's primal point at the input (node 0). ``relaxations``: a dict
+        the caller keeps over passes with the same ``bounds`` (only alphas and extras
+        changing, as in beta-CROWN's Adam steps); each activation keeps in it what of its
+        relaxation depends on the bounds alone, computed in the first pass."""
+        return self._walk({target: spec}, 0.0, ball, bounds, alphas, extra, record,
+                          relaxations)
 
     def _walk(self, coefficients, constant, ball, bounds, alphas, extra=None,
-              record=None) -> torch.Tensor:
+              record=None, relaxations=None) -> torch.Tensor:
         nodes = self.net.nodes
         for i in range(max(coefficients), -1, -1):
             a = coefficients.pop(i, None)
@@ -284,7 +289,8 @@ class BoundPropagator:
             else:
                 lower, upper = bounds[node.inputs[0]]
                 alpha = alphas.get(i) if alphas else None
-                a_in, const = node.op.relaxed_backward(a, lower, upper, alpha)
+                cache = None if relaxations is None else relaxations.setdefault(i, {})
+                a_in, const = node.op.relaxed_backward(a, lower, upper, alpha, cache)
                 inputs = [a_in]
             constant = constant + const
             for j, a_j in zip(node.inputs, inputs, strict=True):

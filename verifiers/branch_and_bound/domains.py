@@ -123,18 +123,22 @@ class DomainBounder:
         beta), stopping early once every value exceeds ``done`` or at ``deadline``
         (`time.perf_counter`: the search then times out); keep the final
         parameters in the domains. With ``record``, a last pass returns the coefficients
-        of the bound at every activation and at the input (node 0), (n, R, *shape)."""
+        of the bound at every activation and at the input (node 0), (n, R, *shape). The
+        domains' bounds stay fixed over the round, so what of each ReLU's relaxation
+        depends on them alone (its upper line, which neurons are unstable) is computed in
+        the first pass and kept."""
         alphas = {a: p.detach().clone().requires_grad_(True) for a, p in domains.alphas.items()}
         betas = {i: b.detach().clone().requires_grad_(True) for i, b in domains.betas.items()}
         best = domains.value.clone()
         groups = [{"params": list(alphas.values()), "lr": ALPHA_LR},
                   {"params": list(betas.values()), "lr": BETA_LR}]
         optimiser = torch.optim.Adam([g for g in groups if g["params"]], fused=True)
+        relaxations: dict[int, dict] = {}  # the bounds stay fixed over the round
         for _ in range(iterations if any(g["params"] for g in groups) else 0):
             if bool((best > done).all()) or time.perf_counter() > deadline:
                 break
             with torch.enable_grad():
-                gap = self._pass(domains, alphas, betas)
+                gap = self._pass(domains, alphas, betas, relaxations=relaxations)
                 loss = -gap.sum()
                 optimiser.zero_grad()
                 loss.backward()
@@ -150,22 +154,24 @@ class DomainBounder:
             coefficients = dict.fromkeys([0, *self.prop.activations])
         with torch.no_grad():
             if record or iterations:
-                last = self._pass(domains, alphas, betas, coefficients)
+                last = self._pass(domains, alphas, betas, coefficients, relaxations)
                 best = torch.maximum(best, last.amax(1))
         domains.value = best
         domains.alphas = {a: p.detach() for a, p in alphas.items()}
         domains.betas = {i: b.detach() for i, b in betas.items()}
         return coefficients
 
-    def _pass(self, domains: Domains, alphas, betas, coefficients=None) -> torch.Tensor:
-        """One beta-CROWN pass: lower bounds (n, R) of c_r . f(x) - d_r."""
+    def _pass(self, domains: Domains, alphas, betas, coefficients=None,
+              relaxations=None) -> torch.Tensor:
+        """One beta-CROWN pass: lower bounds (n, R) of c_r . f(x) - d_r (``relaxations``:
+        `BoundPropagator.backward`'s, kept over passes on the same domains)."""
         prop, n = self.prop, len(domains)
         spec = self.c.expand(n, *self.c.shape)
         bounds = {i: (domains.lower[i], domains.upper[i]) for i in prop.relu_inputs}
         extra = {i: -betas[i] * s.unsqueeze(1).to(self.c.dtype)
                  for i, s in domains.signs.items()}
         lb = prop.backward(prop.net.output, spec, self._ball(n), bounds, alphas, extra,
-                           coefficients)
+                           coefficients, relaxations)
         return lb - self.d
 
     def primal_points(self, input_coefficients: torch.Tensor) -> torch.Tensor:
