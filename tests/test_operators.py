@@ -112,11 +112,13 @@ def test_linear_rows_and_patches_equal_the_dense_backward(case):
 
 @pytest.mark.parametrize("rows", [1, ROWDOT_BMM_ROWS - 1, ROWDOT_BMM_ROWS, 40])
 def test_rowdot_is_the_row_by_row_dot_product(rows):
-    """Both ways `rowdot` computes (multiply-and-sum, bmm) give sum_k a[b, r, k] v[b, k]."""
+    """Every way `rowdot` computes (multiply-and-sum, bmm, one shared vector) gives
+    sum_k a[b, r, k] v[b, k]."""
     gen = torch.Generator().manual_seed(rows)
     a = torch.randn(3, rows, 50, generator=gen, dtype=torch.float64)
     v = torch.randn(3, 50, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(rowdot(a, v), torch.einsum("brk,bk->br", a, v))
+    torch.testing.assert_close(rowdot(a, v[:1]), torch.einsum("brk,k->br", a, v[0]))
 
 
 @pytest.mark.parametrize("case", sorted(LINEAR))

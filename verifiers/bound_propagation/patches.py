@@ -109,7 +109,10 @@ backward pass), 2048 one-row matrices of width 784 (bab's subdomains at the inpu
 
 
 def rowdot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum_k a[b, r, k] v[b, k] for a (batch, rows, k) and v (batch, k): (batch, rows)."""
+    """sum_k a[b, r, k] v[b, k] for a (batch, rows, k) and v (batch, k): (batch, rows).
+    A v of one row (1, k) serves every b: one matrix-vector product."""
+    if len(v) == 1:
+        return a @ v[0]
     if a.shape[1] >= ROWDOT_BMM_ROWS:
         return (a @ v.unsqueeze(-1)).squeeze(-1)
     return (a * v.unsqueeze(1)).sum(-1)

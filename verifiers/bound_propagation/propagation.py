@@ -83,7 +83,9 @@ class Ball:
         return lower, upper
 
     def concretize(self, a: torch.Tensor | Patches) -> torch.Tensor:
-        """min over the set of sum(a[b, r] * x), for a of shape (batch, rows, *input)."""
+        """min over the set of sum(a[b, r] * x), for a of shape (batch, rows, *input);
+        a ball of one sample serves coefficients of any batch (one set for all rows, as
+        for branch and bound's subdomains)."""
         if isinstance(a, Patches):
             return self._concretize_patches(a)
         flat = a.flatten(2)

@@ -105,17 +105,10 @@ def _map(value, fn):
 
 class DomainBounder:
     """beta-CROWN bounds of subdomains of one property: max_r (c_r . f(x) - d_r) over
-    the set ``ball`` (a single point's ball, repeated per domain), ``c`` (R, outputs)."""
+    the set ``ball`` (one ball, shared by every domain), ``c`` (R, outputs)."""
 
     def __init__(self, prop: BoundPropagator, ball: Ball, c: torch.Tensor, d: torch.Tensor):
         self.prop, self.ball, self.c, self.d = prop, ball, c, d
-
-    def _ball(self, n: int) -> Ball:
-        eps = self.ball.eps
-        if torch.is_tensor(eps) and eps.dim() > 1:
-            eps = eps.expand(n, *eps.shape[1:])
-        center = self.ball.center.expand(n, *self.ball.center.shape[1:])
-        return Ball(center, eps, self.ball.norm, self.ball.clip)
 
     def bound(self, domains: Domains, iterations: int, done: torch.Tensor | float,
               record: bool = True, deadline: float = math.inf) -> dict[int, torch.Tensor] | None:
@@ -170,7 +163,7 @@ class DomainBounder:
         bounds = {i: (domains.lower[i], domains.upper[i]) for i in prop.relu_inputs}
         extra = {i: -betas[i] * s.unsqueeze(1).to(self.c.dtype)
                  for i, s in domains.signs.items()}
-        lb = prop.backward(prop.net.output, spec, self._ball(n), bounds, alphas, extra,
+        lb = prop.backward(prop.net.output, spec, self.ball, bounds, alphas, extra,
                            coefficients, relaxations)
         return lb - self.d
 
@@ -180,9 +173,7 @@ class DomainBounder:
         towards the box, which holds the centre, stays in the ball). Where the relaxation
         is tight these are the network's worst points: candidates for counterexamples."""
         a = input_coefficients
-        n = len(a)
-        lower, upper = self._ball(n).box()
-        lower, upper = lower.unsqueeze(1), upper.unsqueeze(1)
+        lower, upper = (t.unsqueeze(1) for t in self.ball.box())
         if self.ball.norm == "inf":
             return torch.where(a >= 0, lower, upper)
         norms = a.flatten(2).norm(dim=2).clamp(min=1e-12)
