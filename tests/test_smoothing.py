@@ -10,12 +10,13 @@ import pytest
 import torch
 from scipy.stats import beta
 from scipy.stats import norm as normal
-from torch import nn
+from torch import fx, nn
 
 from certbench.models import build_model
+from certbench.onnx_import import load_onnx
 from certbench.verifiers import ABSTAIN, VERDICTS, Verdict, get_verifier
 from certbench.verifiers.smoothing import affine_head
-from conftest import DIGITS_SHAPE
+from conftest import DIGITS_SHAPE, SHARED_DATA
 
 SIGMA = 0.25
 
@@ -155,14 +156,54 @@ def test_the_cached_noise_passes_the_first_layer_once_and_the_counts_do_not_chan
     assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
 
 
-def test_models_that_are_not_a_sequential_keep_the_whole_network():
-    class Wrapped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = linear_classifier()
+class _Wrapped(nn.Module):
+    """A model that is no ``nn.Sequential`` (the shape of most users' code)."""
 
-        def forward(self, x):
-            return self.inner(x)
+    def __init__(self, inner: nn.Module, residual: bool = False):
+        super().__init__()
+        self.inner, self.residual = inner, residual
 
-    head, tail = affine_head(Wrapped(), DIGITS_SHAPE, torch.device("cpu"))
-    assert isinstance(head, nn.Identity) and isinstance(tail, Wrapped)
+    def forward(self, x):
+        h = self.inner[1](self.inner[0](x))  # normalised and flattened
+        if self.residual:  # a second use of the flattened input: no chain
+            h = h + torch.relu(h)
+        for layer in list(self.inner)[2:]:
+            h = layer(h)
+        return h
+
+
+def _counts_equal_the_uncached_path(model: nn.Module, shape) -> nn.Module:
+    """The head the cached verifier found, after checking that its counts equal those of
+    the whole network run on x + noise."""
+    cached = get_verifier("smoothing", sigma=SIGMA, n=3000)
+    cached.prepare(model, shape)
+    plain = get_verifier("smoothing", sigma=SIGMA, n=3000, noise_cache_mb=0)
+    plain.prepare(model, shape)
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(2))
+    counts = cached.class_counts(x, 1, 0, 3000)
+    assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
+    return cached.head
+
+
+def test_a_model_whose_graph_is_a_chain_is_cut_like_a_sequential():
+    """Wrapped in a module of its own, the digits MLP still gets its affine head (traced
+    by fx, cut into steps); with a residual connection it keeps the whole network."""
+    torch.manual_seed(0)
+    mlp = build_model("mlp", DIGITS_SHAPE, 10, (0.5,), (0.5,), {"widths": [48, 32]}).eval()
+    head = _counts_equal_the_uncached_path(_Wrapped(mlp).eval(), DIGITS_SHAPE)
+    assert not isinstance(head, nn.Identity)
+    assert sum(p.numel() for p in head.parameters()) == 64 * 48 + 48  # the first Linear
+    head, tail = affine_head(_Wrapped(mlp, residual=True), DIGITS_SHAPE, torch.device("cpu"))
+    assert isinstance(head, nn.Identity) and isinstance(tail, _Wrapped)
+
+
+def test_an_onnx_mlp_gets_its_first_layer_cached():
+    """VNN-COMP's mnist_fc 256x2, imported from ONNX (a torch.fx graph module): the head
+    is its reshape and first Linear (784 -> 256), and the counts do not change."""
+    path = SHARED_DATA / "vnncomp2022" / "mnist_fc" / "onnx" / "mnist-net_256x2.onnx"
+    if not path.exists() and not path.with_suffix(".onnx.gz").exists():
+        pytest.skip(f"{path} not found (the shared data folder)")
+    network = load_onnx(path)
+    head = _counts_equal_the_uncached_path(network.module, network.input_shape)
+    layers = [m for m in head.modules() if not isinstance(m, (nn.Sequential, fx.GraphModule))]
+    assert [type(m) for m in layers] == [nn.Linear] and layers[0].in_features == 784

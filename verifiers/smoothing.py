@@ -57,7 +57,8 @@ guarantee (certificates of different samples become dependent, which no per-samp
 uses), and drawing the noise costs once per batch instead of once per sample; when it
 fits in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept; where
 the model begins with affine layers that do not widen the input (`affine_head`: an MLP's
-normalisation and first Linear), what is kept is their image of the noise, and each point
+normalisation and first Linear, in an ``nn.Sequential`` or any network whose fx graph is
+a chain, ONNX imports included), what is kept is their image of the noise, and each point
 enters as head(x) + [head(e) - head(0)] = head(x + e) (exact in real arithmetic; in float
 it differs from the direct sum by rounding only, and the counts of the tests' networks
 are unchanged). Noise comes
@@ -81,7 +82,7 @@ import numpy as np
 import torch
 from scipy.special import betaincinv, ndtr, ndtri
 from scipy.stats import binom, binomtest
-from torch import nn
+from torch import fx, nn
 
 from certbench.verifiers.base import (
     ABSTAIN,
@@ -183,18 +184,20 @@ def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float,
 
 def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.device
                 ) -> tuple[nn.Module, nn.Module]:
-    """(head, tail) with model = tail o head, head the longest run of leading modules of
-    an ``nn.Sequential`` that is affine (every operation of its traced graph linear: a
-    normalisation, Flatten, Linear, Conv2d, ...) and whose output has no more elements
-    than the input; (Identity, model) where there is none with parameters (any other
-    model, or a first layer that widens). Since head(x + e) = head(x) + head(e) - head(0),
-    the head's image of the cached noise serves every point: its first layer is paid once
-    per noise draw in ``prepare`` instead of once per draw and point."""
+    """(head, tail) with model = tail o head, head the longest run of leading steps of
+    the model as a chain (`as_chain`) that is affine (every operation of its traced
+    graph linear: a normalisation, Flatten, Linear, Conv2d, ...) and whose output has no
+    more elements than the input; (Identity, model) where there is none with parameters
+    (a model that is no chain, or a first layer that widens). Since head(x + e) =
+    head(x) + head(e) - head(0), the head's image of the cached noise serves every
+    point: its first layer is paid once per noise draw in ``prepare`` instead of once
+    per draw and point."""
     none = (nn.Identity(), model)
-    if type(model) is not nn.Sequential:
+    chain = as_chain(model)
+    if chain is None:
         return none
     size, best, shape = math.prod(input_shape), 0, tuple(input_shape)
-    for k, module in enumerate(model, start=1):
+    for k, module in enumerate(chain, start=1):
         try:
             traced = TracedNetwork(nn.Sequential(copy.deepcopy(module).cpu()), shape)
         except Exception:  # anything the tracer does not take ends the affine run
@@ -205,10 +208,51 @@ def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.devi
             shape = tuple(module(torch.zeros((1, *shape), device=device)).shape[1:])
         if math.prod(shape) <= size:
             best = k
-    head = model[:best]
+    head = chain[:best]
     if not any(True for _ in head.parameters()):
         return none
-    return head, model[best:]
+    return head, chain[best:]
+
+
+def as_chain(model: nn.Module) -> nn.Sequential | None:
+    """The model as an ``nn.Sequential`` of its steps: itself if it is one; else, where
+    its ``torch.fx`` graph (an ONNX import's, or a trace) is a chain, every node
+    taking the one before it as its only non-constant input (so no node is used twice),
+    one small graph module per step; None for any other graph (a residual connection, several
+    inputs) or a model fx cannot trace. Why by hand: fx's ``split_module`` cuts a graph
+    where it is told to, but finding where the affine run ends takes the steps one by
+    one anyway, and a chain of steps is all that needs."""
+    if type(model) is nn.Sequential:
+        return model
+    try:
+        graph_module = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    except Exception:  # data-dependent control flow and the like: not a chain we can see
+        return None
+    steps, previous = [], None
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+        if node.op == "placeholder":
+            if previous is not None:
+                return None
+        elif inputs != [previous]:
+            return None
+        elif node.op != "output":
+            steps.append(_step(graph_module, node, previous))
+        previous = node
+    return nn.Sequential(*steps)
+
+
+def _step(graph_module: fx.GraphModule, node: fx.Node, previous: fx.Node) -> fx.GraphModule:
+    """One node of a chain as a graph module of its own (its constants copied along)."""
+    graph = fx.Graph()
+    env = {previous: graph.placeholder("x")}
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            env[arg] = graph.node_copy(arg)
+    graph.output(graph.node_copy(node, env.__getitem__))
+    return fx.GraphModule(graph_module, graph)
 
 
 @register("smoothing", "randomized smoothing, Gaussian noise (Cohen et al. 2019); probabilistic")
