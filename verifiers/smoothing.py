@@ -309,7 +309,6 @@ class RandomizedSmoothing:
         self.device = next(iter(model.parameters()), torch.empty(0)).device
         with torch.inference_mode():
             self.classes = model(torch.zeros((1, *self.input_shape), device=self.device)).shape[1]
-        self.batch = self.batch_size or self._fastest_batch()
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict[int, torch.Tensor] = {}
         self.head, self.tail = nn.Identity(), model
@@ -326,27 +325,29 @@ class RandomizedSmoothing:
                         block = self.head(self._noise(noise, stream, start, m))
                         torch.sub(block, zero, out=image[start : start + m])
                 self._cache[stream] = image
+        self.batch = self.batch_size or self._fastest_batch()
 
     @torch.inference_mode()
     def _fastest_batch(self) -> int:
         """The candidate batch size with the most noisy copies per second, each timed as
-        certification runs them (noise added to a point into a buffer, forward pass,
-        argmax; the median of three after a warm-up); a larger size is kept only when it
-        gains 10 % or more (one-off timings favour large batches that lose in steady
-        state when their activations leave the cache)."""
+        certification runs them (noise, or the cached head's image of it, added to a
+        point into a buffer; the tail's forward pass; argmax; the median of three after
+        a warm-up); a larger size is kept only when it gains 10 % or more (one-off
+        timings favour large batches that lose in steady state when their activations
+        leave the cache)."""
         best, best_rate = BATCH_CANDIDATES[0], 0.0
-        point = torch.zeros(self.input_shape, device=self.device)
+        point = self.head(torch.zeros((1, *self.input_shape), device=self.device))[0]
         for size in BATCH_CANDIDATES:
-            if size * self.input_dim > MAX_BUFFER_ELEMENTS:
+            if size * point.numel() > MAX_BUFFER_ELEMENTS:
                 break
-            noise = torch.randn((size, *self.input_shape), device=self.device)
+            noise = torch.randn((size, *point.shape), device=self.device)
             noisy = torch.empty_like(noise)
             seconds = []
             for _ in range(4):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 started = time.perf_counter()
-                self.model(torch.add(noise, point, out=noisy)).argmax(1).cpu()
+                self.tail(torch.add(noise, point, out=noisy)).argmax(1).cpu()
                 seconds.append(time.perf_counter() - started)
             rate = size / sorted(seconds[1:])[1]
             if rate < 1.10 * best_rate:
