@@ -132,6 +132,20 @@ def test_bad_options_are_refused():
         get_verifier("smoothing", alpha=0.7)
 
 
+def _counts_equal_the_uncached_path(model: nn.Module, shape) -> tuple[nn.Module, torch.Tensor]:
+    """The head the cached verifier found and its counts at 4 points over 3000 draws,
+    after checking that they equal those of the whole network run on x + noise."""
+    cached = get_verifier("smoothing", sigma=SIGMA, n=3000)
+    cached.prepare(model, shape)
+    plain = get_verifier("smoothing", sigma=SIGMA, n=3000, noise_cache_mb=0)
+    plain.prepare(model, shape)  # no cache: the whole network on x + noise
+    assert isinstance(plain.head, nn.Identity)
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(2))
+    counts = cached.class_counts(x, 1, 0, 3000)
+    assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
+    return cached.head, counts
+
+
 @pytest.mark.parametrize(("arch", "args", "head"), [
     ("mlp", {"widths": [48, 32]}, 3),  # Normalize, Flatten, Linear(64 -> 48)
     ("mlp", {"widths": [96, 32]}, 0),  # the first Linear widens (96 > 64)
@@ -141,19 +155,12 @@ def test_the_cached_noise_passes_the_first_layer_once_and_the_counts_do_not_chan
         arch, args, head):
     torch.manual_seed(0)
     model = build_model(arch, DIGITS_SHAPE, 10, (0.5,), (0.5,), args).eval()
-    cached = get_verifier("smoothing", sigma=SIGMA, n=3000)
-    cached.prepare(model, DIGITS_SHAPE)
+    cached_head, counts = _counts_equal_the_uncached_path(model, DIGITS_SHAPE)
     if head:
-        assert len(cached.head) == head
+        assert len(cached_head) == head
     else:
-        assert isinstance(cached.head, nn.Identity)
-    plain = get_verifier("smoothing", sigma=SIGMA, n=3000, noise_cache_mb=0)
-    plain.prepare(model, DIGITS_SHAPE)  # no cache: the whole network on x + noise
-    assert isinstance(plain.head, nn.Identity)
-    x = torch.rand(4, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(2))
-    counts = cached.class_counts(x, 1, 0, 3000)
+        assert isinstance(cached_head, nn.Identity)
     assert counts.sum(1).tolist() == [3000] * 4 and (counts.max(1).values < 3000).any()
-    assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
 
 
 class _Wrapped(nn.Module):
@@ -172,25 +179,12 @@ class _Wrapped(nn.Module):
         return h
 
 
-def _counts_equal_the_uncached_path(model: nn.Module, shape) -> nn.Module:
-    """The head the cached verifier found, after checking that its counts equal those of
-    the whole network run on x + noise."""
-    cached = get_verifier("smoothing", sigma=SIGMA, n=3000)
-    cached.prepare(model, shape)
-    plain = get_verifier("smoothing", sigma=SIGMA, n=3000, noise_cache_mb=0)
-    plain.prepare(model, shape)
-    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(2))
-    counts = cached.class_counts(x, 1, 0, 3000)
-    assert torch.equal(counts, plain.class_counts(x, 1, 0, 3000))
-    return cached.head
-
-
 def test_a_model_whose_graph_is_a_chain_is_cut_like_a_sequential():
     """Wrapped in a module of its own, the digits MLP still gets its affine head (traced
     by fx, cut into steps); with a residual connection it keeps the whole network."""
     torch.manual_seed(0)
     mlp = build_model("mlp", DIGITS_SHAPE, 10, (0.5,), (0.5,), {"widths": [48, 32]}).eval()
-    head = _counts_equal_the_uncached_path(_Wrapped(mlp).eval(), DIGITS_SHAPE)
+    head, _ = _counts_equal_the_uncached_path(_Wrapped(mlp).eval(), DIGITS_SHAPE)
     assert not isinstance(head, nn.Identity)
     assert sum(p.numel() for p in head.parameters()) == 64 * 48 + 48  # the first Linear
     head, tail = affine_head(_Wrapped(mlp, residual=True), DIGITS_SHAPE, torch.device("cpu"))
@@ -204,6 +198,6 @@ def test_an_onnx_mlp_gets_its_first_layer_cached():
     if not path.exists() and not path.with_suffix(".onnx.gz").exists():
         pytest.skip(f"{path} not found (the shared data folder)")
     network = load_onnx(path)
-    head = _counts_equal_the_uncached_path(network.module, network.input_shape)
+    head, _ = _counts_equal_the_uncached_path(network.module, network.input_shape)
     layers = [m for m in head.modules() if not isinstance(m, (nn.Sequential, fx.GraphModule))]
     assert [type(m) for m in layers] == [nn.Linear] and layers[0].in_features == 784
