@@ -12,34 +12,38 @@ p_A <= 1/2, else return c_A with radius R. The guarantee holds with probability 
 1 - alpha over the noise: certificates are *probabilistic* (``Certificate.probabilistic``,
 ``alpha``).
 
-Sequential CERTIFY (``sequential = true``): the same selection step, then the count is
-looked at after n_1 = ``first_look`` draws, then at n_1 times ``look_ratio`` (1.5), its
-square, ... (rounded to blocks of 1000) and finally ``n`` (J looks, fixed in advance); at
-look j the lower bound is Clopper-Pearson at level alpha_j, with alpha_J = alpha / 2 at
-the last look and alpha / (2 (J - 1)) at each earlier one. By the union bound,
-P(p_A < LB_j for some j) <= sum_j alpha_j = alpha, so the bound at the look where
-estimation stops, whatever made it stop, holds with probability at least 1 - alpha: the
-same guarantee as CERTIFY's (a Bonferroni-corrected geometric grid of sample sizes). Half
-of alpha goes to the last look because the points that reach it are those closest to a
-threshold, where the level decides the verdict; points far from every threshold stop
-early even at the smaller level (the spending pattern of group-sequential designs, e.g.
-O'Brien and Fleming 1979, which keep most of alpha for the end). Confidence sequences
-such as Waudby-Smith and Ramdas' betting ones are tighter and not used here.
+Sequential CERTIFY (``sequential = true``): the same selection step, then the count of
+c_A is looked at every n / 100 draws (`look_sizes`; 1000 for n = 100 000) up to ``cap``
+times n (1.1). Each p_A value that matters, t_0 = 1/2 (predict rather than abstain) and
+t_e = Phi(eps_e / sigma) for each epsilon of the grid (as an l2 radius), is tested with
+its own exact group-sequential boundaries (`group_sequential`: H0: p_A <= t rejected at
+the first look whose count reaches c_j(t), alpha spent as alpha (n_j / n_cap)^
+``spending_power`` by Lan and DeMets' error-spending recursion), and t_e counts as proved
+only when every smaller threshold is proved too (fixed-sequence testing of nested
+hypotheses). Guarantee: each test wrongly rejects with probability at most alpha whatever
+the stopping rule does (the boundaries are computed for every look, and stopping only
+takes looks away), and a wrong claim "p_A > t_e" needs the test of the smallest
+threshold at or above the true p_A to reject wrongly, so with probability at least
+1 - alpha every proved threshold holds: the verdicts have CERTIFY's guarantee for the
+stopped count. Reported: ``p_a_lower`` = the largest threshold proved (0 where not even
+1/2 is), the radius = the largest certified epsilon, so the sequential mode answers the
+grid, not a continuous radius. Compared with a union bound over the looks (what this
+mode did before, alpha / (2 (J - 1)) at each of J looks), the exact recursion counts how
+strongly successive looks are correlated, so a look after every block costs almost
+nothing; the 10 % of draws past n go to the points closest to a threshold, whose power
+would otherwise fall short of fixed N's because part of alpha was spent early.
 
-Estimation of a sample stops at the first look where every epsilon of the grid is
-decided: certified (the radius from LB_j exceeds it), or futile: even a generous
-continuation to ``n`` would not certify it. That is stochastic curtailment (Lan, Simon and
-Halperin 1982, "Stochastically curtailed tests in long-term clinical trials"): with k of
-m draws so far, take the upper (1 - ``futility``) Clopper-Pearson bound u of p_A and the
-(1 - ``futility``) quantile q of Binomial(n - m, u); if LB_J(k + q, n) would still not
-certify the epsilon, it is futile. With every draw so far c_A (u = 1) this is the budget
-rule "even all remaining draws c_A would not certify it". A futility stop can only lose a
-certificate that running on would have given (with probability about 2 ``futility`` per
-look for a point at the edge), never make one: its level does not enter the guarantee,
-which is why it can be far looser (0.01) than the bounds' (alpha_j ~ 1e-4); at the
-bounds' level points just below a threshold ran to ``n``. The price of the correction is
-a slightly smaller radius at equal draws (LB at alpha / 2 at the last look); the gain is
-that points far from the thresholds stop after a few thousand draws.
+Estimation of a sample stops at the first look where every threshold is decided: proved,
+or futile: even a generous continuation to the cap would not reach the last look's
+boundary. That is stochastic curtailment (Lan, Simon and Halperin 1982, "Stochastically
+curtailed tests in long-term clinical trials"): with k of m draws so far, take the upper
+(1 - ``futility``) Clopper-Pearson bound u of p_A and the (1 - ``futility``) quantile q
+of Binomial(n_cap - m, u); if k + q stays below the last boundary, the threshold is
+futile (and so is every larger one). A futility stop can only lose a certificate that
+running on would have given, never make one (the boundaries do not count on it: it is
+non-binding), so its level does not enter the guarantee and can be far looser (0.05)
+than the bounds'. Checked at every look it gives up about 2 % of the certificates of a
+point just above a threshold (tests).
 
 PREDICT (Sec. 3.1): the two most frequent classes over ``n`` copies, n_A and n_B; return
 c_A if the two-sided binomial test of n_A against Binomial(n_A + n_B, 1/2) has p-value
@@ -84,6 +88,7 @@ from scipy.special import betaincinv, ndtr, ndtri
 from scipy.stats import binom, binomtest
 from torch import fx, nn
 
+from certbench.verifiers import group_sequential
 from certbench.verifiers.base import (
     ABSTAIN,
     Certificate,
@@ -95,10 +100,12 @@ from certbench.verifiers.base import (
 from certbench.verifiers.bound_propagation import TracedNetwork
 
 BLOCK = 1000
-"""Noise draws per seeded block; ``first_look`` and ``batch_size`` are multiples of it."""
+"""Noise draws per seeded block; looks and ``batch_size`` are multiples of it."""
 BATCH_CANDIDATES = (1000, 2000, 5000, 10_000, 20_000)
 MAX_BUFFER_ELEMENTS = 2**25  # 128 MiB of float32 per noise buffer
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2  # the independent noise streams
+LOOKS = 100
+"""Sequential CERTIFY looks about this many times up to n (`look_sizes`)."""
 
 
 def clopper_pearson_lower(count, n, alpha: float):
@@ -126,60 +133,54 @@ def smoothing_radius(p_a_lower, sigma: float):
     return float(radius) if radius.ndim == 0 else radius
 
 
-def look_levels(alpha: float, looks: int) -> list[float]:
-    """The level of each look's bound: alpha / 2 at the last, the rest shared equally by
-    the earlier ones (all of alpha when there is one look: fixed-N CERTIFY)."""
-    if looks == 1:
-        return [alpha]
-    return [alpha / (2 * (looks - 1))] * (looks - 1) + [alpha / 2]
-
-
-def look_schedule(first_look: int, n: int, ratio: float = 1.5) -> list[int]:
-    """The sample sizes at which sequential CERTIFY looks: first_look, then growing by
-    ``ratio`` (each rounded to a whole block of draws), then n."""
-    if ratio <= 1:
-        raise ValueError(f"look_ratio must exceed 1, got {ratio}")
-    looks, size = [], float(first_look)
-    while round(size / BLOCK) * BLOCK < n:
-        look = round(size / BLOCK) * BLOCK
-        if not looks or look > looks[-1]:
-            looks.append(look)
-        size *= ratio
-    return looks + [n]
+def look_sizes(n: int, cap: float) -> tuple[int, ...]:
+    """The sample sizes at which sequential CERTIFY looks: every ``step`` draws up to
+    ``cap`` times n, step the whole number of blocks nearest n / ``LOOKS`` (1000 draws
+    for the paper's n = 100 000), so the boundaries cost about LOOKS * cap convolutions."""
+    if cap < 1:
+        raise ValueError(f"cap must be at least 1, got {cap}")
+    step = BLOCK * max(1, round(n / (LOOKS * BLOCK)))
+    top = max(step, round(cap * n / step) * step)
+    return tuple(range(step, top + 1, step))
 
 
 Draw = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def estimate(draw: Draw, needed: torch.Tensor, looks: list[int], alpha: float,
-             futility: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Count c_A with early stopping at ``looks`` (one look: fixed-N CERTIFY).
+def sequential_estimate(draw: Draw, n_samples: int, thresholds: np.ndarray,
+                        looks: tuple[int, ...], alpha: float, power: float = 1.0,
+                        futility: float = 0.05
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count c_A at ``looks`` and stop once every threshold is decided (module docstring).
 
     ``draw(active, start, size)``: counts of each active sample's c_A over draws
-    [start, start + size) of the estimation stream. ``needed``: (n_samples, k) the p_A
-    each epsilon needs, Phi(eps_2 / sigma). Returns per sample the count, the draws used
-    and the lower bound on p_A at the stopping look's level (module docstring)."""
-    n_samples, n = len(needed), looks[-1]
-    levels = look_levels(alpha, len(looks))
+    [start, start + size) of the estimation stream. ``thresholds``: increasing p_A
+    values to test (1/2, then what each epsilon needs). Returns per sample the count,
+    the draws used and (n_samples, len(thresholds)) whether p_A > threshold is proved;
+    a threshold counts as proved only when every smaller one is (fixed-sequence
+    testing), so all of them together hold with probability 1 - alpha."""
+    cap = looks[-1]
+    bounds = np.stack([group_sequential.boundaries(float(t), looks, alpha, power)
+                       for t in thresholds])  # (thresholds, looks)
     counts = torch.zeros(n_samples, dtype=torch.int64)
     used = torch.zeros(n_samples, dtype=torch.int64)
-    lower = torch.zeros(n_samples, dtype=torch.float64)
+    proved = np.zeros((n_samples, len(thresholds)), dtype=bool)
     active, start = torch.arange(n_samples), 0
-    for look, level in zip(looks, levels, strict=True):
+    for j, look in enumerate(looks):
         counts[active] += draw(active, start, look - start)
         used[active], start = look, look
         k = counts[active].numpy()
-        lower[active] = torch.from_numpy(clopper_pearson_lower(k, look, level))
-        if look == n:
+        proved[active.numpy()] |= k[:, None] >= bounds[:, j]
+        if look == cap:
             break
-        generous = binom.ppf(1 - futility, n - look, clopper_pearson_upper(k, look, futility))
-        reach = clopper_pearson_lower(np.minimum(k + generous, n), n, levels[-1])
-        need = needed[active].numpy()
-        decided = ((lower[active].numpy()[:, None] > need) | (reach[:, None] <= need)).all(1)
+        generous = binom.ppf(1 - futility, cap - look, clopper_pearson_upper(k, look, futility))
+        futile = ((k + generous)[:, None] < bounds[:, -1]) & ~proved[active.numpy()]
+        out_of_reach = np.logical_or.accumulate(futile, axis=1)  # fixed sequence
+        decided = (proved[active.numpy()] | out_of_reach).all(1)
         active = active[torch.from_numpy(~decided)]
         if len(active) == 0:
             break
-    return counts, used, lower
+    return counts, used, torch.from_numpy(np.logical_and.accumulate(proved, axis=1))
 
 
 def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.device
@@ -259,8 +260,9 @@ def _step(graph_module: fx.GraphModule, node: fx.Node, previous: fx.Node) -> fx.
 class RandomizedSmoothing:
     """CERTIFY and PREDICT of Cohen et al.; defaults are the paper's (N0 = 100,
     N = 100 000, alpha = 0.001). ``sequential``: stop estimating once every epsilon is
-    decided (looks at ``first_look``, growing by ``look_ratio``, up to ``n``; an epsilon
-    is given up at level ``futility``, see the module docstring); ``batch_size``: noisy copies
+    decided (looks every n / 100 draws up to ``cap`` times ``n``, alpha spent as
+    alpha tau^``spending_power``, an epsilon given up at level ``futility``; see the
+    module docstring); ``batch_size``: noisy copies
     per forward pass, measured in ``prepare`` when not given; ``noise_cache_mb``: when
     the selection and estimation noise (float32) fits in this, it is drawn once in
     ``prepare`` (setup) and reused by every point, as its image under `affine_head`'s
@@ -277,9 +279,9 @@ class RandomizedSmoothing:
         batch_size: int | None = None,
         seed: int = 0,
         sequential: bool = False,
-        first_look: int = 1000,
-        look_ratio: float = 1.5,
-        futility: float = 0.01,
+        cap: float = 1.1,
+        spending_power: float = 1.0,
+        futility: float = 0.05,
         noise_cache_mb: float = 512,
     ):
         if sigma <= 0:
@@ -288,17 +290,17 @@ class RandomizedSmoothing:
             raise ValueError("n0 and n must be at least 1")
         if batch_size is not None and (batch_size < BLOCK or batch_size % BLOCK):
             raise ValueError(f"batch_size must be a positive multiple of {BLOCK}")
-        if first_look < BLOCK or first_look % BLOCK:
-            raise ValueError(f"first_look must be a positive multiple of {BLOCK}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
         if not 0 < futility < 0.5:
             raise ValueError(f"futility must lie in (0, 0.5), got {futility}")
-        look_schedule(first_look, n, look_ratio)  # checks look_ratio
+        if spending_power <= 0:
+            raise ValueError(f"spending_power must be positive, got {spending_power}")
+        look_sizes(n, cap)  # checks cap
         self.sigma, self.n0, self.n, self.alpha = sigma, n0, n, alpha
         self.batch_size, self.seed = batch_size, seed
-        self.sequential, self.first_look = sequential, first_look
-        self.look_ratio, self.futility = look_ratio, futility
+        self.sequential, self.cap = sequential, cap
+        self.spending_power, self.futility = spending_power, futility
         self.noise_cache_mb = noise_cache_mb
         self.model: nn.Module | None = None
 
@@ -312,11 +314,12 @@ class RandomizedSmoothing:
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: dict[int, torch.Tensor] = {}
         self.head, self.tail = nn.Identity(), model
-        if (self.n0 + self.n) * self.input_dim * 4 <= self.noise_cache_mb * 2**20:
+        most = look_sizes(self.n, self.cap)[-1] if self.sequential else self.n
+        if (self.n0 + most) * self.input_dim * 4 <= self.noise_cache_mb * 2**20:
             self.head, self.tail = affine_head(model, self.input_shape, self.device)
             with torch.inference_mode():
                 zero = self.head(torch.zeros((1, *self.input_shape), device=self.device))
-            for stream, size in ((SELECTION, self.n0), (ESTIMATION, self.n)):
+            for stream, size in ((SELECTION, self.n0), (ESTIMATION, most)):
                 image = torch.empty((size, *zero.shape[1:]), device=self.device)
                 noise = torch.empty((BLOCK, *self.input_shape), device=self.device)
                 with torch.inference_mode():
@@ -420,18 +423,32 @@ class RandomizedSmoothing:
         guess = self.class_counts(x, SELECTION, 0, self.n0).argmax(1)
         scale = math.sqrt(self.input_dim) if norm == "inf" else 1.0
         grid = torch.tensor(eps, dtype=torch.float64) * scale  # as l2 radii
-        needed = torch.from_numpy(ndtr(grid.numpy() / self.sigma)).expand(len(x), -1)
+        needed = ndtr(grid.numpy() / self.sigma)  # the p_A each epsilon needs
 
         def draw(active: torch.Tensor, start: int, size: int) -> torch.Tensor:
             counts = self.class_counts(x[active.to(x.device)], ESTIMATION, start, size)
             return counts.gather(1, guess[active][:, None]).squeeze(1)
 
-        looks = ([self.n] if not self.sequential
-                 else look_schedule(self.first_look, self.n, self.look_ratio))
-        count_a, used, p_a_lower = estimate(draw, needed, looks, self.alpha, self.futility)
-        prediction = torch.where(p_a_lower > 0.5, guess, torch.full_like(guess, ABSTAIN))
-        radius = torch.from_numpy(smoothing_radius(p_a_lower.numpy(), self.sigma)) / scale
-        certified = radius[:, None] > torch.tensor(eps, dtype=torch.float64)
+        if self.sequential:
+            thresholds = np.unique(np.concatenate([[0.5], needed]))
+            count_a, used, proved = sequential_estimate(
+                draw, len(x), thresholds, look_sizes(self.n, self.cap), self.alpha,
+                self.spending_power, self.futility)
+            # p_A's lower bound: the largest threshold proved (0 where not even 1/2 is)
+            best = proved.sum(1)
+            p_a_lower = torch.from_numpy(np.concatenate([[0.0], thresholds]))[best]
+            certified = proved[:, np.searchsorted(thresholds, needed)]
+            predicts = proved[:, 0]
+            radius = torch.where(certified, grid, 0.0).amax(1) / scale
+        else:
+            count_a = draw(torch.arange(len(x)), 0, self.n)
+            used = torch.full((len(x),), self.n, dtype=torch.int64)
+            p_a_lower = torch.from_numpy(clopper_pearson_lower(count_a.numpy(), self.n,
+                                                               self.alpha))
+            radius = torch.from_numpy(smoothing_radius(p_a_lower.numpy(), self.sigma)) / scale
+            certified = radius[:, None] > torch.tensor(eps, dtype=torch.float64)
+            predicts = p_a_lower > 0.5
+        prediction = torch.where(predicts, guess, torch.full_like(guess, ABSTAIN))
         not_certified = torch.where(
             prediction == ABSTAIN, verdict_code(Verdict.ABSTAIN),
             verdict_code(Verdict.NOT_CERTIFIED),
