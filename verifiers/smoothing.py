@@ -27,11 +27,13 @@ threshold at or above the true p_A to reject wrongly, so with probability at lea
 1 - alpha every proved threshold holds: the verdicts have CERTIFY's guarantee for the
 stopped count. Reported: ``p_a_lower`` = the largest threshold proved (0 where not even
 1/2 is), the radius = the largest certified epsilon, so the sequential mode answers the
-grid, not a continuous radius. Compared with a union bound over the looks (what this
-mode did before, alpha / (2 (J - 1)) at each of J looks), the exact recursion counts how
-strongly successive looks are correlated, so a look after every block costs almost
-nothing; the 10 % of draws past n go to the points closest to a threshold, whose power
-would otherwise fall short of fixed N's because part of alpha was spent early.
+grid, not a continuous radius. The test of 1/2 never keeps a sample running: one that
+has not proved it when every epsilon is decided abstains. Compared with a union bound
+over the looks (what this mode did before, alpha / (2 (J - 1)) at each of J looks), the
+exact recursion counts how strongly successive looks are correlated, so a look after
+every block costs almost nothing; the 10 % of draws past n go to the points closest to a
+threshold, whose power would otherwise fall short of fixed N's because part of alpha was
+spent early.
 
 Estimation of a sample stops at the first look where every threshold is decided: proved,
 or futile: even a generous continuation to the cap would not reach the last look's
@@ -158,7 +160,8 @@ def sequential_estimate(draw: Draw, n_samples: int, thresholds: np.ndarray,
     values to test (1/2, then what each epsilon needs). Returns per sample the count,
     the draws used and (n_samples, len(thresholds)) whether p_A > threshold is proved;
     a threshold counts as proved only when every smaller one is (fixed-sequence
-    testing), so all of them together hold with probability 1 - alpha."""
+    testing), so all of them together hold with probability 1 - alpha. The first
+    threshold (1/2) is tested at every look but does not keep a sample running."""
     cap = looks[-1]
     bounds = np.stack([group_sequential.boundaries(float(t), looks, alpha, power)
                        for t in thresholds])  # (thresholds, looks)
@@ -176,7 +179,7 @@ def sequential_estimate(draw: Draw, n_samples: int, thresholds: np.ndarray,
         generous = binom.ppf(1 - futility, cap - look, clopper_pearson_upper(k, look, futility))
         futile = ((k + generous)[:, None] < bounds[:, -1]) & ~proved[active.numpy()]
         out_of_reach = np.logical_or.accumulate(futile, axis=1)  # fixed sequence
-        decided = (proved[active.numpy()] | out_of_reach).all(1)
+        decided = (proved[active.numpy()] | out_of_reach)[:, 1:].all(1)
         active = active[torch.from_numpy(~decided)]
         if len(active) == 0:
             break
