@@ -172,14 +172,14 @@ def sequential_estimate(draw: Draw, n_samples: int, thresholds: np.ndarray,
     for j, look in enumerate(looks):
         counts[active] += draw(active, start, look - start)
         used[active], start = look, look
-        k = counts[active].numpy()
-        proved[active.numpy()] |= k[:, None] >= bounds[:, j]
+        rows, k = active.numpy(), counts[active].numpy()
+        proved[rows] |= k[:, None] >= bounds[:, j]
         if look == cap:
             break
         generous = binom.ppf(1 - futility, cap - look, clopper_pearson_upper(k, look, futility))
-        futile = ((k + generous)[:, None] < bounds[:, -1]) & ~proved[active.numpy()]
+        futile = ((k + generous)[:, None] < bounds[:, -1]) & ~proved[rows]
         out_of_reach = np.logical_or.accumulate(futile, axis=1)  # fixed sequence
-        decided = (proved[active.numpy()] | out_of_reach)[:, 1:].all(1)
+        decided = (proved[rows] | out_of_reach)[:, 1:].all(1)
         active = active[torch.from_numpy(~decided)]
         if len(active) == 0:
             break
