@@ -10,18 +10,27 @@ reused; on the MLP what is kept is the first Linear layer's image of the noise
 (`affine_head`), so CERTIFY skips a layer that plain inference computes, and its ratio
 can fall below 1.
 
-Run: pytest tests/benchmarks/test_smoothing_speed.py --benchmark-enable
+The two tests time each side in a block of rounds of its own, so a machine whose speed
+drifts between the blocks (a virtual machine's stolen time moved one of them by 2x here)
+moves their ratio with it; the third alternates the two, one call of each per round, and
+reports the median of the per-round ratios (``extra_info["ratio"]``, printed with ``-s``),
+which drift common to a round cancels from.
+
+Run: pytest tests/benchmarks/test_smoothing_speed.py --benchmark-enable -s
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import pytest
 import torch
 
 from certbench.models import build_model
 from certbench.verifiers import get_verifier
+from conftest import bench_rounds
 
 N = 20_000
 POINTS = (1, 50)
@@ -48,18 +57,24 @@ def _prepared(case: str, points: int, batch_size: int | None = -1):
     return model, verifier, x
 
 
-@pytest.mark.parametrize("points", POINTS)
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_plain_inference_of_the_same_number_of_inputs(benchmark, case, points):
-    model, verifier, x = _prepared(case, points)
+def _plain_inference(model, verifier, x):
+    """Plain batched inference of ``len(x) * N`` distinct inputs, ``verifier.batch`` at a
+    time."""
     inputs = torch.rand(N, *x.shape[1:], generator=torch.Generator().manual_seed(1))
-    batch = verifier.batch
+    batch, points = verifier.batch, len(x)
 
     @torch.inference_mode()
     def infer():
         return [model(inputs[i : i + batch]).argmax(1)
                 for _ in range(points) for i in range(0, N, batch)]
 
+    return infer
+
+
+@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plain_inference_of_the_same_number_of_inputs(benchmark, case, points):
+    infer = _plain_inference(*_prepared(case, points))
     assert sum(len(p) for p in benchmark(infer)) == points * N
 
 
@@ -69,3 +84,33 @@ def test_certify_with_n_noisy_copies_per_point(benchmark, case, points):
     _, verifier, x = _prepared(case, points)
     cert = benchmark(verifier.certify, x, "2", [0.25])
     assert (cert.columns["noise_draws"] == N + 100).all()
+
+
+@pytest.mark.parametrize("points", POINTS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_certify_over_plain_inference_alternating(benchmark, case, points):
+    """One round = plain inference then CERTIFY (the two tests above); the benchmark's
+    time is a round's, ``extra_info`` has the median per-round ratio and both medians."""
+    model, verifier, x = _prepared(case, points)
+    infer = _plain_inference(model, verifier, x)
+    plain, certify = [], []
+
+    def one_round():
+        for seconds, call in ((plain, infer), (certify, lambda: verifier.certify(x, "2", [0.25]))):
+            started = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - started)
+
+    if benchmark.disabled:
+        benchmark(one_round)
+        assert len(plain) == len(certify) == 1
+        return
+    benchmark.pedantic(one_round, rounds=bench_rounds(15 if points == 1 else 5),
+                       warmup_rounds=1, iterations=1)
+    plain, certify = plain[1:], certify[1:]  # the warm-up round
+    ratio = statistics.median(c / p for c, p in zip(certify, plain, strict=True))
+    benchmark.extra_info.update(ratio=ratio, plain_median_s=statistics.median(plain),
+                                certify_median_s=statistics.median(certify))
+    print(f"\n{case}, {points} point(s): CERTIFY / plain inference = {ratio:.3f} "
+          f"(median of {len(plain)} alternating rounds; medians "
+          f"{statistics.median(certify) * 1e3:.1f} / {statistics.median(plain) * 1e3:.1f} ms)")
