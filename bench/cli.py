@@ -78,7 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.samples <= 0:
             raise UserError("--samples must be positive")
         spec.samples = args.samples
-    results = Path(args.results or Path("results") / spec.name)
+    if args.seed is not None:
+        spec = spec.with_seed(args.seed)
+    default_results = spec.name if args.seed is None else f"{spec.name}-seed{args.seed}"
+    results = Path(args.results or Path("results") / default_results)
     source = Path(args.matrix)
     matrix_file = str(source.resolve()) if source.exists() else f"packaged: {args.matrix}"
     cells = run_matrix(spec, results, _checkpoint_dir(args), args.data_dir, force=args.force,
@@ -213,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, default=None,
                      help="override the matrix's number of samples (a seeded subset of the "
                      "same points, e.g. for a first look at a long matrix)")
+    run.add_argument("--seed", type=int, default=None,
+                     help="set every seed of the matrix to SEED: the evaluation points, the "
+                     "attacks, each recipe model (trained anew) and each verifier that takes "
+                     "one and does not set it (smoothing's noise); for seed studies (default "
+                     "results folder: results/NAME-seedSEED)")
     run.add_argument("--force", action="store_true", help="recompute finished cells")
     run.add_argument("--executor", choices=("process", "inline", "ray"), default="process",
                      help="process (default): each cell in a fresh worker process, with its "

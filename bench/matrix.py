@@ -51,7 +51,7 @@ from certbench.data import DATASETS
 from certbench.errors import UserError
 from certbench.models import ARCHITECTURES
 from certbench.train import RECIPES
-from certbench.verifiers import get_verifier, verifier_names
+from certbench.verifiers import get_verifier, takes_option, verifier_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -226,6 +226,22 @@ class MatrixSpec(_Strict):
         if isinstance(value, dict):
             return {str(k): sorted(set(v)) for k, v in value.items()}
         return sorted(set(value))
+
+    def with_seed(self, seed: int) -> MatrixSpec:
+        """This matrix with every seed set to ``seed``, for seed studies (`certbench run
+        --seed`): the evaluation points' and the attacks' (``seed``), each recipe model's
+        (trained anew: the seed is part of its checkpoint's name), and each verifier's
+        whose constructor takes a ``seed`` and whose options do not set one (smoothing's
+        noise, local-lipschitz's sampling). A verifier keeps the label it had, so that the
+        tables of different seeds line up."""
+        models = [m.model_copy(update={"seed": seed}) if m.arch is not None else m
+                  for m in self.models]
+        verifiers = [
+            v.model_copy(update={"options": {**v.options, "seed": seed}, "label": v.display})
+            if takes_option(v.name, "seed") and "seed" not in v.options else v
+            for v in self.verifiers
+        ]
+        return self.model_copy(update={"seed": seed, "models": models, "verifiers": verifiers})
 
     def eps_for(self, norm: str) -> list[float]:
         """The epsilon grid of ``norm``: ``eps`` is one grid for all norms, or a table

@@ -178,3 +178,49 @@ def test_run_with_workers_and_a_timeout(tmp_path, capsys):
     cells = pd.read_parquet(tmp_path / "r" / "cells.parquet")
     assert (cells["status"] == "ok").all()
     assert cells["executor"].str.startswith("process[workers=2,").all()
+
+
+SMOOTHING = """
+[[verifiers]]
+name = "smoothing"
+options = { n = 2000 }
+"""
+
+
+def test_with_seed_sets_every_seed_a_matrix_leaves_open():
+    from certbench.matrix import parse_matrix, tomllib
+
+    text = GOOD + SMOOTHING + """
+[[models]]
+name = "kept"
+checkpoint = "somewhere/model"
+[[verifiers]]
+name = "local-lipschitz"
+options = { seed = 7 }
+"""
+    spec = parse_matrix(tomllib.loads(text)).with_seed(3)
+    assert spec.seed == 3 and [m.seed for m in spec.models] == [3, 0]  # a checkpoint: as is
+    lipschitz, smoothing, local = spec.verifiers
+    assert lipschitz.options == {} and lipschitz.label is None  # takes no seed
+    assert smoothing.options == {"n": 2000, "seed": 3} and smoothing.label == "smoothing[n=2000]"
+    assert local.options == {"seed": 7}  # set by the matrix: kept
+
+
+def test_run_with_a_seed_reseeds_points_models_and_noise(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.toml").write_text(GOOD + SMOOTHING)
+    indices = {}
+    for seed in (None, 3):
+        flags = [] if seed is None else ["--seed", str(seed)]
+        code, out, _ = run_cli(capsys, "run", "--matrix", "m.toml", "--checkpoint-dir", "c",
+                               "--quiet", "--executor", "inline", *flags)
+        assert code == 0 and "smoothing[n=2000]" in out
+        folder = tmp_path / "results" / ("t" if seed is None else f"t-seed{seed}")
+        cells = pd.read_parquet(folder / "cells.parquet").set_index("verifier")
+        assert cells.loc["smoothing[n=2000]", "options"] == (
+            '{"n":2000}' if seed is None else '{"n":2000,"seed":3}')
+        indices[seed] = set(pd.read_parquet(folder / "samples.parquet")["sample_index"])
+    assert indices[None] != indices[3]
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2  # one model per seed

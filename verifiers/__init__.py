@@ -23,6 +23,7 @@ from certbench.verifiers.base import (
     Verifier,
     get_verifier,
     register,
+    takes_option,
     verdict_code,
     verifier_names,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Verifier",
     "get_verifier",
     "register",
+    "takes_option",
     "verdict_code",
     "verifier_names",
 ]

@@ -14,6 +14,7 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -143,6 +144,13 @@ def register(name: str, summary: str) -> Callable[[VerifierFactory], VerifierFac
 def verifier_names() -> dict[str, str]:
     """Registered verifier names with a one-line summary each."""
     return {name: summary for name, (_, summary) in sorted(_REGISTRY.items())}
+
+
+def takes_option(name: str, option: str) -> bool:
+    """Whether the registered verifier ``name``'s constructor has a parameter ``option``
+    (or takes any keyword)."""
+    parameters = inspect.signature(_REGISTRY[name][0]).parameters.values()
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def get_verifier(name: str, **options: object) -> Verifier:
