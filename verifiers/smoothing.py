@@ -60,20 +60,20 @@ buffer, ``batch_size`` copies at a time (by default the size with the best throu
 measured in ``prepare``), and the *same* noise serves every sample of a batch: each
 sample's count is still over draws independent of it, so each certificate keeps its
 guarantee (certificates of different samples become dependent, which no per-sample claim
-uses), and drawing the noise costs once per batch instead of once per sample; when it
-fits in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept; where
-the model begins with affine layers that do not widen the input (`affine_head`: an MLP's
-normalisation and first Linear, in an ``nn.Sequential`` or any network whose fx graph is
-a chain, ONNX imports included), what is kept is their image of the noise, and each point
-enters as head(x) + [head(e) - head(0)] = head(x + e) (exact in real arithmetic; in float
-it differs from the direct sum by rounding only, and the counts of the tests' networks
-are unchanged). Noise comes
-in blocks of ``BLOCK`` draws, each from a generator seeded by (``seed``, step, block), so
-a sample's counts depend neither on the batch it came in nor on ``batch_size``. Counts are
-exact (``bincount`` of the argmax), in inference mode. The noise is not clipped to
-[0, 1]: the base network is defined on all of R^d (as in Cohen et al.). Columns:
-``p_a_lower``, ``count_a``, ``noise_draws`` (selection plus estimation), ``time_s`` (the
-batch's time shared in proportion to each sample's draws).
+uses), and drawing the noise costs once per batch instead of once per sample; when it fits
+in ``noise_cache_mb`` it is drawn once in ``prepare`` (timed as setup) and kept; where the
+model begins with affine layers that do not widen the input (`affine_head`: an MLP's
+normalisation and first Linear, a CNN's normalisation; in an ``nn.Sequential`` or any
+network whose fx graph is a chain, ONNX imports included), what is kept is their image of
+the noise, and each point enters as head(x) + [head(e) - head(0)] = head(x + e) (exact in
+real arithmetic; in float it differs from the direct sum by rounding only, and the counts
+of the tests' networks are unchanged). Noise comes in blocks of ``BLOCK`` draws, each from
+a generator seeded by (``seed``, step, block), so a sample's counts depend neither on the
+batch it came in nor on ``batch_size``. Counts are exact (``bincount`` of the argmax), in
+inference mode. The noise is not clipped to [0, 1]: the base network is defined on all of
+R^d (as in Cohen et al.). Columns: ``p_a_lower``, ``count_a``, ``noise_draws`` (selection
+plus estimation), ``time_s`` (the batch's time shared in proportion to each sample's
+draws).
 """
 
 from __future__ import annotations
@@ -191,11 +191,12 @@ def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.devi
     """(head, tail) with model = tail o head, head the longest run of leading steps of
     the model as a chain (`as_chain`) that is affine (every operation of its traced
     graph linear: a normalisation, Flatten, Linear, Conv2d, ...) and whose output has no
-    more elements than the input; (Identity, model) where there is none with parameters
-    (a model that is no chain, or a first layer that widens). Since head(x + e) =
-    head(x) + head(e) - head(0), the head's image of the cached noise serves every
-    point: its first layer is paid once per noise draw in ``prepare`` instead of once
-    per draw and point."""
+    more elements than the input; (Identity, model) where there is none (a model that
+    is no chain, or one whose first step widens). Since head(x + e) = head(x) + head(e)
+    - head(0), the head's image of the cached noise serves every point: its layers (the
+    first Linear of an MLP; a convolutional network's input normalisation, as its first
+    convolution widens) are paid once per noise draw in ``prepare`` instead of once per
+    draw and point."""
     none = (nn.Identity(), model)
     chain = as_chain(model)
     if chain is None:
@@ -212,10 +213,9 @@ def affine_head(model: nn.Module, input_shape: Sequence[int], device: torch.devi
             shape = tuple(module(torch.zeros((1, *shape), device=device)).shape[1:])
         if math.prod(shape) <= size:
             best = k
-    head = chain[:best]
-    if not any(True for _ in head.parameters()):
+    if best == 0:
         return none
-    return head, chain[best:]
+    return chain[:best], chain[best:]
 
 
 def as_chain(model: nn.Module) -> nn.Sequential | None:
