@@ -6,9 +6,9 @@ inputs (once per point), as CERTIFY reads its ``N`` noise draws. CERTIFY certifi
 ``points`` points (1, or 50 as in a matrix's batches, which share one draw of the noise)
 with ``N`` draws each (plus its 100 selection draws, 0.5 % more forward passes); its
 noise is drawn in ``prepare`` (the verifier's setup, timed apart by the harness) and
-reused; on the MLP what is kept is the first Linear layer's image of the noise
-(`affine_head`), so CERTIFY skips a layer that plain inference computes, and its ratio
-can fall below 1.
+reused as its image under the model's leading affine steps (`affine_head`: the MLP's
+normalisation and first Linear layer, the CNN's normalisation), so CERTIFY skips steps
+that plain inference computes, and its ratio can fall below 1.
 
 The two tests time each side in a block of rounds of its own, so a machine whose speed
 drifts between the blocks (a virtual machine's stolen time moved one of them by 2x here)
