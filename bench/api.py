@@ -30,26 +30,26 @@ from typing import Any
 
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from certbench.cells import Cell, cell_identity
 from certbench.errors import UserError
-from certbench.executors import InlineExecutor
+from certbench.io.onnx_import import as_classifier, load_onnx, read_onnx_bytes
 from certbench.matrix import (
     AttackSpec,
-    MatrixSpec,
-    ModelSpec,
+    CellSettings,
     TimingSpec,
     VerifierSpec,
-    canonical_json,
+    check_verifiers,
+    first_error,
 )
-from certbench.onnx_import import as_classifier, load_onnx, read_onnx_bytes
-from certbench.provenance import git_commit, library_versions
-from certbench.runner import run_cells, run_timing_rounds
+from certbench.provenance import canonical_json, git_commit, library_versions
+from certbench.report.summary import summary_of
+from certbench.report.view import ResultsView
+from certbench.run.cells import Points, Subject, build_cells
+from certbench.run.executors import Executor, InlineExecutor
+from certbench.run.runner import run_cells, run_timing_rounds
 from certbench.store import ResultsStore
-from certbench.summary import summary_of
-from certbench.verifiers import get_verifier
-from certbench.view import ResultsView
 
 
 @dataclass
@@ -95,11 +95,7 @@ def _verifier_specs(verifiers: Sequence[Any]) -> list[VerifierSpec]:
         else:
             raise UserError(f"verifier {item!r}: give a name, (name, options) or a dict with "
                             "name, options and label")
-    for spec in specs:
-        try:
-            get_verifier(spec.name, **spec.options)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(str(exc).strip("'\"")) from exc
+    check_verifiers(specs, "evaluate: verifiers")
     return specs
 
 
@@ -124,7 +120,7 @@ def evaluate(
     batch_size: int = 256,
     dataset: str = "user",
     progress: bool = True,
-    executor: Any = None,
+    executor: Executor | None = None,
     timing: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Certify ``model`` on the points ``x`` (inputs in [0, 1], on the model's device) with
@@ -152,41 +148,30 @@ def evaluate(
     if x.min() < 0 or x.max() > 1:
         raise UserError("inputs must lie in [0, 1] (epsilon is in pixel space); put "
                         "normalisation inside the model")
-    model_spec = ModelSpec(name=name, checkpoint="-")  # not a file: the model is given
     attack_settings = attack if isinstance(attack, dict) else {"enabled": bool(attack)}
     try:
-        spec = MatrixSpec(
-            name=name, dataset="digits", samples=len(x), norms=norms,
+        settings = CellSettings(
+            norms=norms, batch_size=batch_size, attack=AttackSpec(**attack_settings),
             eps=({str(k): list(v) for k, v in eps.items()} if isinstance(eps, dict)
                  else list(eps)),
-            batch_size=batch_size, attack=AttackSpec(**attack_settings),
-            timing=TimingSpec(**(timing or {})), models=[model_spec],
-            verifiers=[v.model_dump() for v in _verifier_specs(verifiers)],
-        )
-    except Exception as exc:  # pydantic's message names the bad field
-        raise UserError(f"evaluate: {exc}") from exc
-    spec.dataset = dataset
-    device = next(model.parameters()).device
+            timing=TimingSpec(**(timing or {})))
+    except ValidationError as exc:
+        raise UserError(f"evaluate: {first_error(exc)}") from exc
+    if settings.grid_problem():
+        raise UserError(f"evaluate: {settings.grid_problem()}")
+    specs = _verifier_specs(verifiers)
     context = {"run_id": time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
                "versions": canonical_json(library_versions()), "git_commit": git_commit(),
                "matrix": name, "matrix_file": "certbench.evaluate"}
-    indices = torch.arange(len(x))
     data_sha = hashlib.sha256(x.detach().cpu().numpy().tobytes() + y.cpu().numpy().tobytes())
-    cells = []
-    for verifier in spec.verifiers:
-        for norm in norms:
-            key = hashlib.sha256(canonical_json({
-                "sha": sha, "verifier": verifier.name, "options": verifier.options,
-                "norm": norm, "eps": spec.eps_for(norm), "data": data_sha.hexdigest(),
-                "attack": spec.attack.model_dump()}).encode()).hexdigest()[:16]
-            identity = cell_identity(name, dataset, card, sha, verifier, norm, str(device))
-            cells.append(Cell(key, f"{verifier.display} / l{norm}", model, x.cpu(), y.cpu(),
-                              indices, verifier, norm, tuple(spec.eps_for(norm)), str(device),
-                              batch_size, spec.attack, spec.seed, identity,
-                              timeout_s=verifier.timeout_s, timing=spec.timing))
+    points = Points(x.cpu(), y.cpu(), torch.arange(len(x)),
+                    {"dataset": dataset, "data": data_sha.hexdigest()})
+    device = str(next(model.parameters()).device)
+    cells = build_cells([Subject(name, model, card, sha)], specs, settings, points,
+                        dataset=dataset, device=device)
     executor = executor or InlineExecutor()
     rows = run_cells(cells, executor, None, context, progress, f"evaluate {name}")
-    if spec.timing.rounds > 1:
+    if settings.timing.rounds > 1:
         by_key = {r["cell_key"]: r for f in rows["cells"] for r in f.to_dict("records")}
         by_key = run_timing_rounds(cells, by_key, executor, None, progress)
         rows["cells"] = [pd.DataFrame(list(by_key.values()))]

@@ -1,4 +1,4 @@
-"""The `certbench` command: train, run, vnncomp, report, compare, list, show.
+"""The `certbench` command: train, run, vnncomp, paradox, report, compare, list, show.
 
 A user's mistake prints one line ``certbench: error: ...`` and exits with code 2.
 """
@@ -22,8 +22,9 @@ EXAMPLES = {
     "list": "example: certbench list",
     "show": "example: certbench show results/quick",
     "report": "example: certbench report results/quick --out reports/quick",
-    "vnncomp": "example: certbench vnncomp ../shared/data/vnncomp2021/mnistfc/"
-    "mnistfc_instances.csv --verifiers crown alpha-crown exact --timeout-scale 0.25",
+    "vnncomp": "example: certbench vnncomp vnncomp2021/mnistfc/mnistfc_instances.csv "
+    "--verifiers crown alpha-crown exact --timeout-scale 0.25 --workers 2",
+    "paradox": "example: certbench paradox results/gls-paradox --matrix gls-paradox",
     "compare": "example: certbench compare results/baseline results/quick "
     "--max-slowdown 1.3 --max-acc-drop 0.0",
 }
@@ -43,10 +44,43 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
     return Path(args.checkpoint_dir or os.environ.get("CERTBENCH_CHECKPOINTS", "checkpoints"))
 
 
+def _executor(args: argparse.Namespace):
+    """The executor that ``--executor``, ``--workers``, ``--memory-limit-gb`` and
+    ``--address`` ask for."""
+    from certbench.run.runner import make_executor
+
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address is for --executor ray")
+    if args.memory_limit_gb is not None and args.memory_limit_gb <= 0:
+        raise UserError("--memory-limit-gb must be positive (omit it for 85% of the "
+                        "machine's memory)")
+    return make_executor(args.executor, args.workers, args.address, args.memory_limit_gb)
+
+
+def add_executor_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--executor``, ``--workers``, ``--memory-limit-gb``, ``--address`` for ``what``
+    (cells, instances)."""
+    parser.add_argument("--executor", choices=("process", "inline", "ray"), default="process",
+                        help=f"process (default): each of the {what} in a fresh worker "
+                        "process, with its time limit, crash containment and its own memory "
+                        "measurement; inline: in this process (for debugging; no limits); "
+                        "ray: on a Ray cluster")
+    parser.add_argument("--workers", type=int, default=1,
+                        help=f"{what} run side by side (process executor: worker processes, "
+                        "the cores divided among them; ray: tasks in flight). Time with 1 "
+                        "when timings are compared (default 1)")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="resident memory per task before it is stopped and recorded as "
+                        "oom (default: 85%% of the machine's memory)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (with --executor ray; default: "
+                        "$RAY_ADDRESS, else a local Ray instance)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from certbench.data import load_dataset
-    from certbench.executors import resolve_device
-    from certbench.train import train_model
+    from certbench.run.executors import resolve_device
+    from certbench.training.train import train_model
 
     dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
     _, card = train_model(
@@ -59,10 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from certbench.executors import make_executor
     from certbench.matrix import load_matrix
-    from certbench.runner import run_matrix
-    from certbench.summary import format_summary
+    from certbench.report.summary import format_summary
+    from certbench.run.runner import run_matrix
 
     spec = load_matrix(args.matrix)
     if args.device:
@@ -71,9 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.timeout <= 0:
             raise UserError("--timeout must be positive (seconds per cell)")
         spec.timeout_s = args.timeout
-    if args.address is not None and args.executor != "ray":
-        raise UserError("--address is for --executor ray")
-    executor = make_executor(args.executor, args.workers, args.address, args.memory_limit_gb)
+    executor = _executor(args)
     if args.samples is not None:
         if args.samples <= 0:
             raise UserError("--samples must be positive")
@@ -99,7 +130,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from certbench.data import DATASETS
     from certbench.matrix import packaged_matrices
     from certbench.models import ARCHITECTURES
-    from certbench.train import RECIPE_DEFAULTS
+    from certbench.training.train import RECIPE_DEFAULTS
     from certbench.verifiers import verifier_names
     from certbench.verifiers.lirpa import lirpa_status
 
@@ -119,11 +150,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from certbench.summary import format_summary
-    from certbench.vnncomp import TABLE, format_vnncomp
+    from certbench.report.summary import format_summary, format_vnncomp
+    from certbench.store import INSTANCES, ResultsStore
 
     folder = Path(args.results_dir)
-    if (folder / f"{TABLE}.parquet").exists():
+    if ResultsStore(folder).path(INSTANCES).exists():
         print(format_vnncomp(folder))
         if not (folder / "cells.parquet").exists():
             return 0
@@ -141,21 +172,37 @@ def _verifier_arg(text: str) -> tuple[str, dict]:
 
 
 def cmd_vnncomp(args: argparse.Namespace) -> int:
-    from certbench.vnncomp import format_vnncomp, run_vnncomp
+    from certbench.report.summary import format_vnncomp
+    from certbench.vnncomp.pipeline import run_vnncomp
 
     csv_path = Path(args.instances_csv)
     results = Path(args.results or Path("results") / f"vnncomp-{csv_path.parent.name}")
     if args.timeout_scale <= 0:
         raise UserError("--timeout-scale must be positive")
+    if args.overhead_s < 0:
+        raise UserError("--overhead-s must be at least 0")
+    for name, _ in args.verifiers:
+        if "," in name:
+            raise UserError(f"--verifiers {name}: separate names with spaces "
+                            f"(--verifiers {' '.join(name.split(','))})")
     run_vnncomp(csv_path, results, args.verifiers, timeout_scale=args.timeout_scale,
                 attack={"enabled": not args.no_attack}, force=args.force,
-                progress=not args.quiet, limit=args.limit)
+                progress=not args.quiet, limit=args.limit, executor=_executor(args),
+                overhead_s=args.overhead_s, imports=tuple(args.imports))
     print(format_vnncomp(results))
     return 0
 
 
+def cmd_paradox(args: argparse.Namespace) -> int:
+    from certbench.run.paradox import write_study
+
+    for path in write_study(args.results_dir, args.matrix, _checkpoint_dir(args), args.model):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from certbench.report import build_report
+    from certbench.report.build import build_report
 
     results = Path(args.results_dir)
     out = Path(args.out or Path("reports") / results.name)
@@ -165,7 +212,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from certbench.compare import compare, format_comparison
+    from certbench.report.compare import compare, format_comparison
 
     result = compare(args.baseline, args.candidate, args.max_slowdown, args.max_acc_drop,
                      args.fail_on_missing, args.time_floor_s, args.rule, args.confidence,
@@ -222,24 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "one and does not set it (smoothing's noise); for seed studies (default "
                      "results folder: results/NAME-seedSEED)")
     run.add_argument("--force", action="store_true", help="recompute finished cells")
-    run.add_argument("--executor", choices=("process", "inline", "ray"), default="process",
-                     help="process (default): each cell in a fresh worker process, with its "
-                     "time limit, crash containment and its own memory measurement; inline: "
-                     "in this process (for debugging; no limits); ray: on a Ray cluster")
-    run.add_argument("--workers", type=int, default=1,
-                     help="cells run side by side (process executor: worker processes, the "
-                     "cores divided among them; ray: cells in flight). Time with 1 when "
-                     "timings are compared (default 1)")
+    add_executor_options(run, "cells")
     run.add_argument("--timeout", type=float, default=None,
                      help="seconds of wall clock per cell (overrides the matrix's timeout_s; "
                      "a verifier's own timeout_s still wins); an overrun cell is recorded "
                      "as timeout")
-    run.add_argument("--memory-limit-gb", type=float, default=None,
-                     help="resident memory per cell before it is stopped and recorded as oom "
-                     "(default: 85%% of the machine's memory)")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (with --executor ray; default: $RAY_ADDRESS, "
-                     "else a local Ray instance)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
@@ -264,8 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     vnn.add_argument("--no-attack", action="store_true",
                      help="skip the PGD falsification before verification")
     vnn.add_argument("--force", action="store_true", help="recompute answered instances")
+    vnn.add_argument("--overhead-s", type=float, default=30.0,
+                     help="seconds an instance's worker may run beyond its (scaled) timeout "
+                     "for loading, parsing and prepare before it is stopped and recorded as "
+                     "timeout (default 30)")
+    vnn.add_argument("--import", dest="imports", action="append", default=[],
+                     metavar="MODULE", help="a module that registers your own verifier "
+                     "(repeatable), as a matrix's `imports`")
+    add_executor_options(vnn, "instances")
     vnn.add_argument("--quiet", action="store_true", help="no progress bars")
     vnn.set_defaults(func=cmd_vnncomp)
+
+    paradox = add("paradox", "Write the paradox study's data next to a run's results: each "
+                  "model's training optimiser, relaxation and cost (training.parquet) and the "
+                  "certified loss along a random direction in weight space, raw and "
+                  "Gaussian-smoothed (landscape.parquet); `certbench report` draws them.")
+    paradox.add_argument("results_dir", help="the run's results folder")
+    paradox.add_argument("--matrix", required=True, help="the matrix the run used")
+    paradox.add_argument("--checkpoint-dir", default=None,
+                         help="where the run's models are (default: $CERTBENCH_CHECKPOINTS "
+                         "or ./checkpoints)")
+    paradox.add_argument("--model", default=None,
+                         help="model for the landscape (default: the GRAD + CROWN model)")
+    paradox.set_defaults(func=cmd_paradox)
 
     show = add("show", "Print the summary table of a results folder.")
     show.add_argument("results_dir")

@@ -31,7 +31,6 @@ user's own verifier registered with ``certbench.verifiers.register`` can be benc
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import sys
 from importlib import resources
@@ -50,7 +49,7 @@ from pydantic import (
 from certbench.data import DATASETS
 from certbench.errors import UserError
 from certbench.models import ARCHITECTURES
-from certbench.train import RECIPES
+from certbench.training.train import RECIPES
 from certbench.verifiers import get_verifier, takes_option, verifier_names
 
 if sys.version_info >= (3, 11):
@@ -182,34 +181,23 @@ class TimingSpec(_Strict):
         return max(self.min_repeats, min(self.max_repeats, fit))
 
 
-class MatrixSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    dataset: str
-    samples: int = Field(default=200, gt=0)
+class CellSettings(_Strict):
+    """What every cell of a run shares besides its model and verifier: the norms and
+    their epsilon grids, the seed (evaluation points, attacks), the batch size, the attack
+    and the timing. A matrix has these at its top level; the Python API takes them as
+    arguments."""
+
     seed: int = 0
     norms: list[Literal["2", "inf"]] = ["2"]
     eps: list[float] | dict[str, list[float]]
-    device: str = "auto"
     batch_size: int = Field(default=256, gt=0)
-    timeout_s: float | None = Field(default=None, gt=0)
-    download: bool = False
-    imports: list[str] = []
     attack: AttackSpec = AttackSpec()
     timing: TimingSpec = TimingSpec()
-    models: list[ModelSpec] = Field(min_length=1)
-    verifiers: list[VerifierSpec] = Field(min_length=1)
 
     @field_validator("norms", mode="before")
     @classmethod
     def _norm_strings(cls, value: Any) -> Any:
         return [str(v) for v in value] if isinstance(value, list) else value
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; known: {', '.join(DATASETS)}")
-        return value
 
     @field_validator("eps")
     @classmethod
@@ -227,6 +215,37 @@ class MatrixSpec(_Strict):
             return {str(k): sorted(set(v)) for k, v in value.items()}
         return sorted(set(value))
 
+    def eps_for(self, norm: str) -> list[float]:
+        """The epsilon grid of ``norm``: ``eps`` is one grid for all norms, or a table
+        ``{ "2" = [...], "inf" = [...] }`` with one grid per norm."""
+        return self.eps[norm] if isinstance(self.eps, dict) else self.eps
+
+    def grid_problem(self) -> str | None:
+        """Why the epsilon table does not fit the norms, or None."""
+        if isinstance(self.eps, dict) and set(self.eps) != set(self.norms):
+            return (f"eps: the table must have one grid per norm {self.norms}, "
+                    f"got {sorted(self.eps)}")
+        return None
+
+
+class MatrixSpec(CellSettings):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset: str
+    samples: int = Field(default=200, gt=0)
+    device: str = "auto"
+    timeout_s: float | None = Field(default=None, gt=0)
+    download: bool = False
+    imports: list[str] = []
+    models: list[ModelSpec] = Field(min_length=1)
+    verifiers: list[VerifierSpec] = Field(min_length=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; known: {', '.join(DATASETS)}")
+        return value
+
     def with_seed(self, seed: int) -> MatrixSpec:
         """This matrix with every seed set to ``seed``, for seed studies (`certbench run
         --seed`): the evaluation points' and the attacks' (``seed``), each recipe model's
@@ -243,13 +262,8 @@ class MatrixSpec(_Strict):
         ]
         return self.model_copy(update={"seed": seed, "models": models, "verifiers": verifiers})
 
-    def eps_for(self, norm: str) -> list[float]:
-        """The epsilon grid of ``norm``: ``eps`` is one grid for all norms, or a table
-        ``{ "2" = [...], "inf" = [...] }`` with one grid per norm."""
-        return self.eps[norm] if isinstance(self.eps, dict) else self.eps
 
-
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(part) for part in err["loc"]) or "matrix"
     message = err["msg"].removeprefix("Value error, ")
@@ -263,18 +277,14 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
     try:
         spec = MatrixSpec.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_first_error(exc)}") from exc
+        raise UserError(f"{source}: {first_error(exc)}") from exc
     for module in spec.imports:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise UserError(f"{source}: imports: cannot import {module!r} ({exc})") from exc
-    if isinstance(spec.eps, dict) and set(spec.eps) != set(spec.norms):
-        raise UserError(
-            f"{source}: eps: the table must have one grid per norm {spec.norms}, "
-            f"got {sorted(spec.eps)}"
-        )
-    known = verifier_names()
+    if spec.grid_problem():
+        raise UserError(f"{source}: {spec.grid_problem()}")
     names = [m.name for m in spec.models]
     if len(set(names)) != len(names):
         raise UserError(f"{source}: models: two models share a name; names must be unique")
@@ -286,16 +296,7 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
         if model.normalization is not None and model.onnx is None:
             raise UserError(f"{source}: models.{i}: `normalization` is for `onnx` models "
                             "(certbench models carry their own)")
-    for i, verifier in enumerate(spec.verifiers):
-        if verifier.name not in known:
-            raise UserError(
-                f"{source}: verifiers.{i}.name: unknown verifier {verifier.name!r}; "
-                f"known: {', '.join(known)} (see `certbench list`)"
-            )
-        try:  # constructors only store their options, so this is cheap
-            get_verifier(verifier.name, **verifier.options)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{source}: verifiers.{i}.options: {exc}") from exc
+    check_verifiers(spec.verifiers, f"{source}: verifiers")
     return spec
 
 
@@ -323,7 +324,15 @@ def load_matrix(path_or_name: str | Path) -> MatrixSpec:
         raise UserError(f"{path}: not valid TOML ({exc})") from exc
     return parse_matrix(data, str(path))
 
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no spaces: the form that cell keys are hashed from."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def check_verifiers(verifiers: list[VerifierSpec], where: str) -> None:
+    """UserError naming the first verifier whose name is not registered or whose options
+    its constructor refuses (constructors only store their options: this is cheap)."""
+    known = verifier_names()
+    for i, verifier in enumerate(verifiers):
+        if verifier.name not in known:
+            raise UserError(f"{where}.{i}.name: unknown verifier {verifier.name!r}; known: "
+                            f"{', '.join(known)} (see `certbench list`)")
+        try:
+            get_verifier(verifier.name, **verifier.options)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{where}.{i}.options: {exc}") from exc

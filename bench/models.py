@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from certbench.atomic import write_atomic
 from certbench.errors import UserError
 
 CARD_FORMAT = 1
@@ -184,15 +184,10 @@ def save_checkpoint(model: nn.Module, card: dict[str, Any], stem: str | Path) ->
     """Write weights and card atomically; returns the weights path. The card gains
     ``format`` and ``weights_sha256``."""
     weights, card_path = checkpoint_paths(stem)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_weights = weights.with_name("." + weights.name + ".tmp")
-    save_file(state, str(tmp_weights))
-    card = dict(card, format=CARD_FORMAT, weights_sha256=file_sha256(tmp_weights))
-    tmp_card = card_path.with_name("." + card_path.name + ".tmp")
-    tmp_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_weights, weights)
-    os.replace(tmp_card, card_path)
+    write_atomic(weights, lambda path: save_file(state, str(path)))
+    card = dict(card, format=CARD_FORMAT, weights_sha256=file_sha256(weights))
+    write_atomic(card_path, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return weights
 
 

@@ -1,11 +1,14 @@
-"""What a result row records about where it came from: library versions, git commit."""
+"""What a result row records about where it came from: library versions, git commit, and
+the canonical JSON that cell and instance keys are hashed from."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 _LIBRARIES = ("certbench", "torch", "numpy", "scipy", "pandas", "safetensors", "auto_LiRPA")
 
@@ -37,3 +40,8 @@ def git_commit(path: Path | None = None) -> str | None:
         return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the form that cell keys are hashed from."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

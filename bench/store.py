@@ -1,28 +1,32 @@
-"""The results store: three Parquet tables in one folder, written atomically.
+"""The results store: the Parquet tables of one results folder, written atomically.
 
     RESULTS_DIR/cells.parquet      one row per cell (identity, times, memory, status)
     RESULTS_DIR/certified.parquet  one row per cell and epsilon (certified accuracy)
     RESULTS_DIR/samples.parquet    one row per cell, sample and epsilon (verdicts)
+    RESULTS_DIR/instances.parquet  one row per VNN-COMP instance and verifier (`certbench
+                                   vnncomp`)
 
-Each is read with ``pandas.read_parquet``. Rows are upserted by ``cell_key``: writing a
-cell replaces any earlier rows of that key. Each table is rewritten to a hidden temporary
-file and renamed over the old one, so a killed run never leaves a half-written table. The
-per-cell table is written last: a cell counts as done only once its row is there, and
-rows of a cell that was interrupted between tables are replaced when it is rerun.
+Each is read with ``pandas.read_parquet``. Rows are upserted by key (``cell_key``,
+``instance_key``): writing a cell replaces any earlier rows of that key. Each table is
+rewritten to a hidden temporary file and renamed over the old one (`atomic`), so a killed
+run never leaves a half-written table. The per-cell table is written last: a cell counts
+as done only once its row is there, and rows of a cell that was interrupted between
+tables are replaced when it is rerun.
 The tables are small (thousands of rows), so rewriting them whole is cheaper than keeping
 an append log consistent.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from certbench.atomic import write_atomic
 from certbench.errors import UserError
 
 TABLES = ("samples", "certified", "cells")
+INSTANCES = "instances"
 
 
 class ResultsStore:
@@ -54,17 +58,26 @@ class ResultsStore:
 
     def write_cell(self, tables: dict[str, pd.DataFrame]) -> None:
         """Upsert one cell's rows in every table (``cells`` last), each atomically."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        key = tables["cells"]["cell_key"].iloc[0]
         for table in TABLES:
-            new = tables.get(table)
-            if new is None:
-                continue
-            key = tables["cells"]["cell_key"].iloc[0]
-            old = self.read(table)
-            if not old.empty:
-                old = old[old["cell_key"] != key]
-            frames = [f for f in (old, new) if not f.empty]
-            merged = pd.concat(frames, ignore_index=True) if frames else new
-            tmp = self.folder / f".{table}.parquet.tmp"
-            merged.to_parquet(tmp, index=False)
-            os.replace(tmp, self.path(table))
+            if tables.get(table) is not None:
+                self._upsert(table, "cell_key", key, tables[table])
+
+    def done_instances(self) -> set[str]:
+        """Keys of VNN-COMP answers other than ``error`` and ``oom`` (those are retried)."""
+        table = self.read(INSTANCES)
+        return set() if table.empty else set(
+            table.loc[~table["result"].isin(["error", "oom"]), "instance_key"])
+
+    def write_instance(self, row: dict) -> pd.DataFrame:
+        """Upsert one VNN-COMP answer; returns the whole instances table."""
+        return self._upsert(INSTANCES, "instance_key", row["instance_key"], pd.DataFrame([row]))
+
+    def _upsert(self, table: str, column: str, key: str, new: pd.DataFrame) -> pd.DataFrame:
+        old = self.read(table)
+        if not old.empty:
+            old = old[old[column] != key]
+        frames = [f for f in (old, new) if not f.empty]
+        merged = pd.concat(frames, ignore_index=True) if frames else new
+        write_atomic(self.path(table), lambda path: merged.to_parquet(path, index=False))
+        return merged

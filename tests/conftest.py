@@ -10,7 +10,7 @@ import torch
 
 from certbench.data import load_dataset
 from certbench.models import ARCHITECTURES, build_model
-from certbench.train import train_model
+from certbench.training.train import train_model
 
 _BENCH_ROUNDS: list[int | None] = [None]
 
@@ -37,7 +37,7 @@ DIGITS_SHAPE = (1, 8, 8)
 def interrupt_training(monkeypatch, after_steps: int) -> None:
     """Make training raise KeyboardInterrupt at its ``after_steps + 1``-th loss call (as if
     killed there); ``monkeypatch.undo()`` lets the next run resume."""
-    from certbench import train
+    from certbench.training import train
 
     real, calls = train.make_loss, [0]
 
@@ -111,7 +111,7 @@ def time_margin_bounds(benchmark, verifier, x, spec, eps: float, rounds: int = 3
     """The speed suites' measurement of one verifier's l_inf margin bounds: in the plain
     test run once, as a test; under --benchmark-enable a warm-up, one call with peak
     memory into extra_info, then ``rounds`` timed calls. Returns the bounds."""
-    from certbench.measure import PeakMemory
+    from certbench.run.measure import PeakMemory
 
     def bound():
         with torch.no_grad():

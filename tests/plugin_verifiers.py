@@ -2,7 +2,7 @@
 one that is slow enough to be interrupted mid-run, two that certify everything, one whose
 certification takes a planted extra fraction of its time (the speed gate), and for the
 executors one that hangs, one that crashes its process, one that eats memory and one that
-holds a known amount."""
+holds a known amount; the same three faults in ``check_spec`` for `certbench vnncomp`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import torch
 
 from certbench.verifiers import Certificate, Verdict, register, verdict_code
+from certbench.verifiers.bound_propagation.verifier import LinearRelaxationVerifier
 from certbench.verifiers.global_lipschitz import GlobalLipschitzVerifier
 from certbench.verifiers.smoothing import RandomizedSmoothing
 
@@ -130,3 +131,41 @@ class AllocatingVerifier:
                               dtype=torch.int8)
         return Certificate(prediction, verdicts,
                            columns={"held": torch.full((len(x),), float(held.sum()))})
+
+
+class _PlantedSpecFault(LinearRelaxationVerifier):
+    """CROWN whose ``check_spec`` runs the planted ``fault`` instead (vnncomp tests)."""
+
+    def __init__(self, **options):
+        super().__init__("crown", **options)
+
+    def check_spec(self, lower, upper, spec, time_limit_s):
+        self.fault()
+
+
+@register("test-spec-hang", "check_spec never returns (vnncomp test)")
+class HangingSpecVerifier(_PlantedSpecFault):
+    name = "test-spec-hang"
+
+    def fault(self):
+        while True:
+            time.sleep(1)
+
+
+@register("test-spec-crash", "check_spec kills its process with SIGSEGV (vnncomp test)")
+class CrashingSpecVerifier(_PlantedSpecFault):
+    name = "test-spec-crash"
+
+    def fault(self):
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+
+
+@register("test-spec-hog", "check_spec allocates memory without end (vnncomp test)")
+class SpecMemoryHog(_PlantedSpecFault):
+    name = "test-spec-hog"
+
+    def fault(self):
+        held = []
+        while True:
+            held.append(torch.ones(16 * 2**20))

@@ -14,8 +14,8 @@ import certbench
 from certbench.cli import main
 from certbench.data import eval_indices, load_dataset
 from certbench.errors import UserError
+from certbench.io.onnx_import import OnnxRuntime, load_onnx
 from certbench.matrix import parse_matrix
-from certbench.onnx_import import OnnxRuntime, load_onnx
 from certbench.verifiers import get_verifier
 
 

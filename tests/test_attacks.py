@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from certbench.attacks import attack_grid, distance
+from certbench.run.attacks import attack_grid, distance
 from conftest import DIGITS_SHAPE
 
 

@@ -15,7 +15,7 @@ import torch
 from test_exact import SMALL_MODELS  # the same small networks as the MILP's tests
 from torch import nn
 
-from certbench.attacks import pgd
+from certbench.run.attacks import pgd
 from certbench.verifiers import Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from certbench.attacks import pgd
+from certbench.run.attacks import pgd
 from certbench.verifiers import UnsupportedLayerError, Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import (
     Ball,

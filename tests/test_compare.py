@@ -12,8 +12,8 @@ from scipy.stats import binomtest
 from test_runner import small_matrix
 
 from certbench.cli import main
-from certbench.compare import compare, ratio_interval
-from certbench.runner import run_matrix
+from certbench.report.compare import compare, ratio_interval
+from certbench.run.runner import run_matrix
 
 
 def _noisy(rng, median, n, spread):

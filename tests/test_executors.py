@@ -7,9 +7,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from certbench.executors import InlineExecutor, ProcessExecutor
 from certbench.matrix import parse_matrix
-from certbench.runner import run_matrix
+from certbench.run.executors import InlineExecutor, ProcessExecutor
+from certbench.run.runner import run_matrix
 
 MIB = 2**20
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from certbench.errors import UserError
-from certbench.gls import (
+from certbench.training.gls import (
     Estimate,
     certified_loss,
     loss_along_direction,
@@ -18,7 +18,7 @@ from certbench.gls import (
     rgs_gradient,
     surrogate,
 )
-from certbench.train import recipe_args, train_model
+from certbench.training.train import recipe_args, train_model
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
 
@@ -199,7 +199,7 @@ def test_loss_along_a_direction_is_raw_at_zero_and_smoothed_by_noise(digits):
 def _fake_results():
     import pandas as pd
 
-    from certbench.view import ResultsView
+    from certbench.report.view import ResultsView
 
     cells, certified = [], []
     models = {"grad-ibp": "ibp", "grad-crown": "crown", "pgpe-crown": "gls-pgpe",
@@ -218,7 +218,7 @@ def _fake_results():
 def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_path):
     import pandas as pd
 
-    from certbench.report import gls_section, paradox_models
+    from certbench.report.build import gls_section, paradox_models
 
     results = _fake_results()
     kinds = paradox_models(results, None).set_index("model")
@@ -238,7 +238,7 @@ def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_pa
     md, _ = gls_section(results, tmp_path, tmp_path)
     assert "train_s" in md and "grad-crown" not in md  # the study's models only
     only_standard = results.cells[results.cells["recipe"] == "standard"]
-    from certbench.view import ResultsView
+    from certbench.report.view import ResultsView
 
     plain = ResultsView.of(only_standard, results.certified)
     assert gls_section(plain, None, tmp_path) == ("", "")

@@ -1,4 +1,4 @@
-"""The layout contracts of DESIGN.md that code can check."""
+"""The layout contracts of docs/architecture.md that code can check."""
 
 from __future__ import annotations
 

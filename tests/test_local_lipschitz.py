@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from certbench.attacks import pgd
+from certbench.run.attacks import pgd
 from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import Ball
 from certbench.verifiers.bound_propagation.verifier import margin_spec

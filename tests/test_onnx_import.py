@@ -16,7 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from certbench.errors import UserError
-from certbench.onnx_import import (
+from certbench.io.onnx_import import (
     CONVERTERS,
     OnnxImportError,
     OnnxNetwork,

@@ -11,14 +11,14 @@ import pytest
 from test_executors import planted_matrix
 
 from certbench.errors import UserError
-from certbench.runner import run_matrix
+from certbench.run.runner import run_matrix
 
 ray = pytest.importorskip("ray", reason="the ray executor is the optional extra certbench[ray]")
 
 
 @pytest.fixture(scope="module")
 def executor():
-    from certbench.ray_executor import RayExecutor
+    from certbench.run.ray_executor import RayExecutor
 
     tests = str(Path(__file__).resolve().parent)  # the planted verifiers, on every worker
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,

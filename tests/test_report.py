@@ -14,8 +14,8 @@ import pytest
 from test_runner import small_matrix
 
 from certbench.cli import main
-from certbench.report import FIGURES, SECTIONS
-from certbench.runner import run_matrix
+from certbench.report.build import FIGURES, SECTIONS
+from certbench.run.runner import run_matrix
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from certbench.matrix import parse_matrix
-from certbench.runner import run_matrix
+from certbench.run.runner import run_matrix
 from certbench.verifiers import get_verifier
 
 CELL_COLUMNS = (

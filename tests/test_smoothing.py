@@ -12,8 +12,8 @@ from scipy.stats import beta
 from scipy.stats import norm as normal
 from torch import fx, nn
 
+from certbench.io.onnx_import import load_onnx
 from certbench.models import build_model
-from certbench.onnx_import import load_onnx
 from certbench.verifiers import ABSTAIN, VERDICTS, Verdict, get_verifier
 from certbench.verifiers.smoothing import affine_head
 from conftest import DIGITS_SHAPE, SHARED_DATA

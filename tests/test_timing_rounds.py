@@ -12,10 +12,10 @@ from scipy.stats import binomtest
 from test_runner import small_matrix
 
 import certbench
-from certbench.cells import TimingRound, add_timing_round
-from certbench.compare import compare, ratio_interval
-from certbench.executors import InlineExecutor
-from certbench.runner import run_matrix
+from certbench.report.compare import compare, ratio_interval
+from certbench.run.cells import TimingRound, add_timing_round
+from certbench.run.executors import InlineExecutor
+from certbench.run.runner import run_matrix
 
 
 def _spec(rounds: int):

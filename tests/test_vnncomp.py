@@ -15,8 +15,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from certbench.cli import main
-from certbench.onnx_import import OnnxRuntime, load_onnx
-from certbench.vnncomp import read_table, run_vnncomp
+from certbench.io.onnx_import import OnnxRuntime, load_onnx
+from certbench.run.executors import ProcessExecutor
+from certbench.store import ResultsStore
+from certbench.vnncomp.pipeline import run_vnncomp
 from conftest import SHARED_DATA
 
 TEST_SUITE = SHARED_DATA / "vnncomp2021" / "test"
@@ -60,7 +62,7 @@ def parse_counterexample(text: str) -> tuple[str, np.ndarray]:
 
 
 def results_rows(folder) -> dict[tuple[str, str], str]:
-    table = read_table(folder)
+    table = ResultsStore(folder).read("instances")
     return {(r.instance, r.verifier): r.result for r in table.itertuples()}
 
 
@@ -178,7 +180,8 @@ def test_rerun_skips_answered_instances_and_timeouts_are_kept_apart(tmp_path):
     rows = run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", [("crown", {})],
                        timeout_scale=1e-9, progress=False)
     assert rows["result"].tolist() == ["timeout"]
-    assert len(read_table(tmp_path / "out")) == 2  # another timeout is another instance key
+    # another timeout is another instance key
+    assert len(ResultsStore(tmp_path / "out").read("instances")) == 2
 
 
 def test_a_verifier_that_cannot_take_the_network_is_an_error_row(tmp_path):
@@ -190,7 +193,7 @@ def test_a_verifier_that_cannot_take_the_network_is_an_error_row(tmp_path):
     (tmp_path / "instances.csv").write_text("net.onnx,p.vnnlib,60\n")
     run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", [("exact", {}), ("crown", {})],
                 progress=False)
-    table = read_table(tmp_path / "out").set_index("verifier")
+    table = ResultsStore(tmp_path / "out").read("instances").set_index("verifier")
     assert table.loc["exact", "result"] == "error"
     assert "Sigmoid" in table.loc["exact", "error"]
     assert table.loc["crown", "result"] in ("unsat", "sat", "unknown")
@@ -278,3 +281,32 @@ def test_gz_instances_are_found_by_names_without_gz(tmp_path):
     rows = run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", [("crown", {})],
                        progress=False)
     assert rows["result"].tolist() == ["unsat"]
+
+
+def test_hanging_crashing_and_memory_hungry_verifiers_each_cost_one_instance(tmp_path):
+    """Planted faults in check_spec under the default process executor: the hang is
+    stopped at the budget plus the overhead allowance (timeout), the crash is an error
+    naming its signal, the runaway allocation is oom; crown answers the same instance, and
+    a rerun would retry the error and oom rows only."""
+    rng = np.random.default_rng(0)
+    mlp_onnx(tmp_path / "net.onnx", [rng.normal(size=(8, 3)), rng.normal(size=(3, 9))])
+    (tmp_path / "p.vnnlib").write_text(robustness_vnnlib([0.4, 0.4], [0.41, 0.41], 0, 3))
+    (tmp_path / "instances.csv").write_text("net.onnx,p.vnnlib,2\n")
+    verifiers = [("test-spec-hang", {}), ("test-spec-crash", {}), ("test-spec-hog", {}),
+                 ("crown", {})]
+    executor = ProcessExecutor(workers=2, memory_limit_bytes=768 * 2**20)
+    rows = run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", verifiers,
+                       progress=False, executor=executor, overhead_s=3.0,
+                       imports=("plugin_verifiers",), attack={"enabled": False})
+    table = rows.set_index("verifier")
+    assert table.loc["test-spec-hang", "result"] == "timeout"
+    assert "limit of 5 s" in table.loc["test-spec-hang", "error"]
+    assert table.loc["test-spec-hang", "time_s"] < 5 + 2  # killed at its limit, polled
+    assert table.loc["test-spec-crash", "result"] == "error"
+    assert "SIGSEGV" in table.loc["test-spec-crash", "error"]
+    assert table.loc["test-spec-hog", "result"] == "oom"
+    assert table.loc["crown", "result"] in ("unsat", "sat", "unknown")
+    text = (tmp_path / "out" / "vnncomp" / "test-spec-hog" / "results.csv").read_text()
+    assert text.strip().split(",")[4] == "error"  # the competition's files have no oom
+    done = ResultsStore(tmp_path / "out").done_instances()
+    assert done == set(table.loc[["test-spec-hang", "crown"], "instance_key"])

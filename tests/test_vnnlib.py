@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from certbench.data import load_dataset
-from certbench.vnnlib import MAX_DISJUNCTS, Property, VnnlibError, read_vnnlib
+from certbench.io.vnnlib import MAX_DISJUNCTS, Property, VnnlibError, read_vnnlib
 from conftest import SHARED_DATA
 
 VNNCOMP = [SHARED_DATA / "vnncomp2021", SHARED_DATA / "vnncomp2022"]

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
+from certbench.io.onnx_import import load_onnx
+from certbench.io.vnnlib import read_vnnlib
 from certbench.models import build_model
-from certbench.onnx_import import load_onnx
 from certbench.verifiers import get_verifier
 from certbench.verifiers.base import Verdict, verdict_code
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
@@ -21,7 +22,6 @@ from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.branch_and_bound.branching import babsr
 from certbench.verifiers.branch_and_bound.domains import ALPHA_LR, DomainBounder, Domains
 from certbench.verifiers.specification import OutputSpec
-from certbench.vnnlib import read_vnnlib
 from conftest import SHARED_DATA, bench_rounds
 
 CASES = {

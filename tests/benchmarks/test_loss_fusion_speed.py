@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from certbench.loss_fusion import crown_ibp_margins, lirpa_fused_ce, robust_ce
 from certbench.models import build_model
+from certbench.training.loss_fusion import crown_ibp_margins, lirpa_fused_ce, robust_ce
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from conftest import bench_rounds
 

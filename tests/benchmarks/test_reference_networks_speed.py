@@ -25,7 +25,7 @@ from torch import nn
 
 from certbench.data import load_dataset
 from certbench.models import Normalize
-from certbench.train import train_model
+from certbench.training.train import train_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import margin_spec
 from certbench.verifiers.lirpa import lirpa_status

@@ -1,7 +1,8 @@
 """The summary table that `certbench show` and `certbench run` print: one table per norm,
 one row per cell (view.py's `cell_table`), certified accuracy at each epsilon of that
 norm's grid, plus one row per model with the PGD attack's upper bound; then soundness
-violations, if any, and failed cells."""
+violations, if any, and failed cells. For `certbench vnncomp` results: instances per
+answer, per benchmark and verifier."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from certbench.view import ATTACK_ROW, PROB_NOTE, ResultsView
+from certbench.report.view import ATTACK_ROW, PROB_NOTE, ResultsView
+from certbench.store import INSTANCES, ResultsStore
 
 
 def summary_of(view: ResultsView) -> dict[str, pd.DataFrame]:
@@ -42,3 +44,31 @@ def format_summary(results_dir: str | Path) -> str:
                      "certificate); violations: certified samples the attack flipped")
     parts += view.violation_lines() + view.failure_lines()
     return "\n".join(parts).rstrip()
+
+ANSWERS = ("unsat", "sat", "unknown", "timeout", "error", "oom")
+
+
+def solved_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per benchmark and verifier: instances per answer, the median verification time of
+    the solved ones (unsat or sat), the median overhead and the (scaled) timeout."""
+    counts = table.pivot_table(index=["benchmark", "verifier"], columns="result",
+                               values="instance", aggfunc="count", fill_value=0)
+    counts = counts.reindex(columns=list(ANSWERS), fill_value=0)
+    solved = table[table["result"].isin(["unsat", "sat"])]
+    counts["solved"] = counts["unsat"] + counts["sat"]
+    counts["median_s (solved)"] = solved.groupby(["benchmark", "verifier"])["time_s"].median()
+    counts["median_overhead_s"] = table.groupby(["benchmark", "verifier"])["overhead_s"].median()
+    counts["timeout_s"] = table.groupby(["benchmark", "verifier"])["timeout_s"].max()
+    return counts.reset_index()
+
+
+def format_vnncomp(results_dir: str | Path) -> str:
+    table = ResultsStore(results_dir).read(INSTANCES)
+    summary = solved_table(table)
+    lines = [f"VNN-COMP instances ({results_dir}): unsat = proved, sat = counterexample "
+             "confirmed by onnxruntime",
+             summary.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")]
+    errors = table[table["result"] == "error"]
+    for _, row in errors.head(10).iterrows():
+        lines.append(f"error: {row['verifier']} / {row['instance']}: {row['error']}")
+    return "\n".join(lines)

@@ -33,9 +33,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
-from certbench.store import ResultsStore  # noqa: E402
+from certbench.report.summary import solved_table  # noqa: E402
+from certbench.report.view import PROB_NOTE, ResultsView  # noqa: E402
+from certbench.store import INSTANCES, ResultsStore  # noqa: E402
 from certbench.verifiers import get_verifier  # noqa: E402
-from certbench.view import PROB_NOTE, ResultsView  # noqa: E402
 
 TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #falsified / #abstain / #timeout / "
               "#error: (sample, epsilon) pairs per verdict; violations: certified samples the "
@@ -384,8 +385,6 @@ CACTUS_CAPTION = ("Cactus plot (VNN-COMP's standard figure): the k-th point of a
 
 def vnncomp_section(table: pd.DataFrame, out: Path) -> tuple[str, str]:
     """The VNN-COMP section as Markdown and HTML; writes figures/cactus.png."""
-    from certbench.vnncomp import solved_table
-
     image = figure_cactus(table)
     (out / "figures" / "cactus.png").write_bytes(image)
     summary = solved_table(table).map(_fmt)
@@ -433,10 +432,8 @@ def _vnncomp_report(folder: Path, out: Path, table: pd.DataFrame) -> Path:
 
 def build_report(results_dir: str | Path, out: str | Path) -> Path:
     """Write OUT/index.html, OUT/report.md and OUT/figures/; returns the HTML path."""
-    from certbench.vnncomp import read_table
-
     folder, out = Path(results_dir), Path(out)
-    vnn = read_table(folder)
+    vnn = ResultsStore(folder).read(INSTANCES)
     if not vnn.empty and not ResultsStore(folder).path("cells").exists():
         (out / "figures").mkdir(parents=True, exist_ok=True)
         return _vnncomp_report(folder, out, vnn)
@@ -555,9 +552,9 @@ RELAXATION_ORDER = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
 
 def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
     """Model -> optimiser and training relaxation (and training cost where known): from
-    ``training.parquet`` (`certbench.paradox`) when the folder has one, else from the
+    ``training.parquet`` (`certbench.training.paradox`) when the folder has one, else from the
     recipe, and for GLS recipes the bound in the run's matrix file, if readable."""
-    from certbench.paradox import training_relaxation
+    from certbench.training.train import training_relaxation
 
     if folder is not None and (folder / "training.parquet").exists():
         table = pd.read_parquet(folder / "training.parquet")

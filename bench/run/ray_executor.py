@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from certbench.errors import UserError
-from certbench.executors import Outcome, ProcessExecutor, Task
+from certbench.run.executors import Outcome, ProcessExecutor, Task
 
 
 def _run_on_node(task: Task, threads: int, memory_limit_bytes: int | None) -> Outcome:

@@ -29,13 +29,13 @@ BatchNorm enters with its running statistics.
   ramp, as in the paper; for ``ibp`` it is IBP alone. Bounds use BatchNorm's running
   statistics. ``crown`` is the same loss with CROWN bounds alone (intermediate bounds by
   CROWN too; GRAD + CROWN, the baseline of the paradox of certified training). For
-  ``crown-ibp``, ``fusion`` chooses how the bounds are computed (`certbench.loss_fusion`):
+  ``crown-ibp``, ``fusion`` chooses how the bounds are computed (`certbench.training.loss_fusion`):
   ``"exact"`` (default: the specification folded into the last layer and one IBP pass
   shared, the same loss to rounding at lower cost), ``"none"`` (the plain computation) or
   ``"lirpa"`` (auto_LiRPA's loss fusion: a different, looser bound of the loss, one
   backward row for all classes).
 - ``gls-pgpe`` and ``gls-rgs``: Gaussian Loss Smoothing (Balauca et al. 2025), PGPE and
-  randomized gradient smoothing over a named relaxation; see `certbench.gls`.
+  randomized gradient smoothing over a named relaxation; see `certbench.training.gls`.
 - ``noise`` (Cohen, Rosenfeld and Kolter 2019, Sec. 4: "we train the base classifier with
   Gaussian data augmentation"): cross-entropy on x + N(0, sigma^2 I), not clipped to
   [0, 1], the base classifier randomized smoothing at the same sigma needs.
@@ -58,18 +58,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from certbench.atomic import write_atomic
 from certbench.data import Dataset
 from certbench.errors import UserError
-from certbench.gls import GLS_DEFAULTS, make_gls_loss
-from certbench.gls import validate as validate_gls
-from certbench.loss_fusion import (
+from certbench.models import build_model, checkpoint_paths, save_checkpoint
+from certbench.provenance import library_versions
+from certbench.training.gls import GLS_DEFAULTS, make_gls_loss
+from certbench.training.gls import validate as validate_gls
+from certbench.training.loss_fusion import (
     FUSIONS,
     certified_fraction,
     crown_ibp_margins,
     lirpa_fused_ce,
 )
-from certbench.models import build_model, checkpoint_paths, save_checkpoint
-from certbench.provenance import library_versions
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 
@@ -305,17 +306,12 @@ def train_model(
         if log:
             shown["cert"] = f"{sum(log) / len(log):.3f}"
         bar.set_postfix(**shown)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_name("." + state_path.name + ".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "epoch": epoch + 1, "elapsed": elapsed,
-            },
-            tmp,
-        )
-        tmp.replace(state_path)
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+            "epoch": epoch + 1, "elapsed": elapsed,
+        }
+        write_atomic(state_path, lambda path, state=state: torch.save(state, path))
 
     model.eval()
     card = {
@@ -337,3 +333,18 @@ def train_model(
     save_checkpoint(model.cpu(), card, stem)
     state_path.unlink(missing_ok=True)
     return model, card
+
+
+OPTIMISER = {"ibp": "GRAD", "crown-ibp": "GRAD", "crown": "GRAD", "gls-pgpe": "PGPE",
+             "gls-rgs": "RGS"}
+RELAXATION = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
+              "alpha-crown": "alpha-CROWN"}
+
+
+def training_relaxation(recipe: str, args: dict) -> tuple[str, str] | None:
+    """(optimiser, relaxation) of a certified-training recipe, None for the others."""
+    if recipe not in OPTIMISER:
+        return None
+    bound = args.get("bound", GLS_DEFAULTS["gls-rgs"]["bound"]) if recipe in GLS_DEFAULTS \
+        else recipe
+    return OPTIMISER[recipe], RELAXATION[bound]

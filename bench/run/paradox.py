@@ -1,11 +1,11 @@
 """The data of the paradox study that the results tables do not hold: each trained model's
 recipe arguments and training cost (from its checkpoint card) and the certified loss along
 a random direction in weight space, raw and Gaussian-smoothed, for IBP and CROWN
-(`certbench.gls.loss_along_direction`; Balauca et al. 2025, Fig. 1: the discontinuity of
+(`certbench.training.gls.loss_along_direction`; Balauca et al. 2025, Fig. 1: the discontinuity of
 tight relaxations' loss that smoothing removes). Written next to a run's results, read by
 `certbench report`'s GLS section:
 
-    python -m certbench.paradox results/gls-paradox --matrix gls-paradox
+    certbench paradox results/gls-paradox --matrix gls-paradox
 
 writes RESULTS/training.parquet (model, recipe, optimiser, relaxation, recipe_args as
 JSON, seed, train_time_s, clean_acc) and RESULTS/landscape.parquet (model, bound, eps,
@@ -14,33 +14,18 @@ sigma, t, raw, smoothed).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from certbench.data import load_dataset
-from certbench.gls import GLS_DEFAULTS, loss_along_direction
 from certbench.matrix import load_matrix
 from certbench.models import load_checkpoint
-from certbench.runner import model_stem
+from certbench.run.provision import model_stem
+from certbench.training.gls import GLS_DEFAULTS, loss_along_direction
+from certbench.training.train import RELAXATION, training_relaxation
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
-
-OPTIMISER = {"ibp": "GRAD", "crown-ibp": "GRAD", "crown": "GRAD", "gls-pgpe": "PGPE",
-             "gls-rgs": "RGS"}
-RELAXATION = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
-              "alpha-crown": "alpha-CROWN"}
-
-
-def training_relaxation(recipe: str, args: dict) -> tuple[str, str] | None:
-    """(optimiser, relaxation) of a certified-training recipe, None for the others."""
-    if recipe not in OPTIMISER:
-        return None
-    bound = args.get("bound", GLS_DEFAULTS["gls-rgs"]["bound"]) if recipe in GLS_DEFAULTS \
-        else recipe
-    return OPTIMISER[recipe], RELAXATION[bound]
 
 
 def write_study(results: str | Path, matrix: str, checkpoint_dir: str | Path,
@@ -84,21 +69,3 @@ def write_study(results: str | Path, matrix: str, checkpoint_dir: str | Path,
     landscape = folder / "landscape.parquet"
     pd.concat(curves).to_parquet(landscape, index=False)
     return training, landscape
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m certbench.paradox", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="the run's results folder")
-    parser.add_argument("--matrix", required=True, help="the matrix the run used")
-    parser.add_argument("--checkpoint-dir", default=os.environ.get("CERTBENCH_CHECKPOINTS",
-                                                                   "checkpoints"))
-    parser.add_argument("--model", default=None, help="model for the landscape")
-    args = parser.parse_args(argv)
-    for path in write_study(args.results, args.matrix, args.checkpoint_dir, args.model):
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from certbench.errors import UserError
-from certbench.view import ResultsView
+from certbench.report.view import ResultsView
 
 MATCH = ["model", "verifier", "norm", "dataset", "n_samples"]
 

@@ -47,6 +47,7 @@ so a few are possible without a bug; they are reported, not fatal).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -57,9 +58,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from certbench.attacks import AttackOutcome, attack_grid, smoothed_pgd
-from certbench.matrix import AttackSpec, TimingSpec, VerifierSpec, canonical_json
-from certbench.measure import PeakMemory, timed, timed_cpu
+from certbench.matrix import AttackSpec, CellSettings, TimingSpec, VerifierSpec
+from certbench.provenance import canonical_json
+from certbench.run.attacks import AttackOutcome, attack_grid, smoothed_pgd
+from certbench.run.measure import PeakMemory, timed, timed_cpu
 from certbench.verifiers import (
     ABSTAIN,
     VERDICTS,
@@ -81,13 +83,73 @@ def import_plugins(modules: tuple[str, ...]) -> None:
         importlib.import_module(module)
 
 
-def cell_identity(model: str, dataset: str, card: dict[str, Any], sha256: str,
-                  verifier: VerifierSpec, norm: str, device: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Subject:
+    """A model under test: its name in tables, the module (on the CPU), its card
+    (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform)
+    and the sha256 of its checkpoint, ONNX file or weights."""
+
+    name: str
+    model: nn.Module
+    card: dict[str, Any]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Points:
+    """The evaluation points every cell of a run shares (inputs in [0, 1], labels, their
+    indices in the dataset) and what names them in cell keys: the dataset, sample count and
+    seed of a matrix, or a hash of the points given to the Python API."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: torch.Tensor
+    identity: dict[str, Any]
+
+
+def build_cells(
+    subjects: list[Subject], verifiers: list[VerifierSpec], settings: CellSettings,
+    points: Points, *, dataset: str, device: str, timeout_s: float | None = None,
+    imports: tuple[str, ...] = (),
+) -> list[Cell]:
+    """Every (subject, verifier, norm) of a run as a `Cell`, in that order: the one way
+    cells are made (`certbench run` and `certbench.evaluate`). A cell's key hashes the
+    checkpoint's sha256, the verifier and its options, the norm and its epsilon grid, the
+    device, the attack settings and the points' identity; timing is not part of it.
+    ``timeout_s`` applies where a verifier sets none."""
+    cells = []
+    for subject in subjects:
+        for verifier in verifiers:
+            for norm in settings.norms:
+                eps = settings.eps_for(norm)
+                identity = {
+                    "checkpoint_sha256": subject.sha256, "verifier": verifier.name,
+                    "options": verifier.options, "norm": norm, "eps": eps, **points.identity,
+                    "device": torch.device(device).type,
+                    "attack": settings.attack.model_dump(),
+                }
+                if subject.card.get("normalization"):
+                    identity["normalization"] = subject.card["normalization"]
+                cells.append(Cell(
+                    key=hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16],
+                    label=f"{subject.name} / {verifier.display} / l{norm}",
+                    model=subject.model, x=points.x, y=points.y, indices=points.indices,
+                    verifier=verifier, norm=norm, eps=tuple(eps), device=device,
+                    batch_size=settings.batch_size, attack=settings.attack,
+                    seed=settings.seed, identity=_row_identity(subject, dataset, verifier,
+                                                               norm, device),
+                    timeout_s=verifier.timeout_s or timeout_s, imports=imports,
+                    timing=settings.timing))
+    return cells
+
+
+def _row_identity(subject: Subject, dataset: str, verifier: VerifierSpec, norm: str,
+                  device: str) -> dict[str, Any]:
     """The columns that name a cell in its row (model, dataset, arch, recipe, checkpoint,
     verifier label, method, options, norm, device)."""
     return {
-        "model": model, "dataset": dataset, "arch": card.get("arch"),
-        "recipe": card.get("recipe"), "checkpoint_sha256": sha256,
+        "model": subject.name, "dataset": dataset, "arch": subject.card.get("arch"),
+        "recipe": subject.card.get("recipe"), "checkpoint_sha256": subject.sha256,
         "verifier": verifier.display, "method": verifier.name,
         "options": canonical_json(verifier.options), "norm": norm, "device": device,
     }
@@ -118,9 +180,9 @@ class AttackJob:
         return AttackOutcome(outcome.success.cpu(), outcome.distance.cpu(), outcome.seconds)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Cell:
-    """One (model, verifier with options, norm, eps grid, sample set, device): DESIGN.md.
+    """One (model, verifier with options, norm, eps grid, sample set, device): docs/architecture.md.
 
     ``identity`` holds the row fields that name the cell (model, dataset, arch, recipe,
     checkpoint_sha256, verifier, method, options, norm, device, attack); ``cross_check``

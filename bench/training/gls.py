@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.loss_fusion import BOUNDS, certified_fraction, relaxation_margins, robust_ce
+from certbench.training.loss_fusion import BOUNDS, certified_fraction, relaxation_margins, robust_ce
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator
 
 _COMMON = {"epochs": 20, "lr": 1e-3, "batch_size": 128, "eps": 0.1, "norm": "inf",

@@ -47,7 +47,7 @@ from certbench.errors import UserError
 POLL_S = 0.02
 DRIVER_CHECK_S = 1.0
 DEFAULT_MEMORY_FRACTION = 0.85
-PRELOAD = ["certbench.cells", "torch.fx.experimental.symbolic_shapes"]
+PRELOAD = ["certbench.run.cells", "torch.fx.experimental.symbolic_shapes"]
 """Imported once by the fork server, so that no worker pays (or is charged) for them: the
 harness with every verifier, and sympy, which torch.fx's shape propagation imports
 lazily (about 33 MiB, once charged to every bound-propagation cell)."""
@@ -70,6 +70,19 @@ class Outcome:
     value: Any = None
     reason: str | None = None
     seconds: float = 0.0
+
+
+class Executor(Protocol):
+    """Where tasks run: ``run`` yields ``(task, Outcome)`` as each task ends, in any order;
+    ``remote`` says whether tasks run on other machines (models are then trained as
+    tasks too); ``resolve_device`` reads a device name as the workers will see it."""
+
+    name: str
+    remote: bool
+
+    def resolve_device(self, name: str) -> torch.device: ...
+
+    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Outcome]]: ...
 
 
 def available_cores() -> int:
@@ -293,20 +306,3 @@ class ProcessExecutor:
             for job in running:
                 job.process.kill()
                 job.process.join()
-
-
-def make_executor(name: str, workers: int = 1, address: str | None = None,
-                  memory_limit_gb: float | None = None) -> Any:
-    """The executor ``name`` (``process``, ``inline`` or ``ray``)."""
-    limit = None if memory_limit_gb is None else int(memory_limit_gb * 2**30)
-    if name == "process":
-        return ProcessExecutor(workers, memory_limit_bytes=limit)
-    if name == "inline":
-        if workers != 1:
-            raise UserError("--workers needs the process or ray executor")
-        return InlineExecutor()
-    if name == "ray":
-        from certbench.ray_executor import RayExecutor
-
-        return RayExecutor(address, workers=workers, memory_limit_bytes=limit)
-    raise UserError(f"unknown executor {name!r}; use process, inline or ray")
