@@ -18,7 +18,7 @@ _BENCH_ROUNDS: list[int | None] = [None]
 def pytest_addoption(parser):
     parser.addoption("--bench-rounds", type=int, default=None,
                      help="timed rounds of every speed benchmark that fixes its own "
-                     "(default: the suite's, 2-5); see the README's speed-gate settings")
+                     "(default: the suite's, 2-5); see docs/measurements.md's speed-gate settings")
 
 
 def pytest_configure(config):

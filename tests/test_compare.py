@@ -151,7 +151,7 @@ def _delay_run(tmp_path, name, slowdown):
 
 def test_real_runs_pass_when_identical_and_fail_a_planted_doubling(tmp_path):
     """Through `certbench run`: the certification is mostly a pause, so that a busy CI
-    machine cannot blur a planted 2x (the README's study plants 50 % on a quiet one)."""
+    machine cannot blur a planted 2x (docs/measurements.md's study plants 50 % on a quiet one)."""
     base, same = _delay_run(tmp_path, "a", 0.0), _delay_run(tmp_path, "b", 0.0)
     slow = _delay_run(tmp_path, "c", 1.0)
     row = pd.read_parquet(base / "cells.parquet").iloc[0]

@@ -4,7 +4,7 @@ A verifier is prepared once per model (`prepare`: work that does not depend on t
 timed by the harness as *setup*) and then certifies batches (`certify`). It never imports
 the harness; the harness finds it through `get_verifier(name)`.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/architecture.md):
 - inputs are in [0, 1] and epsilon is measured in that pixel space;
 - norms are the strings ``"2"`` and ``"inf"``;
 - a sample is *certified at eps* when ``verdict == CERTIFIED`` and its prediction equals its

@@ -31,7 +31,7 @@ that moment (on a shared VM it drifts by tens of percent over seconds), so treat
 as independent would give intervals far too narrow. What the interval does not see: a
 slowdown of the whole machine between the two runs (another job, a warmer or cooler CPU)
 moves every cell together and stays inside the ratio. The threshold is for that:
-choose ``max_slowdown`` above the spread of identical runs on your machine (the README
+choose ``max_slowdown`` above the spread of identical runs on your machine (docs/measurements.md
 gives what was measured here). ``run factor`` (the median ratio over the judged cells) is
 printed so a machine-wide shift is visible. A cell timed once on both sides (its pass took
 longer than the timing budget) has a point for an interval; give such cells
