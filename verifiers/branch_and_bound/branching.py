@@ -22,8 +22,9 @@ candidates; each is split tentatively and both children bounded by one pass of t
 engine with the parent's slopes and multipliers (no optimisation step); the candidate
 whose worse child has the best bound is split. It costs 4k bound passes per domain and
 round for a smaller tree (two 2022 mnist_fc instances: 25 347 and 19 501 domains where
-BaBSR's committed runs needed 56 197 and 91 695; a third: 3x more; docs/measurements.md). A heuristic
-only: whichever neuron it picks, the children's bounds are computed afresh, so soundness
+BaBSR's committed runs needed 56 197 and 91 695; a third: 3x more;
+docs/measurements.md). A heuristic only: whichever neuron it picks, the children's
+bounds are computed afresh, so soundness
 does not depend on it.
 """
 
