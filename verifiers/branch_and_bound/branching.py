@@ -24,8 +24,7 @@ whose worse child has the best bound is split. It costs 4k bound passes per doma
 round for a smaller tree (two 2022 mnist_fc instances: 25 347 and 19 501 domains where
 BaBSR's committed runs needed 56 197 and 91 695; a third: 3x more;
 docs/measurements.md). A heuristic only: whichever neuron it picks, the children's
-bounds are computed afresh, so soundness
-does not depend on it.
+bounds are computed afresh, so soundness does not depend on it.
 """
 
 from __future__ import annotations
