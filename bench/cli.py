@@ -185,10 +185,12 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
         if "," in name:
             raise UserError(f"--verifiers {name}: separate names with spaces "
                             f"(--verifiers {' '.join(name.split(','))})")
+    executor = _executor(args)
     run_vnncomp(csv_path, results, args.verifiers, timeout_scale=args.timeout_scale,
                 attack={"enabled": not args.no_attack}, force=args.force,
-                progress=not args.quiet, limit=args.limit, executor=_executor(args),
-                overhead_s=args.overhead_s, imports=tuple(args.imports))
+                progress=not args.quiet, limit=args.limit, executor=executor,
+                overhead_s=args.overhead_s, imports=tuple(args.imports),
+                device=str(executor.resolve_device(args.device)))
     print(format_vnncomp(results))
     return 0
 
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     vnn.add_argument("--no-attack", action="store_true",
                      help="skip the PGD falsification before verification")
     vnn.add_argument("--force", action="store_true", help="recompute answered instances")
+    vnn.add_argument("--device", default="cpu",
+                     help="cpu (default), cuda[:N] or auto: where networks and verifiers run")
     vnn.add_argument("--overhead-s", type=float, default=30.0,
                      help="seconds an instance's worker may run beyond its (scaled) timeout "
                      "for loading, parsing and prepare before it is stopped and recorded as "

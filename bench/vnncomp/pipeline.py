@@ -246,7 +246,7 @@ class _Loaded:
     """The network a process answers instances of, kept while the next instance uses the
     same file (instances are grouped by network), with the verifiers prepared on it."""
 
-    file: tuple[Path, int, int]
+    file: tuple[Path, int, int, str]
     network: OnnxNetwork
     runtime: OnnxRuntime
     load_s: float
@@ -256,15 +256,16 @@ class _Loaded:
 _LOADED: list[_Loaded] = []
 
 
-def loaded_network(path: Path) -> _Loaded:
-    """The ONNX network at ``path`` converted (and its onnxruntime session), reusing this
-    process's last one when it is the same, unchanged file."""
+def loaded_network(path: Path, device: str = "cpu") -> _Loaded:
+    """The ONNX network at ``path`` converted and moved to ``device`` (and its onnxruntime
+    session, on the CPU), reusing this process's last one for the same, unchanged file."""
     stat = path.stat()
-    file = (path, stat.st_mtime_ns, stat.st_size)
+    file = (path, stat.st_mtime_ns, stat.st_size, device)
     if not _LOADED or _LOADED[0].file != file:
         _LOADED.clear()
         t0 = time.perf_counter()
         network = load_onnx(path)
+        network.module.to(device)
         _LOADED.append(_Loaded(file, network, OnnxRuntime(network),
                                time.perf_counter() - t0, {}))
     return _LOADED[0]
@@ -291,7 +292,7 @@ class InstanceJob:
     def run(self) -> dict:
         import_plugins(self.imports)
         started_at = pd.Timestamp.now(tz="UTC").isoformat()
-        loaded = loaded_network(self.instance.onnx)
+        loaded = loaded_network(self.instance.onnx, self.device)
         network = loaded.network
         t0 = time.perf_counter()
         prop = read_vnnlib(self.instance.vnnlib, math.prod(network.input_shape),
@@ -361,11 +362,13 @@ def run_vnncomp(
     timeout_scale: float = 1.0, attack: dict | None = None, force: bool = False,
     progress: bool = True, limit: int | None = None, executor: Executor | None = None,
     overhead_s: float = OVERHEAD_ALLOWANCE_S, imports: tuple[str, ...] = (),
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Answer every instance with every verifier (name, options) through ``executor`` (a
     `ProcessExecutor` by default: each instance in a worker with a hard limit of its
     budget plus ``overhead_s``); returns this run's rows. ``imports``: modules that
-    register the verifiers named (imported here and in every worker)."""
+    register the verifiers named (imported here and in every worker); ``device``: where
+    the networks and the verifiers run (onnxruntime's confirmation stays on the CPU)."""
     import_plugins(imports)
     instances = read_instances(instances_csv)[:limit]
     attack = {"enabled": True, "steps": 50, "restarts": 8, **(attack or {})}
@@ -388,7 +391,8 @@ def run_vnncomp(
                 continue
             label = name if not options else f"{name}[{canonical_json(options)}]"
             jobs.append(InstanceJob(f"{label} {instance.name}", instance, name, options,
-                                    budget, attack, budget + overhead_s, tuple(imports)))
+                                    budget, attack, budget + overhead_s, tuple(imports),
+                                    device))
             keys[id(jobs[-1])] = key
     executor = executor or ProcessExecutor()
     run_id, versions, commit = uuid.uuid4().hex[:12], library_versions(), git_commit()
