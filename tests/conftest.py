@@ -3,6 +3,7 @@ models trained once per session with each recipe; the speed suites' ``--bench-ro
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,10 @@ def bench_rounds(default: int) -> int:
     return _BENCH_ROUNDS[0] or default
 
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("CERTBENCH_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""The shared data folder beside the checkout; ``CERTBENCH_SHARED_DATA`` elsewhere (the
+GPU run carries its own copy)."""
 DIGITS_SHAPE = (1, 8, 8)
 
 
