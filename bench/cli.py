@@ -123,6 +123,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("certbench: soundness violations found (see above): a verifier certified a "
               "sample that PGD flipped", file=sys.stderr)
         return 1
+    unchecked = cells[(cells["status"] == "ok") & cells["attack_error"].notna()] \
+        if "attack_error" in cells else cells.iloc[:0]
+    if len(unchecked):
+        print(f"certbench: {len(unchecked)} cell(s) ran without the PGD cross-check (see "
+              "above); rerun to retry their attacks", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -130,14 +136,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from certbench.data import DATASETS
     from certbench.matrix import packaged_matrices
     from certbench.models import ARCHITECTURES
-    from certbench.training.train import RECIPE_DEFAULTS
+    from certbench.training.recipes import RECIPES
     from certbench.verifiers import verifier_names
     from certbench.verifiers.lirpa import lirpa_status
 
     print("datasets:      " + ", ".join(DATASETS))
     print("architectures: " + ", ".join(ARCHITECTURES))
     print("recipes:")
-    for name, defaults in RECIPE_DEFAULTS.items():
+    for name, defaults in ((n, r.defaults) for n, r in RECIPES.items()):
         print(f"  {name:<10} {json.dumps(defaults)}")
     print("verifiers:")
     for name, summary in verifier_names().items():
@@ -253,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     run = add("run", "Run a benchmark matrix and print its summary table. Exits with code 1 "
-              "if a certified sample was flipped by the attack (a soundness violation).")
+              "if a certified sample was flipped by the attack (a soundness violation), 3 if "
+              "some cells ran without the attack's cross-check (rerun to retry).")
     run.add_argument("--matrix", default="quick", help="TOML file or packaged matrix name "
                      "(default: quick)")
     run.add_argument("--results", default=None, help="results folder (default: results/NAME)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -49,8 +50,11 @@ from pydantic import (
 from certbench.data import DATASETS
 from certbench.errors import UserError
 from certbench.models import ARCHITECTURES
-from certbench.training.train import RECIPES
+from certbench.training.recipes import RECIPES
 from certbench.verifiers import get_verifier, takes_option, verifier_names
+
+PLUGIN_PATH = "CERTBENCH_PLUGIN_PATH"
+"""Folders, besides Python's path, where a matrix's ``imports`` are looked up."""
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -272,17 +276,24 @@ def first_error(exc: ValidationError) -> str:
     return f"{where}: {message}"
 
 
-def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
-    """Validate a matrix given as a dict; UserError naming the first problem."""
+def parse_matrix(data: dict[str, Any], source: str = "matrix",
+                 folder: Path | None = None) -> MatrixSpec:
+    """Validate a matrix given as a dict; UserError naming the first problem. ``folder``:
+    where the matrix file is (its ``imports`` may sit next to it)."""
     try:
         spec = MatrixSpec.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{source}: {first_error(exc)}") from exc
+    if spec.imports:
+        add_plugin_folders([folder or Path.cwd(), Path.cwd()])
     for module in spec.imports:
         try:
-            importlib.import_module(module)
+            import_plugins((module,))
         except ImportError as exc:
-            raise UserError(f"{source}: imports: cannot import {module!r} ({exc})") from exc
+            raise UserError(
+                f"{source}: imports: cannot import {module!r} ({exc}); modules are looked "
+                f"up on Python's path, next to the matrix file and in the working folder; "
+                "for one elsewhere, add its folder to PYTHONPATH") from exc
     if spec.grid_problem():
         raise UserError(f"{source}: {spec.grid_problem()}")
     names = [m.name for m in spec.models]
@@ -298,6 +309,25 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix") -> MatrixSpec:
                             "(certbench models carry their own)")
     check_verifiers(spec.verifiers, f"{source}: verifiers")
     return spec
+
+
+def add_plugin_folders(folders: list[Path]) -> None:
+    """Let `import_plugins` look in ``folders`` too, here and in every worker started
+    from now on (through ``$CERTBENCH_PLUGIN_PATH``, which workers inherit)."""
+    known = [p for p in os.environ.get(PLUGIN_PATH, "").split(os.pathsep) if p]
+    added = [str(f) for f in folders if str(f) not in known]
+    os.environ[PLUGIN_PATH] = os.pathsep.join(known + added)
+
+
+def import_plugins(modules: tuple[str, ...]) -> None:
+    """Import a matrix's ``imports`` (user verifiers register themselves on import), from
+    Python's path or the folders of ``$CERTBENCH_PLUGIN_PATH``; a worker process does this
+    before it looks a verifier up."""
+    for folder in os.environ.get(PLUGIN_PATH, "").split(os.pathsep):
+        if folder and folder not in sys.path:
+            sys.path.append(folder)
+    for module in modules:
+        importlib.import_module(module)
 
 
 def packaged_matrices() -> list[str]:
@@ -322,7 +352,7 @@ def load_matrix(path_or_name: str | Path) -> MatrixSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from exc
-    return parse_matrix(data, str(path))
+    return parse_matrix(data, str(path), path.resolve().parent if path.exists() else None)
 
 def check_verifiers(verifiers: list[VerifierSpec], where: str) -> None:
     """UserError naming the first verifier whose name is not registered or whose options

@@ -50,11 +50,15 @@ class ResultsStore:
             ) from exc
 
     def done_keys(self) -> set[str]:
-        """Keys of cells that finished with status ``ok`` (failed cells are retried)."""
+        """Keys of cells that finished with status ``ok`` and, where their attack was on,
+        with its cross-check (failed and unchecked cells are retried)."""
         cells = self.read("cells")
         if cells.empty:
             return set()
-        return set(cells.loc[cells["status"] == "ok", "cell_key"])
+        done = cells["status"] == "ok"
+        if "attack_error" in cells:
+            done &= cells["attack_error"].isna()
+        return set(cells.loc[done, "cell_key"])
 
     def write_cell(self, tables: dict[str, pd.DataFrame]) -> None:
         """Upsert one cell's rows in every table (``cells`` last), each atomically."""

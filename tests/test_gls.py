@@ -18,7 +18,8 @@ from certbench.training.gls import (
     rgs_gradient,
     surrogate,
 )
-from certbench.training.train import recipe_args, train_model
+from certbench.training.recipes import recipe_args
+from certbench.training.train import train_model
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from certbench.models import build_model
 from certbench.training.loss_fusion import crown_ibp_margins, lirpa_fused_ce, robust_ce
-from certbench.training.train import make_loss, recipe_args
+from certbench.training.recipes import make_loss, recipe_args
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork
 from conftest import DIGITS_SHAPE
 

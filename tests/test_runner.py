@@ -225,3 +225,63 @@ def test_complete_verifiers_in_a_matrix_agree_and_bound_every_method(tmp_path):
     for method in ("crown", "alpha-crown"):
         assert (acc.loc["bab"] >= acc.loc[method]).all()
     assert (acc.loc["bab"] <= certified.loc["bab", "attack_upper_bound"]).all()
+
+
+def test_a_cross_check_that_did_not_run_is_said_and_retried(tmp_path, capsys, monkeypatch):
+    """An attack past its limit (the matrix's timeout times the cells it serves) leaves
+    its cells certified but unchecked: `show` says so on a line of its own, `run` exits 3,
+    and the next run (with room for the attack) redoes those cells with the cross-check."""
+    from certbench.cli import main
+
+    monkeypatch.setenv("CERTBENCH_CHECKPOINTS", str(tmp_path / "c"))
+    matrix = tmp_path / "m.toml"
+    text = ('name = "hurried"\ndataset = "digits"\nsamples = 60\nnorms = ["2"]\n'
+            'eps = [0.5]\ndevice = "cpu"\ntimeout_s = 0.001\n'
+            '[[models]]\nname = "std"\narch = "mlp"\narch_args = { widths = [16] }\n'
+            'recipe_args = { epochs = 1 }\n'
+            '[[verifiers]]\nname = "global-lipschitz"\ntimeout_s = 60\n'
+            '[[verifiers]]\nname = "global-lipschitz"\noptions = { bound = "lmt" }\n'
+            'timeout_s = 60\n')
+    matrix.write_text(text)
+    args = ["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 3
+    out, err = capsys.readouterr()
+    assert "NOT CROSS-CHECKED: std / l2: the PGD attack did not finish (timeout" in out
+    assert "2 cell(s) are certified but unchecked" in out
+    assert "without the PGD cross-check" in err
+    cells = pd.read_parquet(tmp_path / "r" / "cells.parquet")
+    assert (cells["status"] == "ok").all() and cells["attack_error"].notna().all()
+    matrix.write_text(text.replace("timeout_s = 0.001", "timeout_s = 60"))
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert "NOT CROSS-CHECKED" not in out and "2 cell(s) run" in out
+    cells = pd.read_parquet(tmp_path / "r" / "cells.parquet")
+    assert cells["attack_error"].isna().all() and (cells["soundness_violations"] == 0).all()
+
+
+def test_a_plugin_next_to_the_matrix_is_found_here_and_in_the_workers(tmp_path, monkeypatch):
+    """A matrix's `imports` module beside the matrix file, run from another folder, with
+    no PYTHONPATH: found by the driver and by each cell's worker process."""
+    from certbench.matrix import PLUGIN_PATH, load_matrix
+    from certbench.run.executors import ProcessExecutor
+
+    monkeypatch.setenv(PLUGIN_PATH, "")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "sideplugin_c81f.py").write_text(
+        "from certbench.verifiers import register\n"
+        "from certbench.verifiers.global_lipschitz import GlobalLipschitzVerifier\n\n\n"
+        "@register('test-beside', 'global-lipschitz under another name')\n"
+        "class Beside(GlobalLipschitzVerifier):\n    name = 'test-beside'\n")
+    (study / "m.toml").write_text(
+        'name = "beside"\ndataset = "digits"\nsamples = 10\nnorms = ["2"]\neps = [0.5]\n'
+        'device = "cpu"\nimports = ["sideplugin_c81f"]\nattack = { enabled = false }\n'
+        '[[models]]\nname = "std"\narch = "mlp"\narch_args = { widths = [8] }\n'
+        'recipe_args = { epochs = 1 }\n[[verifiers]]\nname = "test-beside"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_matrix(study / "m.toml")
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False,
+                       log=lambda _: None, executor=ProcessExecutor())
+    assert cells["status"].tolist() == ["ok"], cells["error"].tolist()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from certbench.errors import UserError
-from certbench.training.train import gloro_logits, recipe_args, train_model
+from certbench.training.recipes import gloro_logits, recipe_args
+from certbench.training.train import train_model
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
 

@@ -310,3 +310,37 @@ def test_hanging_crashing_and_memory_hungry_verifiers_each_cost_one_instance(tmp
     assert text.strip().split(",")[4] == "error"  # the competition's files have no oom
     done = ResultsStore(tmp_path / "out").done_instances()
     assert done == set(table.loc[["test-spec-hang", "crown"], "instance_key"])
+
+
+BAD_OPTIONS = {
+    "unknown verifier": (["--verifiers", "crwn"], "unknown verifier 'crwn'"),
+    "names with a comma": (["--verifiers", "crown,bab"], "separate names with spaces"),
+    "bad verifier option": (["--verifiers", 'crown:{"alpha_steps": 3}'], "options"),
+    "no memory": (["--memory-limit-gb", "0"], "--memory-limit-gb must be positive"),
+    "missing plugin": (["--import", "no_such_plugin_mod"], "no_such_plugin_mod"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_a_mistaken_option_is_one_line_exit_2(answered, case, capsys):
+    extra, expected = BAD_OPTIONS[case]
+    args = ["vnncomp", str(answered / "instances.csv"), "--results", str(answered / "out"),
+            "--quiet", *extra]
+    if "--verifiers" not in extra:
+        args += ["--verifiers", "crown"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("certbench: error:"), err
+    assert expected in err
+
+
+def test_a_corrupted_instances_table_is_one_line_exit_2(answered, capsys):
+    (answered / "out" / "instances.parquet").write_bytes(b"not parquet")
+    capsys.readouterr()
+    for args in (["show", str(answered / "out")],
+                 ["vnncomp", str(answered / "instances.csv"), "--results",
+                  str(answered / "out"), "--verifiers", "crown", "--quiet"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a readable Parquet table" in err

@@ -9,7 +9,10 @@ l < 0 < u gets one binary d and the big-M constraints
 
     y >= 0,  y >= z,  y <= u d,  y <= z - l (1 - d);
 
-stable ReLUs are replaced by z or 0. The bounds l, u are alpha-CROWN's (the intermediate
+stable ReLUs are replaced by z or 0. Any activation that declares ``slopes`` (a convex
+piecewise-linear one kinked at 0, e.g. LeakyReLU) is encoded the same way
+(`MilpEncoding._kink_rows`); the others are refused (`Operation.refusal`). The bounds
+l, u are alpha-CROWN's (the intermediate
 bounds its slope optimisation tightens; tighter big-M constants, fewer binaries), and
 its output bounds are the pre-check: rows they prove are skipped, the others are solved
 lowest bound first. Each solve is a feasibility problem with the margin bounded above
@@ -44,7 +47,6 @@ from torch import nn
 
 from certbench.verifiers.base import (
     Certificate,
-    UnsupportedLayerError,
     Verdict,
     check_certify_call,
     float_slack,
@@ -52,7 +54,7 @@ from certbench.verifiers.base import (
     verdict_code,
 )
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
-from certbench.verifiers.bound_propagation.operators import Relu
+from certbench.verifiers.bound_propagation.operators import Activation
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.specification import (
     OutputSpec,
@@ -78,18 +80,21 @@ class MilpEncoding:
         expr: dict[int, tuple[np.ndarray, np.ndarray]] = {0: (np.eye(d), np.zeros(d))}
         pending: list[tuple] = []  # columns are only known at the end: build lazily
         for i, node in enumerate(net.nodes[1:], start=1):
-            if isinstance(node.op, Relu):
+            if isinstance(node.op, Activation):
                 m, c = expr[node.inputs[0]]
                 lo, hi = relu_bounds[node.inputs[0]]
                 for k in np.flatnonzero(signs[node.inputs[0]]) if signs else ():
                     sign = float(signs[node.inputs[0]][k])
                     rows.append((sign * m[k], -sign * c[k], math.inf))
+                left, right = node.op.slopes
                 m_out, c_out = np.zeros_like(m), np.zeros_like(c)
-                active = lo >= 0
-                m_out[active], c_out[active] = m[active], c[active]
+                for side, slope in ((lo >= 0, right), (hi <= 0, left)):
+                    if slope != 0.0:
+                        m_out[side], c_out[side] = slope * m[side], slope * c[side]
                 for k in np.flatnonzero((lo < 0) & (hi > 0)):
-                    y, z = self._variable(0.0, hi[k], 0), self._variable(0.0, 1.0, 1)
-                    pending.append((y, z, m[k], c[k], lo[k], hi[k]))
+                    y = self._variable(min(left * lo[k], 0.0), right * hi[k], 0)
+                    z = self._variable(0.0, 1.0, 1)
+                    pending.append((y, z, m[k], c[k], lo[k], hi[k], left, right))
                     m_out = self._widen(m_out, y + 2)
                     m_out[k, :] = 0.0
                     m_out[k, y] = 1.0
@@ -97,25 +102,42 @@ class MilpEncoding:
             else:
                 expr[i] = self._affine(node, [expr[j] for j in node.inputs])
         width = len(self.lb)
-        for y, z, m_row, c_k, lo_k, hi_k in pending:
-            row = np.zeros(width)
-            row[: m_row.size] = m_row
-            # y - z_pre >= 0  ->  y - m.x >= c
-            a = -row.copy()
-            a[y] += 1.0
-            rows.append((a, c_k, math.inf))
-            # y <= u d  ->  y - u d <= 0
-            a = np.zeros(width)
-            a[y], a[z] = 1.0, -hi_k
-            rows.append((a, -math.inf, 0.0))
-            # y <= z_pre - l (1 - d)  ->  y - m.x - l d <= c - l
-            a = -row.copy()
-            a[y] += 1.0
-            a[z] = -lo_k
-            rows.append((a, -math.inf, c_k - lo_k))
+        for y, z, m_row, c_k, lo_k, hi_k, left, right in pending:
+            rows += self._kink_rows(width, y, z, m_row, c_k, lo_k, hi_k, left, right)
         self.constraints = rows
         m, c = expr[net.output]
         self.output = (self._widen(m, width), c)
+
+    @staticmethod
+    def _kink_rows(width, y, z, m_row, c_k, lo_k, hi_k, left, right) -> list[tuple]:
+        """The big-M rows of y = g(z_pre), z_pre = m.x + c in [l, u], l < 0 < u, for a
+        convex piecewise-linear g with slopes (a, b), a <= b, kinked at 0, and the binary
+        d (1: z_pre >= 0):
+
+            y >= b z_pre,   y <= a z_pre + (b - a) u d,   y <= b z_pre - (b - a) l (1 - d),
+            y >= a z_pre (for ReLU, a = 0, the variable's lower bound 0 says it).
+
+        With d = 1 the rows leave y = b z_pre and z_pre >= 0, with d = 0 y = a z_pre and
+        z_pre <= 0 (for a < b), so the program is exact (Tjeng et al. 2019, Sec. 4, for
+        ReLU)."""
+        row = np.zeros(width)
+        row[: m_row.size] = m_row
+        rows = []
+        a = -right * row  # y - b m.x >= b c
+        a[y] += 1.0
+        rows.append((a, right * c_k, math.inf))
+        a = -left * row if left != 0.0 else np.zeros(width)  # y - a m.x - (b - a) u d <= a c
+        a[y], a[z] = 1.0, -(right - left) * hi_k
+        rows.append((a, -math.inf, left * c_k))
+        a = -right * row  # y - b m.x - (b - a) l d <= b c - (b - a) l
+        a[y] += 1.0
+        a[z] = -(right - left) * lo_k
+        rows.append((a, -math.inf, right * c_k - (right - left) * lo_k))
+        if left != 0.0:  # y - a m.x >= a c
+            a = -left * row
+            a[y] += 1.0
+            rows.append((a, left * c_k, math.inf))
+        return rows
 
     def _variable(self, lower: float, upper: float, integer: int) -> int:
         self.lb.append(lower)
@@ -202,12 +224,7 @@ class ExactVerifier:
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()  # the judge of counterexamples, in its own precision
         self.net = TracedNetwork(copy.deepcopy(model).eval().double(), input_shape)
-        for node in self.net.nodes[1:]:
-            if not node.op.linear and not isinstance(node.op, Relu):
-                raise UnsupportedLayerError(
-                    f"the exact verifier has no MILP encoding for {type(node.op).__name__} "
-                    f"(node {node.name!r}): it encodes linear operations and ReLU only"
-                )
+        self.net.check_supported(self.name)
         self.propagator = BoundPropagator(self.net)
 
     @torch.no_grad()

@@ -40,7 +40,6 @@ from torch import nn
 
 from certbench.verifiers.base import (
     Certificate,
-    UnsupportedLayerError,
     Verdict,
     check_certify_call,
     float_slack,
@@ -48,7 +47,7 @@ from certbench.verifiers.base import (
     verdict_code,
 )
 from certbench.verifiers.bound_propagation.graph import TracedNetwork
-from certbench.verifiers.bound_propagation.operators import Relu
+from certbench.verifiers.bound_propagation.operators import Activation
 from certbench.verifiers.bound_propagation.propagation import Ball, BoundPropagator, Bounds
 from certbench.verifiers.bound_propagation.verifier import margin_spec
 from certbench.verifiers.global_lipschitz import GlobalLipschitzVerifier
@@ -70,13 +69,9 @@ def gradient_interval(
             continue
         lower, upper = pending.pop(i)
         node = nodes[i]
-        if isinstance(node.op, Relu):
+        if isinstance(node.op, Activation):
             z_lower, z_upper = (b.unsqueeze(1) for b in bounds[node.inputs[0]])
-            active, inactive = z_lower >= 0, z_upper <= 0
-            zero = torch.zeros_like(lower)
-            lower = torch.where(active, lower, torch.where(inactive, zero, lower.clamp(max=0)))
-            upper = torch.where(active, upper, torch.where(inactive, zero, upper.clamp(min=0)))
-            inputs = [(lower, upper)]
+            inputs = [node.op.gradient_bounds(lower, upper, z_lower, z_upper)]
         else:
             center, radius = (upper + lower) / 2, (upper - lower) / 2
             centers, _ = node.op.backward(center)
@@ -149,12 +144,7 @@ class LocalLipschitzVerifier:
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()
         network = TracedNetwork(model, input_shape)
-        for node in network.nodes[1:]:
-            if not node.op.linear and not isinstance(node.op, Relu):
-                raise UnsupportedLayerError(
-                    f"local-lipschitz has no gradient bound for {type(node.op).__name__} "
-                    f"(node {node.name!r}): it handles linear operations and ReLU only"
-                )
+        network.check_supported(self.name)
         self.propagator = BoundPropagator(network, self.memory_budget_bytes)
         self.global_verifier = GlobalLipschitzVerifier("gloro")
         self.global_verifier.prepare(model, input_shape)

@@ -4,9 +4,10 @@ Why a converter of our own: onnx2pytorch 0.6.0 (2021, unmaintained) builds a mod
 ``forward`` interprets the ONNX graph with its own layer classes, so neither torch.fx nor
 the engine's conversion table sees ordinary layers; onnx2torch needs torchvision, whose only
 CPU build here does not import. The operations of verification networks are few, and this
-module maps each to a standard ``nn`` layer or torch function (table `CONVERTERS`), so the
-result is traced by the engine like any user network, and everything else is refused
-with one line naming the operation.
+module maps each to a standard ``nn`` layer or torch function (table `CONVERTERS`;
+elementwise activations from the engine's own table, `ONNX_ACTIVATIONS`), so the result
+is traced by the engine like any user network, and everything else is refused with one
+line naming the operation.
 
 Shapes. ONNX networks of the competition have a batch dimension of 1 in front; it becomes
 the batch dimension of the converted module. A network whose input is a vector without
@@ -33,6 +34,7 @@ from torch import fx, nn
 
 from certbench.errors import UserError
 from certbench.verifiers.base import UnsupportedLayerError
+from certbench.verifiers.bound_propagation import ONNX_ACTIVATIONS
 
 
 class OnnxImportError(UserError):
@@ -327,11 +329,9 @@ def _concat(conv: _Converter, node, attrs) -> None:
     conv.examples[name] = torch.cat([conv.examples[p] for p in parts], dim)
 
 
-def _activation(layer: type[nn.Module]) -> Callable:
-    def convert(conv: _Converter, node, attrs) -> None:
-        conv.module(node.output[0], layer(), node.input[0])
-
-    return convert
+def _activation(conv: _Converter, node, attrs) -> None:
+    """An elementwise activation of the engine's table (`ONNX_ACTIVATIONS`)."""
+    conv.module(node.output[0], ONNX_ACTIVATIONS[node.op_type](attrs), node.input[0])
 
 
 def _identity(conv: _Converter, node, attrs) -> None:
@@ -357,9 +357,6 @@ CONVERTERS: dict[str, Callable] = {
     "AveragePool": _pool("avg"),
     "GlobalAveragePool": lambda c, n, a: c.module(n.output[0], nn.AdaptiveAvgPool2d(1),
                                                   n.input[0]),
-    "Relu": _activation(nn.ReLU),
-    "Sigmoid": _activation(nn.Sigmoid),
-    "Tanh": _activation(nn.Tanh),
     "Flatten": _reshape_like(_flatten_shape),
     "Reshape": _reshape_like(_reshape_shape),
     "Squeeze": _reshape_like(_squeeze_shape),
@@ -369,7 +366,8 @@ CONVERTERS: dict[str, Callable] = {
     "Dropout": _identity,
     "Shape": _shape,
 }
-"""ONNX operation -> converter; adding an operation the engine supports is one entry."""
+"""ONNX operation -> converter for the structural operations; elementwise activations come
+from the engine's `ONNX_ACTIVATIONS` (the operation's own place)."""
 
 
 def _fold(conv: _Converter, node, opsets: dict[str, int]) -> None:
@@ -424,6 +422,8 @@ def load_onnx(path: str | Path) -> OnnxNetwork:
             _fold(conv, node, opsets)
             continue
         converter = CONVERTERS.get(node.op_type)
+        if node.op_type in ONNX_ACTIVATIONS:
+            converter = _activation
         try:
             if converter is None:
                 raise UnsupportedLayerError("it has no conversion and no sound bound rule")
@@ -431,7 +431,7 @@ def load_onnx(path: str | Path) -> OnnxNetwork:
         except UnsupportedLayerError as exc:
             raise UnsupportedOnnxOperation(
                 f"{path}: unsupported ONNX operation {node.op_type!r} (node {node.name!r}): "
-                f"{exc}; supported: {', '.join(sorted(CONVERTERS))}"
+                f"{exc}; supported: {', '.join(sorted([*CONVERTERS, *ONNX_ACTIVATIONS]))}"
             ) from exc
     out = graph.output[0].name
     flat = math.prod(conv.onnx_shape(out))

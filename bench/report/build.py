@@ -451,7 +451,7 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
         tables["Randomized smoothing: noise draws"] = draws
     tight = tightness_table(results)
     prov = provenance(results, folder)
-    violations = results.violation_lines()
+    violations = results.violation_lines() + results.unchecked_lines()
     has_prob = bool(results.cells["probabilistic"].any())
     name = prov["matrix"]
     extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")
@@ -554,7 +554,7 @@ def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
     """Model -> optimiser and training relaxation (and training cost where known): from
     ``training.parquet`` (`certbench.training.paradox`) when the folder has one, else from the
     recipe, and for GLS recipes the bound in the run's matrix file, if readable."""
-    from certbench.training.train import training_relaxation
+    from certbench.training.recipes import training_relaxation
 
     if folder is not None and (folder / "training.parquet").exists():
         table = pd.read_parquet(folder / "training.parquet")

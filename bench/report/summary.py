@@ -42,7 +42,7 @@ def format_summary(results_dir: str | Path) -> str:
     if "soundness_violations" in view.cells and view.cells["soundness_violations"].notna().any():
         parts.append(f"~ {ATTACK_ROW}: robust accuracy upper bound from PGD (not a "
                      "certificate); violations: certified samples the attack flipped")
-    parts += view.violation_lines() + view.failure_lines()
+    parts += view.violation_lines() + view.unchecked_lines() + view.failure_lines()
     return "\n".join(parts).rstrip()
 
 ANSWERS = ("unsat", "sat", "unknown", "timeout", "error", "oom")

@@ -116,6 +116,17 @@ class ResultsView:
                           "certified sample(s) flipped by the attack" for _, r in bad.iterrows()]
         return lines
 
+    def unchecked_lines(self) -> list[str]:
+        """One line per (model, norm) whose PGD attack did not finish, so that its cells'
+        certificates went without the soundness cross-check."""
+        if "attack_error" not in self.cells:
+            return []
+        unchecked = self.cells[(self.cells["status"] == "ok") & self.cells["attack_error"].notna()]
+        return [f"NOT CROSS-CHECKED: {model} / l{norm}: the PGD attack did not finish "
+                f"({group['attack_error'].iloc[0]}); its {len(group)} cell(s) are certified "
+                "but unchecked; rerun (with a longer --timeout) to retry the attack"
+                for (model, norm), group in unchecked.groupby(["model", "norm"])]
+
     def failure_lines(self) -> list[str]:
         failed = self.cells[self.cells["status"] != "ok"]
         return [f"{r.status}: {r.model} / {r.shown} / l{r.norm}: {r.error}"

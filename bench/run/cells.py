@@ -48,7 +48,6 @@ so a few are possible without a bug; they are reported, not fatal).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +57,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from certbench.matrix import AttackSpec, CellSettings, TimingSpec, VerifierSpec
+from certbench.matrix import AttackSpec, CellSettings, TimingSpec, VerifierSpec, import_plugins
 from certbench.provenance import canonical_json
 from certbench.run.attacks import AttackOutcome, attack_grid, smoothed_pgd
 from certbench.run.measure import PeakMemory, timed, timed_cpu
@@ -74,13 +73,6 @@ from certbench.verifiers import (
 WARMUP_SAMPLES = 2
 SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (x noise copies)
 TABLES = ("cells", "certified", "samples")
-
-
-def import_plugins(modules: tuple[str, ...]) -> None:
-    """Import the matrix's ``imports`` (user verifiers register themselves on import);
-    a worker process does this before it looks a verifier up."""
-    for module in modules:
-        importlib.import_module(module)
 
 
 @dataclass(frozen=True)

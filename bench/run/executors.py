@@ -163,7 +163,7 @@ def _worker(conn: Any, task_bytes: bytes, threads: int, driver_pid: int,
             environment: dict[str, str]) -> None:
     """A worker's life: the task and its outcome travel as plain pickles (multiprocessing's
     own pickler would pass tensors as shared-memory handles that die with the worker).
-    ``environment`` is the driver's GPU assignment (the fork server may predate it)."""
+    ``environment``: what the worker takes from the driver (`_driver_environment`)."""
     os.environ.update(environment)
     _exit_with_driver(driver_pid)
     torch.set_num_threads(threads)
@@ -183,8 +183,11 @@ def _worker(conn: Any, task_bytes: bytes, threads: int, driver_pid: int,
     conn.close()
 
 
-def _gpu_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k == "CUDA_VISIBLE_DEVICES"}
+def _driver_environment() -> dict[str, str]:
+    """What a worker takes from the driver's environment as it is now (the fork server
+    may be older): the GPU assignment and the folders of the matrix's plugins."""
+    return {k: v for k, v in os.environ.items()
+            if k in ("CUDA_VISIBLE_DEVICES", "CERTBENCH_PLUGIN_PATH")}
 
 
 def _resident_bytes(pid: int) -> int | None:
@@ -241,7 +244,7 @@ class ProcessExecutor:
         receive, send = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_worker, name=f"certbench: {task.label}",
                                         args=(send, pickle.dumps(task), self.threads,
-                                              os.getpid(), _gpu_environment()),
+                                              os.getpid(), _driver_environment()),
                                         daemon=True)
         process.start()
         send.close()

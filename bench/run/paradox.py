@@ -24,7 +24,7 @@ from certbench.matrix import load_matrix
 from certbench.models import load_checkpoint
 from certbench.run.provision import model_stem
 from certbench.training.gls import GLS_DEFAULTS, loss_along_direction
-from certbench.training.train import RELAXATION, training_relaxation
+from certbench.training.recipes import RELAXATION_NAMES, training_relaxation
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
 
 
@@ -64,7 +64,7 @@ def write_study(results: str | Path, matrix: str, checkpoint_dir: str | Path,
     for bound in ("ibp", "crown"):
         curve = loss_along_direction(model, prop, x, y, eps, bound, norm, radius=radius,
                                      points=points, sigma=sigma, samples=samples)
-        curves.append(pd.DataFrame({"model": chosen, "bound": RELAXATION[bound], "eps": eps,
+        curves.append(pd.DataFrame({"model": chosen, "bound": RELAXATION_NAMES[bound], "eps": eps,
                                     "sigma": sigma, **curve}))
     landscape = folder / "landscape.parquet"
     pd.concat(curves).to_parquet(landscape, index=False)

@@ -24,7 +24,8 @@ from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
 from certbench.provenance import canonical_json
 from certbench.run.cells import Subject
 from certbench.run.executors import Executor
-from certbench.training.train import recipe_args, train_model
+from certbench.training.recipes import recipe_args
+from certbench.training.train import train_model
 
 
 def model_stem(spec: ModelSpec, dataset: str, checkpoint_dir: Path) -> Path:

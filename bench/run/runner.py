@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -56,15 +57,20 @@ def run_cells(
 ) -> dict[str, list[pd.DataFrame]]:
     """Attack each (model, norm) the cells need, then run the cells, all through
     ``executor``; each cell's rows (with ``context``) go to ``store`` as it ends, and are
-    returned by table. An attack may run ``attack_timeout_s``."""
+    returned by table. An attack serves every cell of its (model, norm), so it may run
+    ``attack_timeout_s`` (a cell's limit) times the number of those cells; a cell whose
+    attack failed keeps the reason in ``attack_error`` and is rerun by the next run."""
     context = dict(context, executor=executor.name)
     jobs: dict[tuple[int, str], AttackJob] = {}
+    sharing = Counter((id(cell.model), cell.norm) for cell in cells if cell.attack.enabled)
     for cell in cells:
         if cell.attack.enabled and (id(cell.model), cell.norm) not in jobs:
+            limit = None if attack_timeout_s is None else (
+                attack_timeout_s * sharing[id(cell.model), cell.norm])
             jobs[id(cell.model), cell.norm] = AttackJob(
                 f"attack {cell.identity.get('model')} l{cell.norm}", cell.model, cell.x,
                 cell.eps, cell.norm, cell.attack, cell.seed, cell.batch_size, cell.device,
-                attack_timeout_s, cell.imports)
+                limit, cell.imports)
     bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
     outcomes: dict[tuple[int, str], Outcome] = {}
     if jobs:

@@ -40,16 +40,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from certbench.verifiers.bound_propagation import Ball, BoundPropagator
+from certbench.verifiers.bound_propagation import Ball, BoundPropagator, margin_spec
 from certbench.verifiers.bound_propagation.operators import Dense
 
 FUSIONS = ("exact", "none", "lirpa")
-
-
-def margin_spec(y: torch.Tensor, classes: int, dtype=torch.float32) -> torch.Tensor:
-    """The (batch, K, K) specification of the margins: rows e_y - e_j, all j (row y is 0)."""
-    eye = torch.eye(classes, device=y.device, dtype=dtype)
-    return eye[y][:, None, :] - eye[None]
 
 
 def robust_ce(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -109,7 +103,7 @@ def crown_ibp_margins(
     if fusion not in ("exact", "none"):
         raise ValueError(f"fusion must be 'exact' or 'none' for margins, got {fusion!r}")
     if fusion == "none" or not _fusable(prop):
-        spec = margin_spec(y, classes, ball.center.dtype)
+        spec = margin_spec(y, classes, ball.center.dtype, all_rows=True)
         ibp = prop.lower_bound(spec, ball, "ibp")
         return ibp, prop.lower_bound(spec, ball, "crown-ibp") if crown else None
     rows, const, others, penultimate = _folded_rows(prop, y, classes)
@@ -179,4 +173,4 @@ def relaxation_margins(
         return ibp if crown_ibp is None else beta * crown_ibp + (1 - beta) * ibp
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
-    return prop.lower_bound(margin_spec(y, classes, ball.center.dtype), ball, bound)
+    return prop.lower_bound(margin_spec(y, classes, ball.center.dtype, all_rows=True), ball, bound)

@@ -52,10 +52,9 @@ from certbench.atomic import write_atomic
 from certbench.errors import UserError
 from certbench.io.onnx_import import OnnxNetwork, OnnxRuntime, load_onnx, read_onnx_bytes
 from certbench.io.vnnlib import Property, read_vnnlib
-from certbench.matrix import VerifierSpec, check_verifiers
+from certbench.matrix import VerifierSpec, add_plugin_folders, check_verifiers, import_plugins
 from certbench.provenance import canonical_json, git_commit, library_versions
 from certbench.run.attacks import box_pgd
-from certbench.run.cells import import_plugins
 from certbench.run.executors import Executor, Outcome, ProcessExecutor
 from certbench.store import ResultsStore
 from certbench.verifiers import get_verifier
@@ -369,7 +368,13 @@ def run_vnncomp(
     budget plus ``overhead_s``); returns this run's rows. ``imports``: modules that
     register the verifiers named (imported here and in every worker); ``device``: where
     the networks and the verifiers run (onnxruntime's confirmation stays on the CPU)."""
-    import_plugins(imports)
+    add_plugin_folders([Path.cwd()])
+    try:
+        import_plugins(imports)
+    except ImportError as exc:
+        raise UserError(f"--import: {exc}; modules are looked up on Python's path and in the "
+                        "working folder; for one elsewhere, add its folder to PYTHONPATH"
+                        ) from exc
     instances = read_instances(instances_csv)[:limit]
     attack = {"enabled": True, "steps": 50, "restarts": 8, **(attack or {})}
     results_dir = Path(results_dir)

@@ -10,6 +10,7 @@ margin bounds into verdicts and radii.
 from certbench.verifiers.bound_propagation.graph import (
     FUNCTION_OPERATIONS,
     MODULE_OPERATIONS,
+    ONNX_ACTIVATIONS,
     TracedNetwork,
 )
 from certbench.verifiers.bound_propagation.propagation import Ball, BoundPropagator
@@ -21,6 +22,7 @@ from certbench.verifiers.bound_propagation.verifier import (
 __all__ = [
     "FUNCTION_OPERATIONS",
     "MODULE_OPERATIONS",
+    "ONNX_ACTIVATIONS",
     "Ball",
     "BoundPropagator",
     "LinearRelaxationVerifier",

@@ -11,7 +11,7 @@ UnsupportedLayerError naming the layer: no bound is guessed.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +36,8 @@ from certbench.verifiers.bound_propagation.operators import (
     Tanh,
 )
 
-# Conversion tables: adding an operation is one class in operators.py and one entry here.
+# Conversion tables: adding an operation is one class in operators.py and one entry here
+# (and one in ONNX_ACTIVATIONS for ONNX files).
 # Modules match by exact type: a subclass may override forward, so it is refused.
 MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.Linear: Dense,
@@ -52,6 +53,14 @@ MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.AdaptiveAvgPool2d: AvgPool,
     nn.MaxPool2d: MaxPool,
 }
+ONNX_ACTIVATIONS: dict[str, Callable[[dict], nn.Module]] = {
+    "Relu": lambda attributes: nn.ReLU(),
+    "Sigmoid": lambda attributes: nn.Sigmoid(),
+    "Tanh": lambda attributes: nn.Tanh(),
+}
+"""ONNX elementwise activation (op type) -> its ``nn`` module, given the node's attributes
+(name -> value). The harness's ONNX import (`certbench.io.onnx_import`) reads this table,
+so an activation taught to the engine comes in from ONNX files with one entry here."""
 FUNCTION_OPERATIONS: dict[object, type[Operation]] = {  # one-input functions and methods
     torch.relu: Relu, F.relu: Relu, "relu": Relu,
     torch.sigmoid: Sigmoid, F.sigmoid: Sigmoid, "sigmoid": Sigmoid,
@@ -106,6 +115,14 @@ class TracedNetwork:
                 self.output = index[result]
             else:
                 self._convert(fx_node, index, constants)
+
+    def check_supported(self, method: str) -> None:
+        """UnsupportedLayerError naming the first operation that ``method`` has no exact
+        rule for (each operation declares it: `Operation.refusal`)."""
+        for node in self.nodes[1:]:
+            reason = node.op.refusal(method)
+            if reason is not None:
+                raise UnsupportedLayerError(f"{reason} (node {node.name!r})")
 
     def _add(self, name: str, op: Operation | None, inputs: tuple, shape: tuple) -> int:
         self.nodes.append(Node(name, op, inputs, shape))

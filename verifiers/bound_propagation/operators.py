@@ -81,6 +81,14 @@ class Operation:
         coefficients (local Lipschitz bounds)."""
         raise NotImplementedError
 
+    def refusal(self, method: str) -> str | None:
+        """Why ``method`` (``exact``: the MILP; ``bab``: branch and bound's splits;
+        ``local-lipschitz``: the gradient bound) has no exact rule for this operation, or
+        None when it has one. Linear operations have one for every method."""
+        if self.linear:
+            return None
+        return f"{method} has no rule for {type(self).__name__}"
+
     def lipschitz(
         self, inputs: Sequence[torch.Tensor], estimate: NormEstimate | None = None
     ) -> torch.Tensor:
@@ -418,9 +426,49 @@ class Activation(Operation):
 
     linear = False
     accepts_patches = True
+    slopes: tuple[float, float] | None = None
+    """(left, right): the slopes of a convex piecewise-linear activation with one kink at
+    0 and g(0) = 0 (ReLU: (0, 1); LeakyReLU: (s, 1)). Declaring them is what the MILP
+    (one binary per unstable neuron), branch and bound (a split at 0 makes each side
+    linear) and the local-Lipschitz bound (g' lies between them) need; None (Sigmoid,
+    Tanh): those methods refuse the activation."""
 
     def relaxation(self, lower, upper, alpha=None) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+    def refusal(self, method: str) -> str | None:
+        if self.slopes is not None:
+            return None
+        what = {"exact": "no MILP encoding", "bab": "no split that makes it linear",
+                "local-lipschitz": "no derivative bound"}.get(method, "no rule")
+        return (f"{method} has {what} for {type(self).__name__}: it takes linear operations "
+                "and piecewise-linear activations that declare their `slopes`")
+
+    def lipschitz(self, inputs, estimate=None):
+        """max(|left|, |right|) times the input's bound, from ``slopes``."""
+        if self.slopes is None:
+            return super().lipschitz(inputs, estimate)
+        return max(abs(s) for s in self.slopes) * inputs[0]
+
+    def derivative_bounds(self, lower: torch.Tensor, upper: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elementwise bounds of g'(z) over z in [lower, upper], from ``slopes``: one
+        slope on a stable side, both where the interval holds the kink."""
+        left, right = self.slopes
+        low, high = min(left, right), max(left, right)
+        inside = (lower < 0) & (upper > 0)
+        side = torch.where(lower >= 0, right, left).to(lower.dtype)
+        return torch.where(inside, low, side), torch.where(inside, high, side)
+
+    def gradient_bounds(self, g_lower, g_upper, z_lower, z_upper
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds of g'(z) * v for v in [g_lower, g_upper] and z in [z_lower, z_upper]
+        (a backward step of the local-Lipschitz interval pass): the extremes of the four
+        corner products."""
+        d_lower, d_upper = self.derivative_bounds(z_lower, z_upper)
+        corners = torch.stack([g_lower * d_lower, g_lower * d_upper, g_upper * d_lower,
+                               g_upper * d_upper])
+        return corners.min(0).values, corners.max(0).values
 
     def initial_alpha(self, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -474,11 +522,21 @@ class Relu(Activation):
         lower_slope = torch.where(unstable, alpha, active)
         return lower_slope, torch.zeros_like(lower), upper_slope, upper_intercept
 
+    slopes = (0.0, 1.0)
+
     def initial_alpha(self, lower, upper):
         return (upper > -lower).to(lower.dtype)
 
     def lipschitz(self, inputs, estimate=None):
         return inputs[0]  # 1-Lipschitz
+
+    def gradient_bounds(self, g_lower, g_upper, z_lower, z_upper):
+        """`Activation.gradient_bounds` for g' in {0, 1}: the interval itself where the
+        neuron is active, 0 where inactive, the interval widened to 0 where unstable."""
+        active, inactive = z_lower >= 0, z_upper <= 0
+        zero = torch.zeros_like(g_lower)
+        return (torch.where(active, g_lower, torch.where(inactive, zero, g_lower.clamp(max=0))),
+                torch.where(active, g_upper, torch.where(inactive, zero, g_upper.clamp(min=0))))
 
     def inexact(self, lower, upper):
         return (lower < 0) & (upper > 0)

@@ -52,9 +52,14 @@ from certbench.verifiers.specification import (
 METHODS = ("ibp", "crown", "crown-ibp", "alpha-crown")
 
 
-def margin_spec(prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C of shape (batch, classes - 1, classes): rows e_y - e_j for every j != y."""
-    eye = torch.eye(num_classes, device=prediction.device)
+def margin_spec(prediction: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32,
+                all_rows: bool = False) -> torch.Tensor:
+    """C of shape (batch, classes - 1, classes): rows e_y - e_j for every j != y; with
+    ``all_rows``, (batch, classes, classes) with a row for every j (row y is 0: the form
+    of the certified-training losses, CE(-C f, y))."""
+    eye = torch.eye(num_classes, device=prediction.device, dtype=dtype)
+    if all_rows:
+        return eye[prediction][:, None, :] - eye[None]
     others = torch.arange(num_classes, device=prediction.device)
     others = others[None].expand(len(prediction), -1)
     others = others[others != prediction[:, None]].reshape(len(prediction), num_classes - 1)

@@ -29,8 +29,11 @@ sample and epsilon: ``bab_domains`` (subdomains bounded), ``bab_depth``,
 ``bab_lp_leaves``, ``bab_bound_s`` and ``bab_branch_s`` (time bounding vs choosing and
 splitting), ``falsify_s`` (the attack).
 
-Networks: linear operations and ReLU (other activations raise UnsupportedLayerError);
-l_inf and l2 balls and general linear specifications on boxes.
+Networks: linear operations and piecewise-linear activations with one kink at 0 that
+declare their ``slopes`` (ReLU, LeakyReLU; others raise UnsupportedLayerError, as each
+operation's `refusal` says); l_inf and l2 balls and general linear specifications on
+boxes. Splits are at the kink, so each child sees one linear piece; BaBSR's scores are
+ReLU's formula for every such activation (a heuristic: any choice stays sound).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from torch import nn
 
 from certbench.verifiers.base import (
     Certificate,
-    UnsupportedLayerError,
     Verdict,
     check_certify_call,
     float_slack,
@@ -54,7 +56,6 @@ from certbench.verifiers.base import (
     verdict_code,
 )
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
-from certbench.verifiers.bound_propagation.operators import Relu
 from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
 from certbench.verifiers.branch_and_bound.domains import ALPHA_LR, DomainBounder, Domains
 from certbench.verifiers.branch_and_bound.input_split import input_split_search
@@ -108,11 +109,7 @@ class BranchAndBoundVerifier:
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
         net = TracedNetwork(model, input_shape)
-        for node in net.nodes[1:]:
-            if not node.op.linear and not isinstance(node.op, Relu):
-                raise UnsupportedLayerError(
-                    f"branch and bound splits ReLUs only; node {node.name!r} is "
-                    f"{type(node.op).__name__}")
+        net.check_supported("bab")
         self.propagator = BoundPropagator(net)
         self._net64: TracedNetwork | None = None  # for leaf LPs, built on first use
 

@@ -1,0 +1,335 @@
+"""The recipe registry: one class per training recipe, registered by name as verifiers are
+(`@register_recipe`). A recipe holds its default arguments, checks their values, says what
+training must set up for it (``needs``: the network's Lipschitz graph or its bound
+propagator) and gives its loss on a batch after ``progress`` epochs; a certified-training
+recipe also names its optimiser and training relaxation (what the paradox study and the
+report's GLS section read). `train.train_model` runs any of them.
+
+- ``standard``: cross-entropy.
+- ``noise`` (Cohen, Rosenfeld and Kolter 2019, Sec. 4: "we train the base classifier with
+  Gaussian data augmentation"): cross-entropy on x + N(0, sigma^2 I), not clipped to
+  [0, 1], the base classifier randomized smoothing at the same sigma needs.
+- ``gloro`` (Leino, Wang and Fredrikson 2021, "Globally-Robust Neural Networks", Sec. 3):
+  cross-entropy over the logits plus a bottom logit f_bot = max_{i != j} f_i + eps * K_ji,
+  with j the predicted class and K_ji = L(penultimate) * ||w_j - w_i||; the model learns to
+  predict a class whose eps-ball is certified. ``eps`` ramps linearly from 0 over
+  ``ramp_epochs``; training eps is usually set above the test eps, as in the paper's
+  scripts. ``trades_lambda > 0`` selects the TRADES-style variant:
+  CE(f) + lambda * KL(softmax(f) || softmax(f, f_bot)).
+- ``lmt`` (Tsuzuku, Sato and Sugiyama 2018, "Lipschitz-Margin Training", Alg. 1): add
+  sqrt(2) * c * L to every non-target logit, L the bound of the whole network, then
+  cross-entropy. ``c`` ramps like GloRo's eps.
+
+  Lipschitz bounds inside these two losses are the verifier's own sound bounds
+  (`certbench.verifiers.global_lipschitz`), recomputed from the weights at every step and
+  differentiated through (``lipschitz = "exact"``), or power-iteration estimates with
+  vectors kept between steps (``lipschitz = "power"``, as GloRo's and LMT's own code
+  train; much cheaper for wide convolutions). Certification always uses the exact bound.
+  BatchNorm enters with its running statistics.
+- ``ibp`` (Gowal et al. 2018) and ``crown-ibp`` (Zhang et al. 2020, "Towards stable and
+  efficient training of verifiably robust neural networks", Eq. 6-7): with m the lower
+  bounds of the margins f_y - f_j over the eps-ball (the engine of
+  `certbench.verifiers.bound_propagation`), minimise
+  kappa * CE(f(x), y) + (1 - kappa) * CE(-m, y). eps ramps linearly from 0 over
+  ``ramp_epochs`` and kappa from 1 to ``kappa_end`` alongside it. For ``crown-ibp`` the
+  bound is beta * CROWN-IBP + (1 - beta) * IBP with beta going from 1 to 0 on the same
+  ramp, as in the paper; for ``ibp`` it is IBP alone. Bounds use BatchNorm's running
+  statistics. ``crown`` is the same loss with CROWN bounds alone (GRAD + CROWN, the
+  baseline of the paradox of certified training). For ``crown-ibp``, ``fusion`` chooses
+  how the bounds are computed (`loss_fusion`): ``"exact"`` (default: the specification
+  folded into the last layer and one IBP pass shared, the same loss to rounding at lower
+  cost), ``"none"`` (the plain computation) or ``"lirpa"`` (auto_LiRPA's loss fusion: a
+  different, looser bound of the loss, one backward row for all classes).
+- ``gls-pgpe`` and ``gls-rgs``: Gaussian Loss Smoothing (Balauca et al. 2025), PGPE and
+  randomized gradient smoothing over a named relaxation; see `gls`.
+
+Adding a recipe is one class here with ``@register_recipe``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certbench.errors import UserError
+from certbench.training.gls import GLS_DEFAULTS, make_gls_loss
+from certbench.training.gls import validate as validate_gls
+from certbench.training.loss_fusion import (
+    FUSIONS,
+    certified_fraction,
+    crown_ibp_margins,
+    lirpa_fused_ce,
+)
+from certbench.verifiers.bound_propagation import Ball, BoundPropagator, margin_spec
+from certbench.verifiers.global_lipschitz import LipschitzGraph
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""loss(model, x, y, progress): progress is the number of epochs done (fractional)."""
+RELAXATION_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
+                    "alpha-crown": "alpha-CROWN"}
+_COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128}
+
+
+class Recipe:
+    """A training recipe (module docstring). ``needs``: ``"lipschitz"`` (the loss gets a
+    `LipschitzGraph`), ``"bounds"`` (a `BoundPropagator`) or None; ``optimiser``: GRAD,
+    PGPE or RGS for certified-training recipes, None for the others."""
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]]
+    needs: ClassVar[str | None] = None
+    optimiser: ClassVar[str | None] = None
+
+    def validate(self, args: dict[str, Any]) -> None:
+        """Raise ValueError naming an argument whose value the recipe cannot use."""
+
+    def relaxation(self, args: dict[str, Any]) -> str | None:
+        """The relaxation certified training bounds with (IBP, CROWN, ...), or None."""
+        return None
+
+    def loss(self, args: dict[str, Any], graph: LipschitzGraph | None,
+             propagator: BoundPropagator | None, seed: int, log: list[float] | None) -> LossFn:
+        raise NotImplementedError
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    RECIPES[cls.name] = cls()
+    return cls
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def ramp(value: float, ramp_epochs: float, progress: float) -> float:
+    """``value`` ramped linearly from 0 over ``ramp_epochs`` epochs."""
+    return value if ramp_epochs <= 0 else value * min(1.0, progress / ramp_epochs)
+
+
+@register_recipe
+class Standard(Recipe):
+    name = "standard"
+    defaults = {"epochs": 20, "lr": 1e-3, "batch_size": 128}
+
+    def loss(self, args, graph, propagator, seed, log):
+        return lambda model, x, y, progress: F.cross_entropy(model(x), y)
+
+
+def gloro_logits(logits: torch.Tensor, pairwise_k: torch.Tensor, eps: float) -> torch.Tensor:
+    """Logits with GloRo's bottom logit appended: f_bot = max_{i != j} f_i + eps * K_ji,
+    j = argmax f (Leino et al. 2021, Eq. 4)."""
+    j = logits.argmax(dim=1)
+    lifted = logits + eps * pairwise_k[j]
+    lifted = lifted.masked_fill(F.one_hot(j, logits.shape[1]).bool(), -math.inf)
+    return torch.cat([logits, lifted.max(dim=1, keepdim=True).values], dim=1)
+
+
+class _LipschitzRecipe(Recipe):
+    needs = "lipschitz"
+
+    def validate(self, args):
+        if args["lipschitz"] not in ("exact", "power"):
+            raise ValueError("lipschitz must be 'exact' or 'power'")
+
+
+@register_recipe
+class GloRo(_LipschitzRecipe):
+    name = "gloro"
+    defaults = {**_COMMON, "eps": 0.3, "ramp_epochs": None, "trades_lambda": 0.0,
+                "lipschitz": "exact"}
+
+    def loss(self, args, graph, propagator, seed, log):
+        def gloro(model, x, y, progress):
+            logits = model(x)
+            k = graph.bounds(torch.float32).pairwise()
+            extended = gloro_logits(logits, k, ramp(args["eps"], args["ramp_epochs"], progress))
+            if args["trades_lambda"] <= 0:
+                return F.cross_entropy(extended, y)
+            p = F.log_softmax(logits, dim=1)
+            q = F.log_softmax(extended, dim=1)[:, :-1]
+            kl = (p.exp() * (p - q)).sum(dim=1).mean()
+            return F.cross_entropy(logits, y) + args["trades_lambda"] * kl
+
+        return gloro
+
+
+@register_recipe
+class Lmt(_LipschitzRecipe):
+    name = "lmt"
+    defaults = {**_COMMON, "c": 0.3, "ramp_epochs": None, "lipschitz": "exact"}
+
+    def loss(self, args, graph, propagator, seed, log):
+        def lmt(model, x, y, progress):
+            logits = model(x)
+            lip = graph.bounds(torch.float32).network
+            c = ramp(args["c"], args["ramp_epochs"], progress)
+            others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+            return F.cross_entropy(logits + math.sqrt(2) * c * lip * others, y)
+
+        return lmt
+
+
+class _BoundRecipe(Recipe):
+    """kappa * CE(f(x), y) + (1 - kappa) * CE(-m, y) with the margin bounds m of
+    `margins` (the module docstring's ``ibp`` / ``crown-ibp`` / ``crown``)."""
+
+    needs = "bounds"
+    optimiser = "GRAD"
+
+    def validate(self, args):
+        if args["norm"] not in ("inf", "2"):
+            raise ValueError("norm must be 'inf' or '2'")
+
+    def relaxation(self, args):
+        return RELAXATION_NAMES[self.name]
+
+    def margins(self, propagator: BoundPropagator, ball: Ball, y: torch.Tensor, classes: int,
+                beta: float, args: dict[str, Any]) -> torch.Tensor:
+        spec = margin_spec(y, classes, ball.center.dtype, all_rows=True)
+        return propagator.lower_bound(spec, ball, self.name)
+
+    def robust_term(self, propagator, ball, y, logits, beta, args, log) -> torch.Tensor:
+        bound = self.margins(propagator, ball, y, logits.shape[1], beta, args)
+        if log is not None:
+            log.append(certified_fraction(bound.detach(), y))
+        return F.cross_entropy(-bound, y)
+
+    def loss(self, args, graph, propagator, seed, log):
+        def certified(model, x, y, progress):
+            logits = model(x)
+            share = 1.0 if args["ramp_epochs"] <= 0 else min(1.0, progress / args["ramp_epochs"])
+            kappa = 1.0 + (args["kappa_end"] - 1.0) * share
+            ball = Ball(x, args["eps"] * share, args["norm"])
+            robust = self.robust_term(propagator, ball, y, logits, 1.0 - share, args, log)
+            return kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust
+
+        return certified
+
+
+_BOUND_COMMON = {**_COMMON, "eps": 0.1, "norm": "inf", "ramp_epochs": None}
+
+
+@register_recipe
+class Ibp(_BoundRecipe):
+    name = "ibp"
+    defaults = {**_BOUND_COMMON, "kappa_end": 0.5}
+
+
+@register_recipe
+class CrownIbp(_BoundRecipe):
+    name = "crown-ibp"
+    defaults = {**_BOUND_COMMON, "kappa_end": 0.0, "fusion": "exact"}
+
+    def validate(self, args):
+        super().validate(args)
+        if args["fusion"] not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}")
+
+    def margins(self, propagator, ball, y, classes, beta, args):
+        if args["fusion"] == "exact":
+            bound, crown_ibp = crown_ibp_margins(propagator, ball, y, classes, crown=beta > 0)
+            return bound if crown_ibp is None else beta * crown_ibp + (1 - beta) * bound
+        spec = margin_spec(y, classes, ball.center.dtype, all_rows=True)
+        bound = propagator.lower_bound(spec, ball, "ibp")
+        if beta > 0:
+            bound = beta * propagator.lower_bound(spec, ball, "crown-ibp") + (1 - beta) * bound
+        return bound
+
+    def robust_term(self, propagator, ball, y, logits, beta, args, log):
+        if args["fusion"] == "lirpa":
+            return lirpa_fused_ce(propagator, ball, y, logits.shape[1], beta)
+        return super().robust_term(propagator, ball, y, logits, beta, args, log)
+
+
+@register_recipe
+class Crown(_BoundRecipe):
+    name = "crown"
+    defaults = {**_BOUND_COMMON, "kappa_end": 0.0}
+
+
+@register_recipe
+class Noise(Recipe):
+    name = "noise"
+    defaults = {**_COMMON, "sigma": 0.25}
+
+    def loss(self, args, graph, propagator, seed, log):
+        sigma = args["sigma"]
+        return lambda model, x, y, progress: F.cross_entropy(
+            model(x + sigma * torch.randn_like(x)), y)
+
+
+class _GlsRecipe(Recipe):
+    """Gaussian Loss Smoothing over the relaxation ``bound`` (`gls`)."""
+
+    needs = "bounds"
+
+    def validate(self, args):
+        if args["norm"] not in ("inf", "2"):
+            raise ValueError("norm must be 'inf' or '2'")
+        validate_gls(self.name, args)
+
+    def relaxation(self, args):
+        return RELAXATION_NAMES[args["bound"]]
+
+    def loss(self, args, graph, propagator, seed, log):
+        return make_gls_loss(self.name, args, propagator, seed, log)
+
+
+@register_recipe
+class GlsPgpe(_GlsRecipe):
+    name = "gls-pgpe"
+    defaults = GLS_DEFAULTS["gls-pgpe"]
+    optimiser = "PGPE"
+
+
+@register_recipe
+class GlsRgs(_GlsRecipe):
+    name = "gls-rgs"
+    defaults = GLS_DEFAULTS["gls-rgs"]
+    optimiser = "RGS"
+
+
+def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe's hyperparameters: defaults overridden by ``args``; unknown keys and
+    values the recipe cannot use refused (UserError); ``ramp_epochs`` None is half the
+    epochs."""
+    chosen = get_recipe(recipe)
+    unknown = set(args or {}) - set(chosen.defaults)
+    if unknown:
+        raise UserError(f"recipe {recipe!r} has no argument(s) {sorted(unknown)}; it takes "
+                        f"{sorted(chosen.defaults)}")
+    merged = dict(chosen.defaults, **(args or {}))
+    try:
+        chosen.validate(merged)
+    except ValueError as exc:
+        raise UserError(f"recipe {recipe!r}: {exc}") from exc
+    if "ramp_epochs" in merged and merged["ramp_epochs"] is None:
+        merged["ramp_epochs"] = merged["epochs"] / 2
+    return merged
+
+
+def make_loss(recipe: str, args: dict[str, Any], graph: LipschitzGraph | None,
+              propagator: BoundPropagator | None = None, seed: int = 0,
+              log: list[float] | None = None) -> LossFn:
+    """The loss of ``recipe`` with its arguments (`recipe_args`). Certified recipes append
+    the batch's training-time certified accuracy (at the ramped eps) to ``log``; ``seed``
+    seeds the GLS recipes' noise."""
+    return get_recipe(recipe).loss(args, graph, propagator, seed, log)
+
+
+def training_relaxation(recipe: str, args: dict) -> tuple[str, str] | None:
+    """(optimiser, relaxation) of a certified-training recipe, None for the others."""
+    chosen = RECIPES.get(recipe)
+    if chosen is None or chosen.optimiser is None:
+        return None
+    return chosen.optimiser, chosen.relaxation({**chosen.defaults, **args})
