@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from certbench.atomic import write_atomic
 from certbench.errors import UserError
 
 
@@ -129,22 +130,16 @@ def _digits():
     return x[train], y[train], x[test], y[test]
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def _fetch(url: str, target: Path, md5: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name("." + target.name + ".part")
+    """Download ``url`` to ``target`` (atomically, once its md5 matches)."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            out.write(response.read())
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
     except OSError as exc:
         raise UserError(f"could not download {url} ({exc}); place the file at {target}") from exc
-    if _md5(tmp) != md5:
-        tmp.unlink()
+    if hashlib.md5(data).hexdigest() != md5:
         raise UserError(f"download of {url} failed its md5 check; try again")
-    os.replace(tmp, target)
+    write_atomic(target, data)
 
 
 def _require(folder: Path, files: list[str], name: str) -> None:

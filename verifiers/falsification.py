@@ -4,8 +4,10 @@ Complete verifiers look for a counterexample before they try to prove anything (
 non-robust points fall to a cheap attack), and the VNN-COMP harness does the same for
 every verifier. The set is a box [lower, upper], optionally intersected with an l2 ball
 ||x - center|| <= radius (an l2 ball clipped to the pixel box). Written here rather than
-imported for the reasons given in bench/attacks.py (no maintained attack library runs on
-this CPU-only torch without torchvision); the harness re-exports it.
+imported for the reasons given in bench/run/attacks.py (no maintained attack library runs
+on this CPU-only torch without torchvision). `projected_gradient` is the one PGD loop of
+certbench: this falsifier and the harness's attacks each give it their objective, step and
+projection.
 """
 
 from __future__ import annotations
@@ -16,6 +18,39 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+def steepest_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The unit step of steepest ascent in ``norm``: sign(g) for l_inf, g / ||g||_2 per row
+    for l2."""
+    if norm == "inf":
+        return grad.sign()
+    return grad / _norms(grad).clamp(min=1e-12)
+
+
+def projected_gradient(
+    v: torch.Tensor, objective: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
+    step: torch.Tensor | float, direction: Callable[[torch.Tensor], torch.Tensor],
+    project: Callable[[torch.Tensor], torch.Tensor], steps: int,
+    observe: Callable[[torch.Tensor, object], bool] | None = None,
+) -> torch.Tensor:
+    """The one PGD loop (Madry et al. 2018) that the harness's attack, its attack on the
+    smoothed classifier and this module's falsifier share: ``steps`` times, the gradient g
+    of ``objective(v)[0].sum()`` (one value per row), then ``observe(v, report)`` with the
+    objective's second value (True stops the loop), then
+    v <- project(v + step * direction(g)). Ascent or descent is the sign of ``step``;
+    the set is whatever ``project`` maps onto. Returns the last v."""
+    for _ in range(steps):
+        with torch.enable_grad():
+            v = v.detach().requires_grad_(True)
+            value, report = objective(v)
+            (grad,) = torch.autograd.grad(value.sum(), v)
+        with torch.no_grad():
+            v = v.detach()
+            if observe is not None and observe(v, report):
+                break
+            v = project(v + step * direction(grad))
+    return v.detach()
 
 
 def box_pgd(
@@ -48,25 +83,31 @@ def box_pgd(
         step = 2.5 * radius / steps
     best, best_value = x[:1].clone(), math.inf
     model.eval()
-    for _ in range(steps + 1):
-        with torch.enable_grad():
-            x.requires_grad_(True)
-            value = violation(model(x))
-            (grad,) = torch.autograd.grad(value.sum(), x)
-        with torch.no_grad():
-            k = int(value.argmin())
-            if float(value[k]) < best_value:
-                best, best_value = x[k : k + 1].detach().clone(), float(value[k])
-            if best_value <= 0 or time.perf_counter() > deadline:
-                break
-            if radius is None:
-                x = x - step * grad.sign()
-            else:
-                x = x - step * grad / _norms(grad).clamp(min=1e-12)
-                delta = x - center
-                x = center + delta * (radius / _norms(delta).clamp(min=1e-12)).clamp(max=1.0)
-            # clamping towards a box that holds the centre never leaves the l2 ball
-            x = torch.minimum(torch.maximum(x, lower), upper)
+
+    def observe(point: torch.Tensor, value: torch.Tensor) -> bool:
+        nonlocal best, best_value
+        k = int(value.argmin())
+        if float(value[k]) < best_value:
+            best, best_value = point[k : k + 1].clone(), float(value[k])
+        return best_value <= 0 or time.perf_counter() > deadline
+
+    def project(point: torch.Tensor) -> torch.Tensor:
+        if radius is not None:
+            delta = point - center
+            point = center + delta * (radius / _norms(delta).clamp(min=1e-12)).clamp(max=1.0)
+        # clamping towards a box that holds the centre never leaves the l2 ball
+        return torch.minimum(torch.maximum(point, lower), upper)
+
+    def objective(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value = violation(model(point))
+        return value, value.detach()
+
+    def scaled_step(grad: torch.Tensor) -> torch.Tensor:  # descent: step -1 below
+        if radius is None:
+            return step * grad.sign()
+        return step * grad / _norms(grad).clamp(min=1e-12)
+
+    projected_gradient(x, objective, -1.0, scaled_step, project, steps + 1, observe)
     return best, best_value
 
 

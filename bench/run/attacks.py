@@ -21,7 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from certbench.verifiers.falsification import box_pgd  # noqa: F401  (the harness's, too)
+from certbench.verifiers.falsification import (  # noqa: F401  (box_pgd: the harness's, too)
+    box_pgd,
+    projected_gradient,
+    steepest_direction,
+)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,24 +86,25 @@ def pgd(
         start = restart == 0 or target is not None
         delta = torch.zeros_like(x) if start else _random_start(x, eps_b, norm, gen)
         delta = (x + delta).clamp(0, 1) - x
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
+
+        def objective(d: torch.Tensor, target=target) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(x + d)
             loss = margin_loss(logits, y)
             ascent = loss if target is None else (
                 logits.gather(1, target[:, None]) - logits.gather(1, y[:, None]))[:, 0]
-            (grad,) = torch.autograd.grad(ascent.sum(), delta)
-            with torch.no_grad():
-                improved = loss.detach() > best_loss
-                best[improved] = (x + delta.detach())[improved]
-                best_loss = torch.where(improved, loss.detach(), best_loss)
-                if norm == "inf":
-                    step = grad.sign()
-                else:
-                    norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-                    step = grad / norms.view(-1, *([1] * (x.dim() - 1)))
-                delta = _project(delta + alpha * step, eps_b, norm)
-                delta = (x + delta).clamp(0, 1) - x
+            return ascent, loss.detach()
+
+        def observe(d: torch.Tensor, loss: torch.Tensor) -> bool:
+            nonlocal best_loss
+            improved = loss > best_loss
+            best[improved] = (x + d)[improved]
+            best_loss = torch.where(improved, loss, best_loss)
+            return False
+
+        delta = projected_gradient(delta, objective, alpha,
+                                   lambda g: steepest_direction(g, norm),
+                                   lambda d: (x + _project(d, eps_b, norm)).clamp(0, 1) - x,
+                                   steps, observe)
         with torch.no_grad():
             final = margin_loss(model(x + delta), y)
             improved = final > best_loss
@@ -197,20 +202,15 @@ def smoothed_pgd(
     the final points (whether they fool the smoothed classifier is for PREDICT to say)."""
     gen = torch.Generator().manual_seed(seed)
     eps_b = eps.view(-1, *([1] * (x.dim() - 1))).to(x)
-    delta = torch.zeros_like(x)
-    for _ in range(steps):
-        delta.requires_grad_(True)
+
+    def objective(d: torch.Tensor) -> tuple[torch.Tensor, None]:
         noise = torch.randn((noise_samples, *x.shape), generator=gen).to(x) * sigma
-        noisy = ((x + delta).unsqueeze(0) + noise).flatten(0, 1)
+        noisy = ((x + d).unsqueeze(0) + noise).flatten(0, 1)
         logits = model(noisy).reshape(noise_samples, len(x), -1)
         probs = torch.softmax(logits.flatten(0, 1), dim=1).view_as(logits).mean(0)
-        loss = -torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            if norm == "inf":
-                step = grad.sign()
-            else:
-                step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view_as(eps_b)
-            delta = _project(delta + 2.5 * eps_b / steps * step, eps_b, norm)
-            delta = (x + delta).clamp(0, 1) - x
+        return -torch.log(probs.gather(1, y[:, None]).clamp(min=1e-12)), None
+
+    delta = projected_gradient(torch.zeros_like(x), objective, 2.5 * eps_b / steps,
+                               lambda g: steepest_direction(g, norm),
+                               lambda d: (x + _project(d, eps_b, norm)).clamp(0, 1) - x, steps)
     return (x + delta).detach()
