@@ -60,12 +60,15 @@ def test_dry_run_runs_every_stage_and_packs_its_output(tmp_path):
     assert all(status == "ok" for status in stages.values()), stages
     assert "1 passed" in (out / "log.txt").read_text()
     assert (out / "cuda-tests.xml").exists()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cuda-tests.xml", "log.txt", "reports.tar.gz", "results.tar.gz", "summary.json"]
     with tarfile.open(out / "results.tar.gz") as archive:
         names = archive.getnames()
+        archive.extractall(tmp_path / "back", filter="data")
     assert "results/tiny/cells.parquet" in names
     assert "results/vnncomp-mnist_fc/instances.parquet" in names
-    cells = pd.read_parquet(out / "results" / "tiny" / "cells.parquet")
+    cells = pd.read_parquet(tmp_path / "back" / "results" / "tiny" / "cells.parquet")
     assert (cells["status"] == "ok").all() and set(cells["device"]) == {"cpu"}
-    answer = pd.read_parquet(out / "results" / "vnncomp-mnist_fc" / "instances.parquet")
+    answer = pd.read_parquet(tmp_path / "back" / "results" / "vnncomp-mnist_fc" /
+                             "instances.parquet")
     assert answer["result"].isin(["unsat", "sat", "unknown", "timeout"]).all()
-    assert (out / "reports.tar.gz").exists()
