@@ -3,7 +3,8 @@
     import certbench
     result = certbench.evaluate(model, x, y, verifiers=["crown", "alpha-crown"],
                                 eps={"inf": [1 / 255, 2 / 255]})
-    result.summary()          # one row per verifier and norm: accuracy per eps, time, memory
+    result.summary()["inf"]   # one row per verifier: accuracy per eps, time, memory
+    result.winners()          # per model, norm and eps: the best verifier and the fastest
     result.samples            # the per-sample table of `certbench run`, as a DataFrame
     result.save("results/mine"); then `certbench report results/mine`
 
@@ -60,13 +61,21 @@ class Evaluation:
     certified: pd.DataFrame
     samples: pd.DataFrame
 
-    def summary(self) -> pd.DataFrame:
-        """One row per cell (and the PGD upper bound per model and norm): clean and
-        certified accuracy per epsilon, setup time, ms per sample, peak memory, status,
-        soundness violations; the table `certbench show` prints, all norms together."""
-        tables = summary_of(ResultsView.of(self.cells, self.certified, self.samples))
-        frames = [t.assign(norm=n)[["norm", *t.columns]] for n, t in tables.items()]
-        return pd.concat(frames, ignore_index=True)
+    def summary(self) -> dict[str, pd.DataFrame]:
+        """The tables `certbench show` prints, by norm (``"2"``, ``"inf"``): one row per
+        cell (and the PGD upper bound per model): clean and certified accuracy at each
+        epsilon of that norm's grid, setup time, ms per sample, peak memory, status,
+        soundness violations."""
+        return summary_of(self._view())
+
+    def winners(self) -> pd.DataFrame:
+        """Who wins where: per model, norm and epsilon, the best certified accuracy, the
+        verifiers that reach it and the fastest one within a point of it (the report's
+        first table)."""
+        return self._view().winners()
+
+    def _view(self) -> ResultsView:
+        return ResultsView.of(self.cells, self.certified, self.samples)
 
     def save(self, results_dir: str | Path) -> Path:
         """Write the tables to a results folder (merged with what is there, by cell key),

@@ -61,7 +61,12 @@ def test_evaluate_returns_the_run_tables_with_the_cross_check(model, digits):
     acc = merged.pivot_table(index=["norm", "eps"], columns="method", values="certified_acc")
     assert (acc["ibp"] <= acc["crown"]).all() and (acc["crown"] <= acc["alpha-crown"]).all()
     summary = result.summary()
-    assert {"verifier", "clean", "ms/sample", "norm"} <= set(summary.columns)
+    assert set(summary) == {"inf", "2"}
+    assert {"verifier", "clean", "ms/sample", "cert@0.01", "cert@0.03"} <= set(summary["inf"])
+    assert not any(c.startswith("cert@0.1") for c in summary["inf"])  # l2's grid apart
+    winners = result.winners().query("norm == 'inf'").set_index("eps")
+    assert (winners["best"] == acc.xs("inf")["alpha-crown"].to_numpy()).all()
+    assert winners["winners"].str.contains("alpha-crown").all()
 
 
 def test_evaluate_saves_a_results_folder_that_the_commands_read(model, digits, tmp_path,

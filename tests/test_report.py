@@ -145,3 +145,30 @@ def test_compare_passes_identical_runs_and_fails_planted_regressions(results, tm
     assert main(["compare", str(results), str(_planted(results, tmp_path, "fewer", fewer)),
                  *args]) == 0
     assert "only in baseline: std / crown-ibp / l2" in capsys.readouterr().out
+
+
+def test_eps_labels_and_who_wins_where():
+    """Epsilons of k/255 read as such; the overview names the best deterministic verifier
+    (ties: all of them, fastest first), the fastest within a point, smoothing apart; the
+    per-model tables mark the best deterministic value in bold."""
+    from certbench.report.build import marked
+    from certbench.report.view import ResultsView, eps_label
+
+    assert [eps_label(e) for e in (1 / 255, 8 / 255, 0.1, 0.00392, 1.0, 0.2)] == \
+        ["1/255", "8/255", "0.1", "0.00392", "1", "0.2"]
+    cells = pd.DataFrame({
+        "cell_key": ["a", "b", "c", "d"], "model": "m", "norm": "inf",
+        "verifier": ["ibp", "crown", "alpha-crown", "smoothing"], "clean_acc": 0.9,
+        "probabilistic": [False, False, False, True], "status": "ok",
+        "per_sample_s": [0.001, 0.002, 0.01, 0.5], "setup_s": 0.0,
+        "peak_mem_bytes": 1, "certify_s": 0.1})
+    certified = pd.DataFrame({"cell_key": ["a", "b", "c", "d"], "eps": 2 / 255,
+                              "certified_acc": [0.50, 0.705, 0.71, 0.8]})
+    view = ResultsView.of(cells, certified)
+    (row,) = view.winners().to_dict("records")
+    assert row["eps"] == "2/255" and row["best"] == 0.71 and row["winners"] == "alpha-crown"
+    assert row["fastest within 0.01"] == "crown" and row["its ms/sample"] == 2.0
+    assert row["smoothing†"] == 0.8
+    table = view.cell_table(view.cells)
+    shown = marked(table.reset_index(drop=True), "**{}**".format)
+    assert shown["cert@2/255"].tolist() == ["0.5", "0.705", "**0.71**", "0.8"]

@@ -34,7 +34,13 @@ import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
 from certbench.report.summary import solved_table  # noqa: E402
-from certbench.report.view import PROB_NOTE, ResultsView  # noqa: E402
+from certbench.report.view import (  # noqa: E402
+    ATTACK_ROW,
+    PROB_MARK,
+    PROB_NOTE,
+    WINNERS_NOTE,
+    ResultsView,
+)
 from certbench.store import INSTANCES, ResultsStore  # noqa: E402
 from certbench.verifiers import get_verifier  # noqa: E402
 
@@ -44,7 +50,7 @@ TABLE_NOTE = ("cert@eps: certified accuracy; #cert / #not / #falsified / #abstai
               "certificate). A complete verifier (bab, exact) without timeouts gives the "
               "true robust accuracy: the gap from it to each incomplete method is that "
               "method's looseness, the gap to the PGD bound the attack's.")
-SECTIONS = ("violations", "tables", "certified-vs-eps", "cost-vs-strength", "memory",
+SECTIONS = ("violations", "winners", "tables", "certified-vs-eps", "cost-vs-strength", "memory",
             "radius", "tightness", "provenance")
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
                      "grid.alpha": 0.3, "savefig.bbox": "tight"})
@@ -355,6 +361,21 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def marked(table: pd.DataFrame, mark) -> pd.DataFrame:
+    """``table`` formatted for reading, with the best value of each ``cert@`` column among
+    the deterministic verifiers' rows passed through ``mark`` (bold): not the PGD row, an
+    upper bound, nor smoothing's, a probabilistic certificate."""
+    shown = table.map(_fmt)
+    rows = ~table["verifier"].astype(str).str.endswith(PROB_MARK) & (
+        table["verifier"] != "~ " + ATTACK_ROW) & (table["verifier"] != ATTACK_ROW)
+    for column in (c for c in table.columns if str(c).startswith("cert@")):
+        values = table.loc[rows, column].astype(float)
+        if values.notna().any() and values.max() > 0:
+            best = rows & (table[column].astype(float) == values.max())
+            shown.loc[best, column] = shown.loc[best, column].map(mark)
+    return shown
+
+
 def figure_cactus(table: pd.DataFrame) -> bytes:
     """VNN-COMP's cactus plot: per benchmark, for each verifier the verification times of
     its solved instances (unsat or sat) sorted, against their count."""
@@ -457,23 +478,27 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")
     gls = gls_section(results, folder, out)
     extra = (extra[0] + gls[0], extra[1] + gls[1])
+    winners = results.winners()
     (out / "report.md").write_text(
-        _markdown(name, tables, tight, prov, violations, has_prob, extra[0]), encoding="utf-8")
+        _markdown(name, tables, tight, prov, violations, has_prob, winners, extra[0]),
+        encoding="utf-8")
     page = out / "index.html"
-    page.write_text(_html(name, tables, tight, prov, violations, has_prob, images, extra[1]),
-                    encoding="utf-8")
+    page.write_text(_html(name, tables, tight, prov, violations, has_prob, images, winners,
+                          extra[1]), encoding="utf-8")
     return page
 
 
-def _markdown(name, tables, tight, prov, violations, has_prob, vnncomp_md="") -> str:
+def _markdown(name, tables, tight, prov, violations, has_prob, winners, vnncomp_md="") -> str:
     lines = [f"# certbench report: {name}", ""]
     if violations:
         lines += ["## Soundness violations", ""] + [f"- **{v}**" for v in violations] + [""]
+    lines += ["## Who wins where", "", WINNERS_NOTE, "",
+              winners.map(_fmt).to_markdown(index=False), ""]
     lines += ["## Results per model", "", TABLE_NOTE, ""]
     if has_prob:
         lines += [PROB_NOTE, ""]
     for title, table in tables.items():
-        lines += [f"### {title}", "", table.map(_fmt).to_markdown(index=False), ""]
+        lines += [f"### {title}", "", marked(table, "**{}**".format).to_markdown(index=False), ""]
     for key, (title, _, caption) in FIGURES.items():
         lines += [f"## {title}", "", f"![{title}](figures/{key}.png)", "", caption, ""]
         if key == "tightness" and not tight.empty:
@@ -497,7 +522,8 @@ img { max-width: 100%; }
 """
 
 
-def _html(name, tables, tight, prov, violations, has_prob, images, vnncomp_html="") -> str:
+def _html(name, tables, tight, prov, violations, has_prob, images, winners,
+          vnncomp_html="") -> str:
     esc = html.escape
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>certbench report: {esc(name)}</title><style>{CSS}</style></head><body>",
@@ -509,13 +535,18 @@ def _html(name, tables, tight, prov, violations, has_prob, images, vnncomp_html=
         items = "".join(f"<li>{esc(v)}</li>" for v in violations)
         parts.append(f"<section id='violations' class='violations'><h2>Soundness violations"
                      f"</h2><ul>{items}</ul></section>")
+    parts.append(f"<section id='winners'><h2>Who wins where</h2><p class='note'>"
+                 f"{esc(WINNERS_NOTE)}</p><div class='scroll'>"
+                 f"{winners.map(_fmt).to_html(index=False)}</div></section>")
     parts.append(f"<section id='tables'><h2>Results per model</h2>"
                  f"<p class='note'>{esc(TABLE_NOTE)}</p>")
     if has_prob:
         parts.append(f"<p class='note'>{esc(PROB_NOTE)}</p>")
     for title, table in tables.items():
+        shown = marked(table.map(lambda v: esc(v) if isinstance(v, str) else v),
+                       "<b>{}</b>".format)
         parts.append(f"<h3>{esc(title)}</h3><div class='scroll'>"
-                     f"{table.map(_fmt).to_html(index=False)}</div>")
+                     f"{shown.to_html(index=False, escape=False)}</div>")
     parts.append("</section>")
     for key, (title, _, caption) in FIGURES.items():
         data = base64.b64encode(images[key]).decode()

@@ -24,6 +24,20 @@ PROB_MARK = "†"
 PROB_NOTE = (f"{PROB_MARK} randomized smoothing: each certificate holds with probability "
              "1 - alpha over the sampling noise, not with certainty.")
 ATTACK_ROW = "PGD upper bound"
+WINNERS_NOTE = ("Per model, norm and epsilon: best, the highest certified accuracy of a "
+                "deterministic verifier; winners, every verifier that reaches it, fastest first, "
+                "and the first one's ms/sample; fastest within 0.01, the fastest verifier at most "
+                "one point below the best, and its ms/sample; smoothing" + PROB_MARK + ", the best "
+                "probabilistic certificate, kept apart.")
+
+
+def eps_label(eps: float) -> str:
+    """An epsilon as people write it: its decimal form when four digits hold it, else k/255
+    where it is one (l_inf on 8-bit images: 1/255 rather than 0.00392157)."""
+    k = round(eps * 255)
+    if float(f"{eps:.4g}") != eps and 0 < k < 255 and abs(eps * 255 - k) < 1e-6 * k:
+        return f"{k}/255"
+    return f"{eps:g}"
 
 
 @dataclass
@@ -77,7 +91,7 @@ class ResultsView:
         acc = self.certified[self.certified["cell_key"].isin(cells["cell_key"])]
         if not acc.empty:
             wide = acc.pivot(index="cell_key", columns="eps", values="certified_acc")
-            wide.columns = [f"cert@{e:g}" for e in wide.columns]
+            wide.columns = [f"cert@{eps_label(e)}" for e in wide.columns]
             table = table.join(wide)
         table["setup_s"] = indexed["setup_s"]
         table["ms/sample"] = indexed["per_sample_s"] * 1e3
@@ -102,8 +116,32 @@ class ResultsView:
         if upper.empty:
             return None
         row = {"verifier": ATTACK_ROW, "clean": deterministic["clean_acc"].iloc[0]}
-        row.update({f"cert@{e:g}": v for e, v in upper.items()})
+        row.update({f"cert@{eps_label(e)}": v for e, v in upper.items()})
         return pd.DataFrame([row], index=["attack"])
+
+    def winners(self) -> pd.DataFrame:
+        """Who wins where (`WINNERS_NOTE`): one row per model, norm and epsilon."""
+        columns = ["cell_key", "model", "norm", "shown", "probabilistic", "per_sample_s"]
+        data = self.certified.merge(self.ok[columns], on="cell_key")
+        rows = []
+        for (model, norm, eps), group in data.groupby(["model", "norm", "eps"], sort=True):
+            row = {"model": model, "norm": norm, "eps": eps_label(eps)}
+            exact = group[~group["probabilistic"]].sort_values("per_sample_s", kind="stable")
+            if len(exact) and exact["certified_acc"].max() == 0:
+                row.update({"best": 0.0, "winners": "none certifies a sample"})
+            elif len(exact):
+                best = exact["certified_acc"].max()
+                top = exact[exact["certified_acc"] >= best]
+                near = exact[exact["certified_acc"] >= best - 0.01].iloc[0]
+                row.update({"best": best, "winners": ", ".join(top["shown"]),
+                            "ms/sample": top["per_sample_s"].iloc[0] * 1e3,
+                            "fastest within 0.01": near["shown"],
+                            "its ms/sample": near["per_sample_s"] * 1e3})
+            smoothed = group[group["probabilistic"]]
+            if len(smoothed):
+                row["smoothing" + PROB_MARK] = smoothed["certified_acc"].max()
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def violation_lines(self) -> list[str]:
         """One line per cell with soundness violations (and, apart, probabilistic ones)."""
