@@ -155,3 +155,20 @@ def test_readme_operator_from_an_onnx_file(leaky_relu_registered, tmp_path):
     verifier.prepare(network.module, network.input_shape)
     cert = verifier.certify(torch.from_numpy(x), "inf", [0.01, 0.1])
     assert cert.verdicts.shape == (1, 2)
+
+
+def test_readme_operator_in_the_global_lipschitz_bound(leaky_relu_registered):
+    """LeakyReLU's Lipschitz constant from its slopes: no PGD point inside a certified l2
+    radius changes the prediction, and the radii are not vacuous."""
+    from certbench.run.attacks import pgd
+
+    model = _leaky_mlp(16, 24, 4, seed=2)
+    verifier = get_verifier("global-lipschitz")
+    verifier.prepare(model, (16,))
+    x = torch.rand(40, 16, generator=torch.Generator().manual_seed(1))
+    cert = verifier.certify(x, "2", [0.01])
+    radius = cert.radius.float()
+    assert (radius > 0).any()
+    prediction = model(x).argmax(1)
+    found, success = pgd(model, x, prediction, radius * 0.999, "2", steps=100, restarts=5)
+    assert not success[radius > 0].any()

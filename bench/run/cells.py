@@ -72,7 +72,6 @@ from certbench.verifiers import (
 
 WARMUP_SAMPLES = 2
 SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (x noise copies)
-TABLES = ("cells", "certified", "samples")
 
 
 @dataclass(frozen=True)
