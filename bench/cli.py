@@ -178,7 +178,8 @@ def _verifier_arg(text: str) -> tuple[str, dict]:
 
 
 def cmd_vnncomp(args: argparse.Namespace) -> int:
-    from certbench.report.summary import format_vnncomp
+    from certbench.report.summary import conflicts, format_vnncomp
+    from certbench.store import INSTANCES, ResultsStore
     from certbench.vnncomp.pipeline import run_vnncomp
 
     csv_path = Path(args.instances_csv)
@@ -198,7 +199,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
                 overhead_s=args.overhead_s, imports=tuple(args.imports),
                 device=str(executor.resolve_device(args.device)))
     print(format_vnncomp(results))
-    return 0
+    return 1 if len(conflicts(ResultsStore(results).read(INSTANCES))) else 0
 
 
 def cmd_paradox(args: argparse.Namespace) -> int:
@@ -291,9 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     vnn = add("vnncomp", "Answer VNN-COMP instances (ONNX network, VNN-LIB property, timeout) "
-              "with each verifier: unsat (proved), sat (counterexample confirmed by "
-              "onnxruntime), unknown, timeout or error. Writes instances.parquet and the "
-              "competition's result files; a rerun skips answered instances.")
+              "with each verifier: unsat (proved), sat (counterexample accepted by the "
+              "competition's judge: onnxruntime, tolerance 1e-4), unknown, timeout or error. "
+              "Writes instances.parquet and the competition's result files; a rerun skips "
+              "answered instances. Exits with code 1 when one verifier's sat meets another's "
+              "unsat on an instance (a soundness conflict).")
     vnn.add_argument("instances_csv", help="the benchmark's instances.csv (onnx,vnnlib,timeout)")
     vnn.add_argument("--verifiers", nargs="+", type=_verifier_arg,
                      default=[("crown", {}), ("alpha-crown", {}), ("exact", {})],
@@ -309,10 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     vnn.add_argument("--force", action="store_true", help="recompute answered instances")
     vnn.add_argument("--device", default="cpu",
                      help="cpu (default), cuda[:N] or auto: where networks and verifiers run")
-    vnn.add_argument("--overhead-s", type=float, default=30.0,
+    vnn.add_argument("--overhead-s", type=float, default=60.0,
                      help="seconds an instance's worker may run beyond its (scaled) timeout "
                      "for loading, parsing and prepare before it is stopped and recorded as "
-                     "timeout (default 30)")
+                     "timeout (default 60, the competition's allowance)")
     vnn.add_argument("--import", dest="imports", action="append", default=[],
                      metavar="MODULE", help="a module that registers your own verifier "
                      "(repeatable), as a matrix's `imports`")

@@ -2,7 +2,8 @@
 one that is slow enough to be interrupted mid-run, two that certify everything, one whose
 certification takes a planted extra fraction of its time (the speed gate), and for the
 executors one that hangs, one that crashes its process, one that eats memory and one that
-holds a known amount; the same three faults in ``check_spec`` for `certbench vnncomp`."""
+holds a known amount; the same three faults in ``check_spec`` for `certbench vnncomp`, and
+one whose ``check_spec`` answers unsat on everything."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from certbench.verifiers import Certificate, Verdict, register, verdict_code
 from certbench.verifiers.bound_propagation.verifier import LinearRelaxationVerifier
 from certbench.verifiers.global_lipschitz import GlobalLipschitzVerifier
 from certbench.verifiers.smoothing import RandomizedSmoothing
+from certbench.verifiers.specification import SpecResult, SpecVerdict
 
 
 @register("test-failing", "always raises (harness test)")
@@ -169,3 +171,11 @@ class SpecMemoryHog(_PlantedSpecFault):
         held = []
         while True:
             held.append(torch.ones(16 * 2**20))
+
+
+@register("test-spec-liar", "check_spec answers unsat on every property (vnncomp test)")
+class LyingSpecVerifier(_PlantedSpecFault):
+    name = "test-spec-liar"
+
+    def check_spec(self, lower, upper, spec, time_limit_s):
+        return SpecResult(SpecVerdict.UNSAT)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
-from certbench.report.summary import solved_table  # noqa: E402
+from certbench.report.summary import conflict_lines, solved_table  # noqa: E402
 from certbench.report.view import (  # noqa: E402
     ATTACK_ROW,
     PROB_MARK,
@@ -396,7 +396,8 @@ def figure_cactus(table: pd.DataFrame) -> bytes:
 
 
 VNN_NOTE = ("unsat: proved (no input in the box reaches the unsafe set); sat: counterexample "
-            "confirmed by onnxruntime inside the box; unknown: not decided; timeout: over the "
+            "accepted by the competition's judge (onnxruntime; box and unsafe set each with "
+            "its tolerance of 1e-4); unknown: not decided; timeout: over the "
             "instance's timeout; error: the verifier failed. Times: median verification time of "
             "solved instances and median overhead (loading, parsing, prepare).")
 CACTUS_CAPTION = ("Cactus plot (VNN-COMP's standard figure): the k-th point of a line is the "
@@ -409,11 +410,14 @@ def vnncomp_section(table: pd.DataFrame, out: Path) -> tuple[str, str]:
     image = figure_cactus(table)
     (out / "figures" / "cactus.png").write_bytes(image)
     summary = solved_table(table).map(_fmt)
-    md = "\n".join(["## VNN-COMP instances", "", VNN_NOTE, "", summary.to_markdown(index=False),
+    clashes = conflict_lines(table)
+    md = "\n".join(["## VNN-COMP instances", "", VNN_NOTE, "", *[f"**{c}**" for c in clashes],
+                    "", summary.to_markdown(index=False),
                     "", "![cactus plot](figures/cactus.png)", "", CACTUS_CAPTION, ""])
     data = base64.b64encode(image).decode()
+    alarms = "".join(f"<p class='violations'>{html.escape(c)}</p>" for c in clashes)
     page = (f"<section id='vnncomp'><h2>VNN-COMP instances</h2><p class='note'>"
-            f"{html.escape(VNN_NOTE)}</p>{summary.to_html(index=False)}"
+            f"{html.escape(VNN_NOTE)}</p>{alarms}{summary.to_html(index=False)}"
             f"<img alt='cactus plot' src='data:image/png;base64,{data}'>"
             f"<p class='note'>{html.escape(CACTUS_CAPTION)}</p></section>")
     return md, page

@@ -62,12 +62,39 @@ def solved_table(table: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index()
 
 
+def conflicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Instances where one verifier's accepted ``sat`` meets another's ``unsat``: one row
+    each (benchmark, instance, sat_by, unsat_by, strict). ``strict``: some counterexample
+    also passed the strict check, so a proof is refuted; otherwise the two answers are
+    reconcilable only within the competition's tolerance, and the competition would still
+    count one of them as wrong."""
+    columns = ["benchmark", "instance", "sat_by", "unsat_by", "strict"]
+    rows = []
+    for (benchmark, instance), group in table.groupby(["benchmark", "instance"]):
+        sat = group[group["result"] == "sat"]
+        unsat = group[group["result"] == "unsat"]
+        if len(sat) and len(unsat):
+            strict = sat.get("confirmed_strict", pd.Series(False, index=sat.index))
+            rows.append((benchmark, instance, ", ".join(sorted(sat["verifier"])),
+                         ", ".join(sorted(unsat["verifier"])),
+                         bool(strict.fillna(False).astype(bool).any())))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def conflict_lines(table: pd.DataFrame) -> list[str]:
+    """One line per conflicting instance (`conflicts`), for the terminal and the report."""
+    return [f"SOUNDNESS CONFLICT: {row.benchmark} / {row.instance}: sat by {row.sat_by} "
+            f"(counterexample {'strict' if row.strict else 'within tolerance only'}), unsat "
+            f"by {row.unsat_by}" for row in conflicts(table).itertuples()]
+
+
 def format_vnncomp(results_dir: str | Path) -> str:
     table = ResultsStore(results_dir).read(INSTANCES)
     summary = solved_table(table)
     lines = [f"VNN-COMP instances ({results_dir}): unsat = proved, sat = counterexample "
-             "confirmed by onnxruntime",
+             "accepted by the competition's judge (onnxruntime, tolerance 1e-4)",
              summary.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-")]
+    lines += conflict_lines(table)
     errors = table[table["result"] == "error"]
     for _, row in errors.head(10).iterrows():
         lines.append(f"error: {row['verifier']} / {row['instance']}: {row['error']}")

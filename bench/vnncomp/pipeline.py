@@ -15,14 +15,17 @@ by default each in a fresh worker process):
    after the instance's budget);
 3. *verification*: the verifier's ``check_spec`` on each region of the property.
 
-Answers, each kept apart: ``unsat`` (every region proved), ``sat`` (a counterexample that
-the original ONNX network, run by onnxruntime in float32, confirms inside the box; found by
-the attack or by a complete verifier), ``unknown`` (the bound does not decide, or a
-candidate was not confirmed), ``timeout`` (the verification time exceeded the instance's
-timeout x ``timeout_scale``), ``error`` (the verifier failed, or its worker crashed; the
-reason is kept), ``oom`` (the worker passed the memory limit). Budgets are kept twice: the
-verifier gets the remaining time as its limit, and the worker is killed at the budget plus
-``overhead_s`` (`OVERHEAD_ALLOWANCE_S`), so that a hang costs one instance, not the run.
+Answers, each kept apart: ``unsat`` (every region proved), ``sat`` (a counterexample found
+by the attack or by a complete verifier and accepted by the competition's judge, `judge`:
+the original ONNX network run by onnxruntime, the box and the unsafe set each with the
+competition's tolerance of 1e-4; ``confirmed_strict`` says whether it also holds with
+none), ``unknown`` (the bound does not decide, or a candidate was not accepted),
+``timeout`` (the verification time exceeded the instance's timeout x ``timeout_scale``),
+``error`` (the verifier failed, or its worker crashed; the reason is kept), ``oom`` (the
+worker passed the memory limit). Budgets are kept twice: the verifier gets the remaining
+time as its limit, and the worker is killed at the budget plus ``overhead_s``
+(`OVERHEAD_ALLOWANCE_S`, the competition's 60 s), so that a hang costs one instance, not
+the run.
 
 Outputs in RESULTS_DIR: ``instances.parquet`` (one row per instance and verifier, upserted
 by ``instance_key``; a rerun skips answered instances, retries ``error`` and ``oom`` rows), and per
@@ -64,11 +67,13 @@ from certbench.verifiers.specification import (
     SpecResult,
     SpecVerdict,
 )
+from certbench.vnncomp.judge import KILL_ALLOWANCE_S, Judgement, judge
 
 DEFAULT_VERIFIERS = ("crown", "alpha-crown", "exact")
-OVERHEAD_ALLOWANCE_S = 30.0
+OVERHEAD_ALLOWANCE_S = KILL_ALLOWANCE_S
 """Seconds a worker may take beyond the instance's budget (loading the network, parsing
-the property, ``prepare``, the attack's last step) before it is stopped as ``timeout``."""
+the property, ``prepare``, the attack's last step) before it is stopped as ``timeout``:
+the competition's own allowance (`judge.KILL_ALLOWANCE_S`, 60 s)."""
 COMPETITION_RESULT = {"oom": "error"}
 """certbench answers the competition's result files have no word for."""
 
@@ -142,23 +147,6 @@ def instance_key(instance: Instance, onnx_sha: str, verifier: str, options: dict
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
-def confirm(runtime: OnnxRuntime, point: torch.Tensor, lower: np.ndarray, upper: np.ndarray,
-            spec: OutputSpec) -> tuple[np.ndarray, np.ndarray] | None:
-    """(x, y) if the float32 point lies in the box and onnxruntime's output of it lies in
-    the unsafe set (no tolerance), else None."""
-    x = point.detach().cpu().double().reshape(-1).numpy().astype(np.float32)
-    x = np.clip(x, lower, upper).astype(np.float32)  # the box in float64, x in float32
-    if (x < lower).any() or (x > upper).any():
-        x = np.where(x < lower, np.nextafter(x, np.float32(np.inf)), x)
-        x = np.where(x > upper, np.nextafter(x, np.float32(-np.inf)), x).astype(np.float32)
-        if (x < lower).any() or (x > upper).any():
-            return None
-    y = runtime(x[None].reshape(1, *runtime.network.input_shape))
-    if float(spec.violation(torch.from_numpy(y))) <= 0:
-        return x.astype(np.float64), y[0]
-    return None
-
-
 def counterexample_text(x: np.ndarray, y: np.ndarray) -> str:
     """The competition's counterexample format (float32 values printed exactly)."""
     lines = [f"(X_{i} {float(np.float32(v))!r})" for i, v in enumerate(x)]
@@ -171,7 +159,7 @@ class Answer:
     result: str
     time_s: float
     attack_s: float
-    counterexample: tuple[np.ndarray, np.ndarray] | None = None
+    counterexample: Judgement | None = None
     found_by: str | None = None
     error: str | None = None
     columns: dict | None = None
@@ -208,9 +196,8 @@ def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, sta
                 steps=attack.get("steps", 50), restarts=attack.get("restarts", 8),
                 deadline=started + budget_s)
             attack_s += time.perf_counter() - t0
-            found = None if value > 0 else confirm(runtime, point, region.lower, region.upper,
-                                                   spec)
-            if found is not None:
+            found = None if value > 0 else judge(runtime, point, region)
+            if found is not None and found.accepted:
                 return Answer("sat", 0.0, attack_s, found, "attack")
     for spec, lower, upper, region in regions:
         remaining = budget_s - (time.perf_counter() - started)
@@ -219,8 +206,8 @@ def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, sta
         result: SpecResult = verifier.check_spec(lower, upper, spec, remaining)
         columns.update(result.columns)
         if result.verdict == SpecVerdict.SAT:
-            found = confirm(runtime, result.counterexample, region.lower, region.upper, spec)
-            if found is not None:
+            found = judge(runtime, result.counterexample, region)
+            if found.accepted:
                 return Answer("sat", 0.0, attack_s, found, "verifier", columns=columns)
             columns["unconfirmed_counterexample"] = 1.0
             return Answer("unknown", 0.0, attack_s, columns=columns)
@@ -318,14 +305,16 @@ class InstanceJob:
         if answer is None:
             answer = Answer("error", 0.0, 0.0, error=error)
         text = answer.result + "\n"
-        if answer.counterexample is not None:
-            text += counterexample_text(*answer.counterexample)
+        found = answer.counterexample
+        if found is not None:
+            text += counterexample_text(found.x, found.y)
         columns = answer.columns or {}
         return {
             **self.base_row(started_at), "result": answer.result, "time_s": answer.time_s,
             "overhead_s": loaded.load_s + parse_s + prepare_s, "attack_s": answer.attack_s,
             "found_by": answer.found_by,
-            "counterexample_confirmed": answer.counterexample is not None,
+            "counterexample_accepted": found is not None,
+            "confirmed_strict": found is not None and found.strict,
             "error": answer.error,
             **{k: float(v) for k, v in columns.items() if k != "unconfirmed_counterexample"},
             "unconfirmed_counterexample": bool(columns.get("unconfirmed_counterexample", False)),
@@ -350,7 +339,8 @@ class InstanceJob:
         return {
             **self.base_row(started), "result": outcome.status, "time_s": outcome.seconds,
             "overhead_s": math.nan, "attack_s": math.nan, "found_by": None,
-            "counterexample_confirmed": False, "error": outcome.reason,
+            "counterexample_accepted": False, "confirmed_strict": False,
+            "error": outcome.reason,
             "unconfirmed_counterexample": False, "device": self.device,
             "finished_at": now.isoformat(), "_file_text": outcome.status + "\n",
         }
