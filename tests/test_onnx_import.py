@@ -238,8 +238,46 @@ def vector(path: Path) -> Path:
     return save_model(path, nodes, values, [5], [3])
 
 
+def structural(path: Path) -> Path:
+    """Every entry-copying operation (`IndexMap`s) between a conv and a dense layer: Slice
+    with steps, Transpose, Pad with a non-zero value, Split, Gather, Expand, Resize
+    (nearest), SpaceToDepth, DepthToSpace, Tile, ReduceMean, ReduceSum."""
+    rng = np.random.default_rng(8)
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        node("Relu", ["c"], ["r"]),
+        node("Slice", ["r", "starts", "ends", "slice_axes", "steps"], ["s"]),
+        node("Transpose", ["s"], ["t"], perm=[0, 1, 3, 2]),
+        node("Pad", ["t", "pads", "pad_value"], ["p"]),
+        node("Split", ["p", "split"], ["p1", "p2"], axis=1),
+        node("Gather", ["p2", "picks"], ["g"], axis=1),
+        node("Expand", ["p1", "expanded"], ["e"]),
+        node("Add", ["g", "e"], ["ge"]),
+        node("Resize", ["ge", "", "scales"], ["rs"], mode="nearest"),
+        node("SpaceToDepth", ["rs"], ["sd"], blocksize=2),
+        node("DepthToSpace", ["sd"], ["ds"], blocksize=2),
+        node("Tile", ["ds", "repeats"], ["ti"]),
+        node("ReduceMean", ["ti"], ["rm"], axes=[3], keepdims=1),
+        node("ReduceSum", ["ti", "sum_axes"], ["rsum"], keepdims=0),
+        node("Relu", ["rsum"], ["rr"]),
+        node("Flatten", ["rm"], ["f1"]),
+        node("Flatten", ["rr"], ["f2"]),
+        node("Concat", ["f1", "f2"], ["cat"], axis=1),
+        node("MatMul", ["cat", "wd"], ["y"]),
+    ]
+    values = {"w1": weights(rng, 4, 2, 3, 3), "b1": weights(rng, 4),
+              "starts": ints(1, 0), "ends": ints(4, 6), "slice_axes": ints(1, 3),
+              "steps": ints(1, 2), "pads": ints(0, 0, 1, 0, 0, 0, 0, 1),
+              "pad_value": np.array(0.5, np.float32), "split": ints(1, 2),
+              "picks": ints(1, 0, 1), "expanded": ints(1, 3, 4, 5),
+              "scales": np.array([1, 1, 2, 2], np.float32), "repeats": ints(1, 1, 1, 2),
+              "sum_axes": ints(2), "wd": weights(rng, 84, 3, scale=0.02)}
+    return save_model(path, nodes, values, [1, 2, 4, 6], [1, 3])
+
+
 HAND_BUILT: dict[str, Callable[[Path], Path]] = {"cnn": cnn, "residual": residual,
-                                                  "vector": vector}
+                                                  "vector": vector, "structural": structural}
 
 
 def test_hand_built_networks_exercise_every_converter(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from torch import fx, nn
 from certbench.errors import UserError
 from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation import ONNX_ACTIVATIONS
+from certbench.verifiers.bound_propagation.index_map import IndexMap
 
 
 class OnnxImportError(UserError):
@@ -95,6 +96,7 @@ class _Converter:
     (zeros in), ``onnx_shape`` gives a value's shape as ONNX sees it."""
 
     def __init__(self, proto, onnx_input_shape: tuple[int, ...]):
+        self.opsets = {entry.domain: entry.version for entry in proto.opset_import}
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.prepended = len(onnx_input_shape) < 2 or onnx_input_shape[0] != 1
@@ -334,6 +336,106 @@ def _activation(conv: _Converter, node, attrs) -> None:
     conv.module(node.output[0], ONNX_ACTIVATIONS[node.op_type](attrs), node.input[0])
 
 
+SELECTIONS = {"Slice", "Gather", "Split", "Transpose", "Pad", "Resize", "Tile", "Expand",
+              "DepthToSpace", "SpaceToDepth"}
+"""Operations whose every output entry is one entry of the data input or a constant (a
+pad value): converted to an `IndexMap` by running them on the entries' indices."""
+
+
+def _batch_free(conv: _Converter, shape: tuple[int, ...], node) -> tuple[int, ...]:
+    """An ONNX output shape without its batch dimension of 1 (UnsupportedLayerError if the
+    operation moved the batch elsewhere)."""
+    if conv.prepended:
+        return shape
+    if not shape or shape[0] != 1:
+        raise UnsupportedLayerError(f"{node.op_type} that moves the batch dimension "
+                                    f"(output shape {list(shape)})")
+    return shape[1:]
+
+
+def _run_node(conv: _Converter, node, data: np.ndarray,
+              replace: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The node's outputs with ``data`` as its first input and the other inputs constant."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = {node.input[0]: data}
+    for position, name in enumerate(node.input[1:], start=1):
+        if not name:
+            continue
+        if name not in conv.constants:
+            raise UnsupportedLayerError(f"{node.op_type} whose input {position} depends on the "
+                                        "network's input")
+        inputs[name] = (replace or {}).get(position, conv.constants[name])
+    return ReferenceEvaluator(node, opsets=conv.opsets).run(None, inputs)
+
+
+def _selection(conv: _Converter, node, attrs) -> None:
+    """Slice, Gather, Split, ... as `IndexMap`s: the operation is run on the entries'
+    numbers 1..n (float64, exact), so each output entry names its source (0: a pad), and
+    checked once more on a random permutation of them."""
+    if node.input[0] not in conv.values:
+        raise UnsupportedLayerError(f"{node.op_type} of a constant at input-dependent indices")
+    if node.op_type == "Resize" and attrs.get("mode", b"nearest") not in (b"nearest", "nearest"):
+        raise UnsupportedLayerError(f"Resize in mode {attrs['mode']!r} (only nearest copies "
+                                    "entries; interpolation has no rule here)")
+    shape = conv.onnx_shape(node.input[0])
+    n = math.prod(shape)
+    numbers = np.arange(1, n + 1, dtype=np.float64).reshape(shape)
+    pad_value, replace = 0.0, None
+    if node.op_type == "Pad" and attrs.get("mode", b"constant") in (b"constant", "constant"):
+        if attrs.get("value", 0.0):
+            raise UnsupportedLayerError("Pad (opset < 11) with a non-zero value attribute")
+        if len(node.input) > 2 and node.input[2]:  # the pad value: probed as 0, then added
+            value = _constant_operand(conv, node, 2)
+            pad_value, replace = float(np.reshape(value, -1)[0]), {2: np.zeros_like(value)}
+    outputs = _run_node(conv, node, numbers, replace)
+    check = np.random.default_rng(0).permutation(n).astype(np.float64).reshape(shape) + 1
+    checks = _run_node(conv, node, check, replace)
+    for name, out, out_check in zip(node.output, outputs, checks, strict=True):
+        out = np.asarray(out, dtype=np.float64)
+        values = out.reshape(-1)
+        if (values != np.round(values)).any() or (values < 0).any() or (values > n).any():
+            raise UnsupportedLayerError(f"{node.op_type} that does not copy entries")
+        taken = values > 0
+        in_index = values[taken].astype(np.int64) - 1
+        expected = np.where(taken, check.reshape(-1)[np.maximum(values.astype(np.int64) - 1, 0)],
+                            0.0)
+        if not np.array_equal(np.asarray(out_check, dtype=np.float64).reshape(-1), expected):
+            raise UnsupportedLayerError(f"{node.op_type} whose output is not a selection")
+        out_shape = _batch_free(conv, tuple(out.shape), node)
+        layer = IndexMap(torch.from_numpy(np.flatnonzero(taken)), torch.from_numpy(in_index),
+                         torch.ones(len(in_index)),
+                         torch.from_numpy(np.where(taken, 0.0, pad_value)),
+                         conv.examples[node.input[0]].shape[1:], out_shape)
+        conv.module(name, layer, node.input[0])
+
+
+def _reduce(conv: _Converter, node, attrs) -> None:
+    """ReduceSum / ReduceMean over constant axes (not the batch) as an `IndexMap`."""
+    shape = conv.onnx_shape(node.input[0])
+    if len(node.input) > 1 and node.input[1]:
+        axes = [int(a) for a in _constant_operand(conv, node, 1)]
+    else:
+        axes = list(attrs.get("axes", []))
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            _identity(conv, node, attrs)
+            return
+        axes = list(range(len(shape)))
+    torch_axes = sorted({conv.torch_dim(a, node.input[0]) - 1 for a in axes})
+    in_shape = tuple(conv.examples[node.input[0]].shape[1:])
+    kept = tuple(1 if i in torch_axes else size for i, size in enumerate(in_shape))
+    out_index = np.broadcast_to(np.arange(math.prod(kept)).reshape(kept), in_shape).reshape(-1)
+    count = math.prod(in_shape) // math.prod(kept)
+    weight = 1.0 if node.op_type == "ReduceSum" else 1.0 / count
+    out_shape = kept if attrs.get("keepdims", 1) else tuple(
+        size for i, size in enumerate(in_shape) if i not in torch_axes)
+    layer = IndexMap(torch.from_numpy(out_index.copy()), torch.arange(len(out_index)),
+                     torch.full((len(out_index),), weight), torch.zeros(math.prod(kept)),
+                     in_shape, out_shape)
+    conv.module(node.output[0], layer, node.input[0])
+
+
 def _identity(conv: _Converter, node, attrs) -> None:
     conv.values[node.output[0]] = conv.values[node.input[0]]
     conv.examples[node.output[0]] = conv.examples[node.input[0]]
@@ -365,6 +467,9 @@ CONVERTERS: dict[str, Callable] = {
     "Identity": _identity,
     "Dropout": _identity,
     "Shape": _shape,
+    "ReduceSum": _reduce,
+    "ReduceMean": _reduce,
+    **dict.fromkeys(SELECTIONS, _selection),
 }
 """ONNX operation -> converter for the structural operations; elementwise activations come
 from the engine's `ONNX_ACTIVATIONS` (the operation's own place)."""
@@ -412,14 +517,13 @@ def load_onnx(path: str | Path) -> OnnxNetwork:
             f"{len(inputs)} inputs and {len(graph.output)} outputs"
         )
     onnx_shape = _dims(inputs[0], path)
-    opsets = {entry.domain: entry.version for entry in proto.opset_import}
     conv = _Converter(proto, onnx_shape)
     name = inputs[0].name
     conv.values[name] = conv.graph.placeholder("x")
     conv.examples[name] = torch.zeros(onnx_shape if not conv.prepended else (1, *onnx_shape))
     for node in graph.node:
         if node.op_type == "Constant" or all(i in conv.constants for i in node.input if i):
-            _fold(conv, node, opsets)
+            _fold(conv, node, conv.opsets)
             continue
         converter = CONVERTERS.get(node.op_type)
         if node.op_type in ONNX_ACTIVATIONS:

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from certbench.verifiers.base import UnsupportedLayerError
+from certbench.verifiers.bound_propagation.index_map import IndexMap, IndexMapOperation
 from certbench.verifiers.bound_propagation.operators import (
     AvgPool,
     BatchNormEval,
@@ -52,6 +53,7 @@ MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.AvgPool2d: AvgPool,
     nn.AdaptiveAvgPool2d: AvgPool,
     nn.MaxPool2d: MaxPool,
+    IndexMap: IndexMapOperation,
 }
 ONNX_ACTIVATIONS: dict[str, Callable[[dict], nn.Module]] = {
     "Relu": lambda attributes: nn.ReLU(),
@@ -82,12 +84,20 @@ class Node:
     shape: tuple[int, ...]  # without the batch dimension
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the layers of the conversion table whole (the engine's
+    own, such as `IndexMap`, would otherwise be traced into)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in MODULE_OPERATIONS or super().is_leaf_module(m, module_qualified_name)
+
+
 class TracedNetwork:
     """The nodes of ``model`` for inputs of ``input_shape`` (no batch dimension)."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int]):
         try:
-            gm = fx.symbolic_trace(model)
+            gm = fx.GraphModule(model, _Tracer().trace(model))
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedLayerError(f"cannot trace the model with torch.fx: {exc}") from exc
         param = next(model.parameters(), None)
