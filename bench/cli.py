@@ -178,6 +178,7 @@ def _verifier_arg(text: str) -> tuple[str, dict]:
 
 
 def cmd_vnncomp(args: argparse.Namespace) -> int:
+    from certbench.report.official import read_official, score_table, wrong_lines
     from certbench.report.summary import conflicts, format_vnncomp
     from certbench.store import INSTANCES, ResultsStore
     from certbench.vnncomp.pipeline import run_vnncomp
@@ -192,6 +193,7 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
         if "," in name:
             raise UserError(f"--verifiers {name}: separate names with spaces "
                             f"(--verifiers {' '.join(name.split(','))})")
+    official = read_official(args.official) if args.official is not None else None
     executor = _executor(args)
     run_vnncomp(csv_path, results, args.verifiers, timeout_scale=args.timeout_scale,
                 attack={"enabled": not args.no_attack}, force=args.force,
@@ -199,7 +201,13 @@ def cmd_vnncomp(args: argparse.Namespace) -> int:
                 overhead_s=args.overhead_s, imports=tuple(args.imports),
                 device=str(executor.resolve_device(args.device)))
     print(format_vnncomp(results))
-    return 1 if len(conflicts(ResultsStore(results).read(INSTANCES))) else 0
+    table = ResultsStore(results).read(INSTANCES)
+    wrong = []
+    if official is not None:
+        print(score_table(official, table).to_string(index=False, na_rep="-"))
+        wrong = wrong_lines(official, table)
+        print("\n".join(wrong))
+    return 1 if len(conflicts(table)) or wrong else 0
 
 
 def cmd_paradox(args: argparse.Namespace) -> int:
@@ -215,7 +223,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     results = Path(args.results_dir)
     out = Path(args.out or Path("reports") / results.name)
-    page = build_report(results, out)
+    page = build_report(results, out, args.official)
     print(f"wrote {page} and {out / 'report.md'}")
     return 0
 
@@ -296,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
               "competition's judge: onnxruntime, tolerance 1e-4), unknown, timeout or error. "
               "Writes instances.parquet and the competition's result files; a rerun skips "
               "answered instances. Exits with code 1 when one verifier's sat meets another's "
-              "unsat on an instance (a soundness conflict).")
+              "unsat on an instance (a soundness conflict) or, with --official, an answer "
+              "contradicts the participants' consensus.")
     vnn.add_argument("instances_csv", help="the benchmark's instances.csv (onnx,vnnlib,timeout)")
     vnn.add_argument("--verifiers", nargs="+", type=_verifier_arg,
                      default=[("crown", {}), ("alpha-crown", {}), ("exact", {})],
@@ -316,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds an instance's worker may run beyond its (scaled) timeout "
                      "for loading, parsing and prepare before it is stopped and recorded as "
                      "timeout (default 60, the competition's allowance)")
+    vnn.add_argument("--official", default=None, metavar="DIR",
+                     help="the competition's results (<tool>.csv or <tool>/results.csv): "
+                     "print the competition's score of each participant and of certbench on "
+                     "the same instances; an answer against their consensus exits 1")
     vnn.add_argument("--import", dest="imports", action="append", default=[],
                      metavar="MODULE", help="a module that registers your own verifier "
                      "(repeatable), as a matrix's `imports`")
@@ -345,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir")
     report.add_argument("--out", default=None, help="report folder (default: reports/NAME, "
                         "NAME the results folder's name)")
+    report.add_argument("--official", default=None, metavar="DIR",
+                        help="the competition's results (<tool>.csv or <tool>/results.csv, "
+                        "as in vnncomp2022_results): scores and cactus curves beside "
+                        "certbench's VNN-COMP answers")
     report.set_defaults(func=cmd_report)
 
     comp = add("compare", "Compare two results folders cell by cell; exit 1 when a "

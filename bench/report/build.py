@@ -11,7 +11,10 @@ CERTIFY's), certified accuracy versus epsilon, cost versus strength, peak memory
 certified-radius curves, tightness (certified radius / smallest adversarial distance), provenance.
 
 A results folder of `certbench vnncomp` (``instances.parquet``) gets a section of its own:
-instances per answer and verifier, and the competition's cactus plot. Probabilistic
+instances per answer and verifier, soundness conflicts in red, and the competition's cactus
+plot; with ``--official DIR``, the competition's score of every participant and of certbench
+on the same instances, their curves in the cactus plot, and certbench's answers against
+their consensus in red. Probabilistic
 certificates (randomized smoothing) are marked everywhere: a dagger after
 the verifier's name in tables and legends, dashed lines in figures. Only cells with status
 ``ok`` enter the figures; failed cells are listed in the tables with their status.
@@ -33,6 +36,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from certbench.errors import UserError  # noqa: E402
+from certbench.report.official import (  # noqa: E402
+    read_official,
+    score_table,
+    scored,
+    wrong_lines,
+)
 from certbench.report.summary import conflict_lines, solved_table  # noqa: E402
 from certbench.report.view import (  # noqa: E402
     ATTACK_ROW,
@@ -376,9 +385,16 @@ def marked(table: pd.DataFrame, mark) -> pd.DataFrame:
     return shown
 
 
-def figure_cactus(table: pd.DataFrame) -> bytes:
+PLOT_FLOOR_S = 0.01
+
+
+def figure_cactus(table: pd.DataFrame, official: pd.DataFrame | None = None) -> bytes:
     """VNN-COMP's cactus plot: per benchmark, for each verifier the verification times of
-    its solved instances (unsat or sat) sorted, against their count."""
+    its solved instances (unsat or sat) sorted, against their count. With the
+    competition's results, their participants' curves on the same instances beside
+    (thin, dashed), every tool's time after its overhead as the competition counts it."""
+    if official is not None:
+        table = scored(official, table).rename(columns={"tool": "verifier"})
     benchmarks = sorted(table["benchmark"].unique())
     fig, axes = plt.subplots(1, len(benchmarks), squeeze=False,
                              figsize=(4.6 * len(benchmarks), 3.6), layout="constrained")
@@ -386,12 +402,15 @@ def figure_cactus(table: pd.DataFrame) -> bytes:
         rows = table[table["benchmark"] == benchmark]
         for i, (verifier, group) in enumerate(sorted(rows.groupby("verifier"))):
             times = np.sort(group.loc[group["result"].isin(["unsat", "sat"]), "time_s"])
+            times = np.maximum(times, PLOT_FLOOR_S)  # a log axis: no zero times
+            theirs = official is not None and not verifier.startswith("certbench ")
             ax.step(np.arange(1, len(times) + 1), times, where="post", label=verifier,
-                    marker=MARKERS[i % len(MARKERS)], markersize=3,
-                    markevery=max(1, len(times) // 8))
+                    marker=MARKERS[i % len(MARKERS)], markersize=2 if theirs else 3,
+                    markevery=max(1, len(times) // 8), linewidth=0.7 if theirs else 1.6,
+                    linestyle="--" if theirs else "-")
         ax.set(title=f"{benchmark} ({rows['instance'].nunique()} instances)",
                xlabel="instances solved", ylabel="verification time (s)", yscale="log")
-        ax.legend(fontsize=7.5)
+        ax.legend(fontsize=6.5 if official is not None else 7.5)
     return _png(fig)
 
 
@@ -405,19 +424,38 @@ CACTUS_CAPTION = ("Cactus plot (VNN-COMP's standard figure): the k-th point of a
                   "right is more solved, lower is faster.")
 
 
-def vnncomp_section(table: pd.DataFrame, out: Path) -> tuple[str, str]:
-    """The VNN-COMP section as Markdown and HTML; writes figures/cactus.png."""
-    image = figure_cactus(table)
+SCORE_NOTE = ("The competition's 2022 score on the instances certbench answered: correct "
+              "unsat or sat 10 points, wrong -100 (against the participants' consensus), "
+              "+2 / +1 to the fastest / second fastest correct answer (times after each "
+              "tool's overhead, at least 1 s, within 0.2 s equal). certbench ran on another "
+              "machine, possibly at scaled timeouts: its time bonus compares across hardware.")
+
+
+def vnncomp_section(table: pd.DataFrame, out: Path,
+                    official: pd.DataFrame | None = None) -> tuple[str, str]:
+    """The VNN-COMP section as Markdown and HTML; writes figures/cactus.png. With the
+    competition's results (`official.read_official`), the score table beside them and
+    certbench's answers against their consensus (in red)."""
+    image = figure_cactus(table, official)
     (out / "figures" / "cactus.png").write_bytes(image)
     summary = solved_table(table).map(_fmt)
-    clashes = conflict_lines(table)
-    md = "\n".join(["## VNN-COMP instances", "", VNN_NOTE, "", *[f"**{c}**" for c in clashes],
-                    "", summary.to_markdown(index=False),
-                    "", "![cactus plot](figures/cactus.png)", "", CACTUS_CAPTION, ""])
+    alarms = conflict_lines(table)
+    md_score, html_score = [], ""
+    if official is not None:
+        alarms += wrong_lines(official, table)
+        scores = score_table(official, table).map(_fmt)
+        md_score = ["### Beside the competition's participants", "", SCORE_NOTE, "",
+                    scores.to_markdown(index=False), ""]
+        html_score = (f"<h3>Beside the competition's participants</h3><p class='note'>"
+                      f"{html.escape(SCORE_NOTE)}</p><div class='scroll'>"
+                      f"{scores.to_html(index=False)}</div>")
+    md = "\n".join(["## VNN-COMP instances", "", VNN_NOTE, "", *[f"**{a}**" for a in alarms],
+                    "", summary.to_markdown(index=False), "", *md_score,
+                    "![cactus plot](figures/cactus.png)", "", CACTUS_CAPTION, ""])
     data = base64.b64encode(image).decode()
-    alarms = "".join(f"<p class='violations'>{html.escape(c)}</p>" for c in clashes)
+    red = "".join(f"<p class='violations'>{html.escape(a)}</p>" for a in alarms)
     page = (f"<section id='vnncomp'><h2>VNN-COMP instances</h2><p class='note'>"
-            f"{html.escape(VNN_NOTE)}</p>{alarms}{summary.to_html(index=False)}"
+            f"{html.escape(VNN_NOTE)}</p>{red}{summary.to_html(index=False)}{html_score}"
             f"<img alt='cactus plot' src='data:image/png;base64,{data}'>"
             f"<p class='note'>{html.escape(CACTUS_CAPTION)}</p></section>")
     return md, page
@@ -437,8 +475,9 @@ def _vnncomp_provenance(table: pd.DataFrame, folder: Path) -> dict[str, str]:
     }
 
 
-def _vnncomp_report(folder: Path, out: Path, table: pd.DataFrame) -> Path:
-    md, page = vnncomp_section(table, out)
+def _vnncomp_report(folder: Path, out: Path, table: pd.DataFrame,
+                    official: pd.DataFrame | None) -> Path:
+    md, page = vnncomp_section(table, out, official)
     name = folder.name
     prov = _vnncomp_provenance(table, folder)
     lines = [f"# certbench report: {name}", "", md, "## Provenance", ""]
@@ -455,13 +494,17 @@ def _vnncomp_report(folder: Path, out: Path, table: pd.DataFrame) -> Path:
     return index
 
 
-def build_report(results_dir: str | Path, out: str | Path) -> Path:
-    """Write OUT/index.html, OUT/report.md and OUT/figures/; returns the HTML path."""
+def build_report(results_dir: str | Path, out: str | Path,
+                 official: str | Path | None = None) -> Path:
+    """Write OUT/index.html, OUT/report.md and OUT/figures/; returns the HTML path.
+    ``official``: a folder of the competition's results, scored beside certbench's
+    VNN-COMP answers (`official`)."""
     folder, out = Path(results_dir), Path(out)
+    official = read_official(official) if official is not None else None
     vnn = ResultsStore(folder).read(INSTANCES)
     if not vnn.empty and not ResultsStore(folder).path("cells").exists():
         (out / "figures").mkdir(parents=True, exist_ok=True)
-        return _vnncomp_report(folder, out, vnn)
+        return _vnncomp_report(folder, out, vnn, official)
     results = ResultsView.load(folder)
     if results.ok.empty:
         raise UserError(f"{folder}: no cell finished with status ok; nothing to plot")
@@ -479,7 +522,7 @@ def build_report(results_dir: str | Path, out: str | Path) -> Path:
     violations = results.violation_lines() + results.unchecked_lines()
     has_prob = bool(results.cells["probabilistic"].any())
     name = prov["matrix"]
-    extra = vnncomp_section(vnn, out) if not vnn.empty else ("", "")
+    extra = vnncomp_section(vnn, out, official) if not vnn.empty else ("", "")
     gls = gls_section(results, folder, out)
     extra = (extra[0] + gls[0], extra[1] + gls[1])
     winners = results.winners()
