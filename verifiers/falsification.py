@@ -61,17 +61,24 @@ def box_pgd(
 ) -> tuple[torch.Tensor, float]:
     """Minimise ``violation(model(x))`` (<= 0 inside the unsafe set; `OutputSpec.violation`)
     over the box [lower, upper] (each (1, *input_shape)), within the l2 ball of ``radius``
-    around ``center`` where given. All restarts run as one batch: the first from the set's
-    centre, the others from uniform points (uniform radii along Gaussian directions for
-    l2). Steps: sign steps of 2.5 x half-width / steps (box), normalised-gradient steps of
-    2.5 x radius / steps (l2), each projected back onto the set. Returns the best point
-    (1, *input_shape) and its violation. No step starts after ``deadline``
+    around ``center`` where given. ``violation`` may instead return one column per
+    disjunct of the unsafe set (`OutputSpec.disjunct_violations`): the first three restarts
+    descend the smallest column (the property's violation), each later one disjunct alone,
+    in turn, so that a near but unreachable disjunct cannot draw every restart; a point's
+    value is its smallest column. All restarts run as one batch:
+    the first from the set's centre, for a box the next two from its lower and upper
+    corners (where saturated networks often leave their plateau), the others from uniform
+    points (uniform radii along Gaussian directions for l2). Steps: sign steps of 2.5 x
+    half-width / steps (box), normalised-gradient steps of 2.5 x radius / steps (l2), each
+    projected back onto the set. Returns the best point (1, *input_shape) and its
+    violation. No step starts after ``deadline``
     (`time.perf_counter`); the starting points are always evaluated."""
     gen = torch.Generator().manual_seed(seed)
     shape = (restarts, *lower.shape[1:])
     noise = torch.rand(shape, generator=gen).to(lower)
     if radius is None:
         noise[0] = 0.5
+        noise[1:3] = torch.tensor([0.0, 1.0])[: restarts - 1].reshape(-1, *[1] * (noise.dim() - 1))
         x = lower + noise * (upper - lower)
         step = 2.5 * (upper - lower) / 2 / steps
     else:
@@ -100,7 +107,12 @@ def box_pgd(
 
     def objective(point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value = violation(model(point))
-        return value, value.detach()
+        if value.dim() == 1:
+            return value, value.detach()
+        rows = torch.arange(len(value), device=value.device)
+        own = value[rows, (rows - 3).clamp(min=0) % value.shape[1]]
+        descended = torch.where(rows < 3, value.amin(1), own)
+        return descended, value.detach().amin(1)
 
     def scaled_step(grad: torch.Tensor) -> torch.Tensor:  # descent: step -1 below
         if radius is None:

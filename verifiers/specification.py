@@ -13,7 +13,7 @@ of `base.float_slack`. A counterexample is a point of the box whose output lies 
 (`OutputSpec.violation` <= 0).
 
 Verifiers that can answer such questions implement `SpecificationVerifier`; the harness
-(bench/vnncomp.py) checks every ``sat`` against the original ONNX network itself.
+(`certbench.vnncomp`) judges every ``sat`` on the original ONNX network itself.
 """
 
 from __future__ import annotations
@@ -46,13 +46,16 @@ class OutputSpec:
         owner = torch.cat([torch.full((len(di),), i) for i, (_, di) in enumerate(self.disjuncts)])
         return c, d, owner
 
+    def disjunct_violations(self, y: torch.Tensor) -> torch.Tensor:
+        """max_j (C_i y - d_i)_j per sample of y (batch, outputs) and disjunct i: (batch,
+        disjuncts), <= 0 where y lies in that disjunct. Differentiable."""
+        return torch.stack([(y @ c.to(y).T - d.to(y)).amax(dim=1) for c, d in self.disjuncts],
+                           dim=1)
+
     def violation(self, y: torch.Tensor) -> torch.Tensor:
         """min_i max_j (C_i y - d_i)_j per sample of y (batch, outputs): <= 0 exactly when
         y lies in U. Differentiable (the attack's loss)."""
-        per_disjunct = [
-            (y @ c.to(y).T - d.to(y)).amax(dim=1) for c, d in self.disjuncts
-        ]
-        return torch.stack(per_disjunct, dim=1).amin(dim=1)
+        return self.disjunct_violations(y).amin(dim=1)
 
     def proves_safe(self, row_lower: torch.Tensor, slack: float) -> bool:
         """Whether lower bounds of C x f (rows,) show every disjunct empty: some row of each

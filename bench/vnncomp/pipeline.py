@@ -192,7 +192,8 @@ def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, sta
         if attack.get("enabled", True):
             t0 = time.perf_counter()
             point, value = box_pgd(
-                network.module, lower.to(param), upper.to(param), spec.to(param.dtype).violation,
+                network.module, lower.to(param), upper.to(param),
+                spec.to(param.dtype).disjunct_violations,
                 steps=attack.get("steps", 50), restarts=attack.get("restarts", 8),
                 deadline=started + budget_s)
             attack_s += time.perf_counter() - t0
