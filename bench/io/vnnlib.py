@@ -247,7 +247,7 @@ class _Reader:
             if len(dnf) == 1:
                 common.extend(dnf[0])
                 continue
-            if len(rest) * len(dnf) > MAX_DISJUNCTS:
+            if len(rest) > 1 and len(rest) * len(dnf) > MAX_DISJUNCTS:
                 raise self.error(f"the asserts expand to more than {MAX_DISJUNCTS} "
                                  "disjuncts in disjunctive normal form; split the "
                                  "property into several files")
@@ -256,6 +256,14 @@ class _Reader:
 
     def atom(self, left, right, node: _List) -> _Bound | _Row:
         """``left <= right`` as an input bound or an output row ``c · y <= d``."""
+        if isinstance(left, str) and isinstance(right, str):  # variable vs number: fast
+            variable, number, sign = self.variables.get(left), right, 1.0
+            if variable is None:
+                variable, number, sign = self.variables.get(right), left, -1.0
+            if variable is not None and _NUMBER.fullmatch(number):
+                if variable[0] == "X":
+                    return _Bound(variable[1], sign > 0, float(number))
+                return _Row({variable[1]: sign}, sign * float(number))
         coeffs: dict[tuple[str, int], float] = {}
         constant = (self.linear(left, 1.0, coeffs, node)
                     + self.linear(right, -1.0, coeffs, node))
