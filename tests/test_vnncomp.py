@@ -344,3 +344,18 @@ def test_a_corrupted_instances_table_is_one_line_exit_2(answered, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "not a readable Parquet table" in err
+
+
+def test_a_network_without_a_conversion_costs_its_instances_only(tmp_path):
+    """One of two networks uses Softmax: its instance is an error row naming the
+    operation, the other network's instance is answered."""
+    rng = np.random.default_rng(0)
+    mlp_onnx(tmp_path / "net.onnx", [rng.normal(size=(8, 3)), rng.normal(size=(3, 9))])
+    _bad_softmax_onnx(tmp_path / "bad.onnx")
+    (tmp_path / "p.vnnlib").write_text(robustness_vnnlib([0.4, 0.4], [0.41, 0.41], 0, 3))
+    (tmp_path / "instances.csv").write_text("net.onnx,p.vnnlib,30\nbad.onnx,p.vnnlib,30\n")
+    rows = run_vnncomp(tmp_path / "instances.csv", tmp_path / "out", [("crown", {})],
+                       progress=False).set_index("instance")
+    assert rows.loc["bad__p", "result"] == "error"
+    assert "Softmax" in rows.loc["bad__p", "error"]
+    assert rows.loc["net__p", "result"] in ("unsat", "sat", "unknown")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -53,7 +54,13 @@ from tqdm.auto import tqdm
 
 from certbench.atomic import write_atomic
 from certbench.errors import UserError
-from certbench.io.onnx_import import OnnxNetwork, OnnxRuntime, load_onnx, read_onnx_bytes
+from certbench.io.onnx_import import (
+    OnnxNetwork,
+    OnnxRuntime,
+    UnsupportedOnnxOperation,
+    load_onnx,
+    read_onnx_bytes,
+)
 from certbench.io.vnnlib import Property, read_vnnlib
 from certbench.matrix import VerifierSpec, add_plugin_folders, check_verifiers, import_plugins
 from certbench.provenance import canonical_json, git_commit, library_versions
@@ -373,11 +380,20 @@ def run_vnncomp(
     done = store.done_instances()
     check_spec_verifiers(verifiers)
     shas = {}  # every file is read here before anything runs, so that a bad one is one line
+    refused: dict[Path, str] = {}  # networks with an operation certbench cannot convert
     for instance in tqdm(instances, desc="loading", unit="instance", disable=not progress):
         if instance.onnx not in shas:
             shas[instance.onnx] = _sha256(read_onnx_bytes(instance.onnx))
-        network = loaded_network(instance.onnx).network
+        if instance.onnx in refused:
+            continue
+        try:
+            network = loaded_network(instance.onnx).network
+        except UnsupportedOnnxOperation as exc:
+            refused[instance.onnx] = str(exc)
+            continue
         read_vnnlib(instance.vnnlib, math.prod(network.input_shape), network.num_outputs)
+    if len(refused) == len(shas):
+        raise UserError(next(iter(refused.values())))
     jobs, keys = [], {}
     for instance in instances:
         budget = instance.timeout_s * timeout_scale
@@ -394,7 +410,11 @@ def run_vnncomp(
     run_id, versions, commit = uuid.uuid4().hex[:12], library_versions(), git_commit()
     rows = []
     bar = tqdm(total=len(jobs), desc="vnncomp", unit="instance", disable=not progress)
-    for job, outcome in executor.run(jobs):
+    runnable = [job for job in jobs if job.instance.onnx not in refused]
+    outcomes = itertools.chain(
+        ((job, Outcome("error", reason=refused[job.instance.onnx])) for job in jobs
+         if job.instance.onnx in refused), executor.run(runnable))
+    for job, outcome in outcomes:
         row = outcome.value if outcome.status == "ok" else job.failed_row(outcome)
         row.update(instance_key=keys[id(job)], run_id=run_id,
                    verifier=job.label.rpartition(" ")[0], onnx_sha256=shas[job.instance.onnx],
