@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from onnx import helper
-from test_onnx_import import save_model, weights
+from test_onnx_import import save_model
 from torch import nn
 
 from certbench.io.onnx_import import UnsupportedOnnxOperation, load_onnx
@@ -145,9 +145,6 @@ REFUSED = {  # nodes, weights, input shape, output shape, the reason's words
                                "batch dimension"),
     "transpose-of-the-batch": ([helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
                                {}, [1, 3], [3, 1], "batch dimension"),
-    "conv-transpose": ([helper.make_node("ConvTranspose", ["x", "w"], ["y"])],
-                       {"w": weights(np.random.default_rng(0), 1, 1, 2, 2)}, [1, 1, 2, 2],
-                       [1, 1, 3, 3], "ConvTranspose"),
     "argmax": ([helper.make_node("ArgMax", ["x"], ["y"], axis=1, keepdims=1)], {}, [1, 3],
                [1, 1], "ArgMax"),
 }

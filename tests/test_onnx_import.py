@@ -276,8 +276,31 @@ def structural(path: Path) -> Path:
     return save_model(path, nodes, values, [1, 2, 4, 6], [1, 3])
 
 
+def upsampling(path: Path) -> Path:
+    """A U-Net's up path: Conv, Relu, ConvTranspose with stride, padding and output
+    padding, a grouped ConvTranspose with dilation, Relu, Flatten, Gemm."""
+    rng = np.random.default_rng(9)
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        node("Relu", ["c"], ["r"]),
+        node("ConvTranspose", ["r", "wt", "bt"], ["u"], strides=[2, 2], pads=[1, 1, 1, 1],
+             output_padding=[1, 1]),
+        node("ConvTranspose", ["u", "wg"], ["v"], group=2, dilations=[1, 2]),
+        node("Relu", ["v"], ["rv"]),
+        node("Flatten", ["rv"], ["f"]),
+        node("Gemm", ["f", "wd", "bd"], ["y"], transB=1),
+    ]
+    values = {"w1": weights(rng, 4, 2, 3, 3), "b1": weights(rng, 4),
+              "wt": weights(rng, 4, 4, 3, 3), "bt": weights(rng, 4),
+              "wg": weights(rng, 4, 1, 2, 2), "wd": weights(rng, 3, 2 * 7 * 8, scale=0.1),
+              "bd": weights(rng, 3)}
+    return save_model(path, nodes, values, [1, 2, 6, 6], [1, 3])
+
+
 HAND_BUILT: dict[str, Callable[[Path], Path]] = {"cnn": cnn, "residual": residual,
-                                                  "vector": vector, "structural": structural}
+                                                  "vector": vector, "structural": structural,
+                                                  "upsampling": upsampling}
 
 
 def test_hand_built_networks_exercise_every_converter(tmp_path, monkeypatch):

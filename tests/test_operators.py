@@ -12,12 +12,14 @@ from torch import nn
 
 from certbench.verifiers import UnsupportedLayerError, get_verifier
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
+from certbench.verifiers.bound_propagation.index_map import IndexMap, IndexMapOperation
 from certbench.verifiers.bound_propagation.operators import (
     Activation,
     AvgPool,
     BatchNormEval,
     Concat,
     Conv,
+    ConvTranspose,
     Dense,
     Elementwise,
     MaxPool,
@@ -58,6 +60,14 @@ def _linear_cases():
         "reshape": (lambda: Reshape((3, 4, 4), (48,)), [(3, 4, 4)]),
         "sum": (lambda: Sum((1.0, -1.0)), [(3, 4, 4), (3, 4, 4)]),
         "concat": (lambda: Concat(1, (2, 3)), [(2, 4, 4), (3, 4, 4)]),
+        "conv-transpose": (lambda: ConvTranspose(nn.ConvTranspose2d(3, 4, 3, 2, 1, 1)),
+                           [(3, 5, 5)]),
+        "conv-transpose-grouped": (lambda: ConvTranspose(nn.ConvTranspose2d(
+            4, 6, (2, 3), (2, 1), (0, 1), groups=2, dilation=(1, 2))), [(4, 4, 5)]),
+        "index-map": (lambda: IndexMapOperation(IndexMap(
+            torch.tensor([0, 1, 2, 2, 5]), torch.tensor([7, 0, 3, 3, 11]),
+            torch.tensor([1.0, -2.0, 0.5, 1.0, 1.0]), torch.tensor([0, 0, 0, 0.5, 0, 0]),
+            (3, 2, 2), (2, 3))), [(3, 2, 2)]),
     }
 
 
@@ -286,3 +296,18 @@ def test_maxpool_relaxation_is_a_lower_bound(kernel, stride, padding):
     a_in, const = op.relaxed_backward(a, point, point)
     exact = (a * op.forward(point).unsqueeze(1)).flatten(2).sum(-1)
     torch.testing.assert_close((a_in * point.unsqueeze(1)).flatten(2).sum(-1) + const, exact)
+
+
+@pytest.mark.parametrize("case", ["conv-transpose", "conv-transpose-grouped", "index-map"])
+def test_lipschitz_rule_bounds_the_spectral_norm_of_the_map(case):
+    make, shapes = LINEAR[case]
+    op = _double(make())
+    x = torch.zeros(1, *shapes[0], dtype=torch.float64)
+
+    def linear_part(v):
+        return op.forward(v) - op.forward(x)
+
+    jacobian = torch.autograd.functional.jacobian(linear_part, x).reshape(
+        op.forward(x).numel(), x.numel())
+    bound = op.lipschitz([torch.tensor(1.0, dtype=torch.float64)])
+    assert float(bound.detach()) >= float(torch.linalg.matrix_norm(jacobian, 2)) - 1e-9

@@ -251,6 +251,26 @@ def _conv(conv: _Converter, node, attrs) -> None:
     conv.module(node.output[0], layer, node.input[0])
 
 
+def _conv_transpose(conv: _Converter, node, attrs) -> None:
+    weight = _constant_operand(conv, node, 1)
+    if weight.ndim != 4 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise UnsupportedLayerError("ConvTranspose other than 2-D with explicit pads")
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if pads[:2] != pads[2:] or "output_shape" in attrs:
+        raise UnsupportedLayerError(f"ConvTranspose with asymmetric pads {pads} or an "
+                                    "output_shape")
+    groups = attrs.get("group", 1)
+    layer = nn.ConvTranspose2d(
+        weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
+        stride=tuple(attrs.get("strides", [1, 1])), padding=tuple(pads[:2]),
+        output_padding=tuple(attrs.get("output_padding", [0, 0])), groups=groups,
+        dilation=tuple(attrs.get("dilations", [1, 1])), bias=len(node.input) > 2)
+    layer.weight.data = _tensor(weight)
+    if len(node.input) > 2:
+        layer.bias.data = _tensor(_constant_operand(conv, node, 2))
+    conv.module(node.output[0], layer, node.input[0])
+
+
 def _batchnorm(conv: _Converter, node, attrs) -> None:
     scale, bias, mean, var = (_constant_operand(conv, node, i) for i in range(1, 5))
     rank = len(conv.onnx_shape(node.input[0]))
@@ -454,6 +474,7 @@ CONVERTERS: dict[str, Callable] = {
     "Mul": _arithmetic(operator.mul, False),
     "Div": _arithmetic(operator.truediv, False),
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batchnorm,
     "MaxPool": _pool("max"),
     "AveragePool": _pool("avg"),

@@ -26,6 +26,7 @@ from certbench.verifiers.bound_propagation.operators import (
     BatchNormEval,
     Concat,
     Conv,
+    ConvTranspose,
     Dense,
     Elementwise,
     MaxPool,
@@ -43,6 +44,7 @@ from certbench.verifiers.bound_propagation.operators import (
 MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.Linear: Dense,
     nn.Conv2d: Conv,
+    nn.ConvTranspose2d: ConvTranspose,
     nn.ReLU: Relu,
     nn.Sigmoid: Sigmoid,
     nn.Tanh: Tanh,

@@ -262,6 +262,60 @@ class Conv(Operation):
                                   m.dilation)
 
 
+class ConvTranspose(Operation):
+    """y = conv_transpose2d(x, W) + b (upsampling layers); its own transpose is conv2d
+    with the same weight, stride, padding, dilation and groups (the output padding only
+    adds rows that conv2d's stride skips). l2 bound: sqrt(||A||_1 ||A||_inf) (Schur's
+    test), each bounded by the largest absolute kernel sum over the output or the input
+    channels; or the caller's estimate."""
+
+    @classmethod
+    def from_module(cls, module, input_shape, output_shape):
+        return cls(module)
+
+    def __init__(self, module: nn.ConvTranspose2d):
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError("ConvTranspose2d: only zero padding is supported")
+        self.module = module
+
+    def _apply(self, x, weight, bias):
+        m = self.module
+        return F.conv_transpose2d(x, weight, bias, m.stride, m.padding, m.output_padding,
+                                  m.groups, m.dilation)
+
+    def forward(self, x):
+        return self._apply(x, self.module.weight, self.module.bias)
+
+    def ibp(self, bounds):
+        lower, upper = bounds
+        mid = self._apply((upper + lower) / 2, self.module.weight, self.module.bias)
+        rad = self._apply((upper - lower) / 2, self.module.weight.abs(), None)
+        return mid - rad, mid + rad
+
+    def _transpose(self, a, weight):
+        m = self.module
+        flat, lead = _fold(a)
+        return _unfold(F.conv2d(flat, weight, None, m.stride, m.padding, m.dilation, m.groups),
+                       lead)
+
+    def backward(self, a):
+        m = self.module
+        const = 0.0 if m.bias is None else a.sum(dim=(-2, -1)) @ m.bias
+        return [self._transpose(a, m.weight)], const
+
+    def abs_backward(self, a):
+        return [self._transpose(a, self.module.weight.abs())]
+
+    def lipschitz(self, inputs, estimate=None):
+        m = self.module
+        if estimate is not None:
+            return estimate(lambda x: self._apply(x, m.weight, None)) * inputs[0]
+        w = m.weight.abs().to(inputs[0].dtype)  # (c_in, c_out / groups, kh, kw)
+        per_input = w.sum((1, 2, 3)).max()  # an input entry's weights, all outputs
+        per_output = w.sum((0, 2, 3)).max()  # at most every kernel entry reaches one output
+        return torch.sqrt(per_input * per_output) * inputs[0]
+
+
 class Elementwise(Operation):
     """y = x * scale + shift with constant tensors broadcast over the batch (the
     normalisation layer, BatchNorm in eval mode, arithmetic with constants)."""
