@@ -396,9 +396,13 @@ def figure_cactus(table: pd.DataFrame, official: pd.DataFrame | None = None) -> 
     if official is not None:
         table = scored(official, table).rename(columns={"tool": "verifier"})
     benchmarks = sorted(table["benchmark"].unique())
-    fig, axes = plt.subplots(1, len(benchmarks), squeeze=False,
-                             figsize=(4.6 * len(benchmarks), 3.6), layout="constrained")
-    for ax, benchmark in zip(axes[0], benchmarks, strict=True):
+    columns = min(4, len(benchmarks))
+    rows_of_plots = -(-len(benchmarks) // columns)
+    fig, axes = plt.subplots(rows_of_plots, columns, squeeze=False,
+                             figsize=(4.6 * columns, 3.6 * rows_of_plots), layout="constrained")
+    for ax in axes.flat[len(benchmarks):]:
+        ax.set_visible(False)
+    for ax, benchmark in zip(axes.flat, benchmarks, strict=False):
         rows = table[table["benchmark"] == benchmark]
         for i, (verifier, group) in enumerate(sorted(rows.groupby("verifier"))):
             times = np.sort(group.loc[group["result"].isin(["unsat", "sat"]), "time_s"])
