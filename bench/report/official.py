@@ -104,8 +104,9 @@ def scored(official: pd.DataFrame, ours: pd.DataFrame) -> pd.DataFrame:
     """One row per tool and instance that certbench answered: result, time_s, truth,
     correct, wrong and the score of the competition's rule."""
     rows = _with_certbench(official, ours)
-    rows["truth"] = [truth(official).get(k, "-") for k in zip(rows["benchmark"],
-                                                             rows["instance"], strict=True)]
+    consensus = truth(official)
+    rows["truth"] = [consensus.get(k, "-") for k in zip(rows["benchmark"], rows["instance"],
+                                                        strict=True)]
     answered = rows["result"].isin(["sat", "unsat"])
     rows["wrong"] = answered & rows["truth"].isin(["sat", "unsat"]) & (
         rows["result"] != rows["truth"])
