@@ -22,6 +22,12 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+# Bounds need IEEE float32 on GPUs too: TF32 products and convolutions (cuDNN's default)
+# round to 10-bit mantissas, errors of 1e-3 relative against the 6e-8 of float32 that the
+# float allowances of every verifier (`float_slack`) are sized for.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 ABSTAIN = -1
 """Prediction value for a sample on which the (smoothed) classifier abstains."""
 

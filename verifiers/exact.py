@@ -154,9 +154,11 @@ class MilpEncoding:
     def _affine(self, node, inputs) -> tuple[np.ndarray, np.ndarray]:
         """The node as sum_i J_i x_i + c: Jacobians of its (linear) operation, densely."""
         shapes = [self.net.nodes[j].shape for j in node.inputs]
-        zeros = [torch.zeros(1, *s, dtype=torch.float64) for s in shapes]
+        param = next(self.net.graph_module.parameters(), None)
+        device = param.device if param is not None else None
+        zeros = [torch.zeros(1, *s, dtype=torch.float64, device=device) for s in shapes]
         with torch.no_grad():
-            offset = node.op.forward(*zeros).reshape(-1).numpy()
+            offset = node.op.forward(*zeros).reshape(-1).cpu().numpy()
         width = max(m.shape[1] for m, _ in inputs)
         m_total = np.zeros((offset.size, width))
         c_total = offset.copy()
@@ -166,7 +168,7 @@ class MilpEncoding:
                 return node.op.forward(*args).reshape(-1)
             jac = torch.autograd.functional.jacobian(only_k, zeros[k], vectorize=True)
             jac = jac.reshape(offset.size, -1)
-            jac = jac.numpy()
+            jac = jac.cpu().numpy()
             m_total += jac @ self._widen(m, width)
             c_total += jac @ c
         return m_total, c_total
@@ -263,7 +265,7 @@ class ExactVerifier:
             optimiser = AlphaOptimiser(prop, rows, ball, bounds, 0.1)
             lower = optimiser.run(lower, self.alpha_iterations)
             bounds = optimiser.reference
-        relu_bounds = {i: (lo[0].reshape(-1).numpy(), hi[0].reshape(-1).numpy())
+        relu_bounds = {i: (lo[0].reshape(-1).cpu().numpy(), hi[0].reshape(-1).cpu().numpy())
                        for i, (lo, hi) in bounds.items()}
         return lower[0], relu_bounds
 
@@ -275,7 +277,7 @@ class ExactVerifier:
         if (bound > slack).all():
             return Verdict.CERTIFIED, float(bound.min()), None
         self._check_size(relu_bounds)
-        lower, upper = (t[0].reshape(-1).numpy() for t in ball.box())
+        lower, upper = (t[0].reshape(-1).cpu().numpy() for t in ball.box())
         program = MilpEncoding(self.net, lower, upper, relu_bounds)
         m, c = program.output
         for row in torch.argsort(bound).tolist():
@@ -284,7 +286,7 @@ class ExactVerifier:
             remaining = self.time_limit_s - (time.perf_counter() - started)
             if remaining <= 0:
                 return Verdict.TIMEOUT, float(bound.min()), None
-            s = spec[0, row].numpy()  # a point with margin f_y - f_j <= slack, or none
+            s = spec[0, row].cpu().numpy()  # a point with margin f_y - f_j <= slack, or none
             found = self._search(program, (s @ m)[None], np.array([float(s @ c)]), slack,
                                  started, lower, upper, x,
                                  lambda p, s=spec[0, row]: self.model(p).argmax(1) != s.argmax())
@@ -350,15 +352,15 @@ class ExactVerifier:
         if not open_:
             return SpecResult(SpecVerdict.UNSAT, columns={"milp_solves": 0})
         self._check_size(relu_bounds)
-        box_lower, box_upper = (t.double().reshape(-1).numpy() for t in (lower, upper))
+        box_lower, box_upper = (t.double().reshape(-1).cpu().numpy() for t in (lower, upper))
         program = MilpEncoding(self.net, box_lower, box_upper, relu_bounds)
         m, c = program.output
         for solves, i in enumerate(open_, start=1):
             remaining = time_limit_s - (time.perf_counter() - started)
             if remaining <= 0:
                 return SpecResult(SpecVerdict.TIMEOUT, columns={"milp_solves": solves - 1})
-            ci = c_all[owner == i].numpy()
-            di = d_all[owner == i].numpy()
+            ci = c_all[owner == i].cpu().numpy()
+            di = d_all[owner == i].cpu().numpy()
             status, point = self._search(
                 program, ci @ m, ci @ c - di, slack, started - self.time_limit_s + time_limit_s,
                 box_lower, box_upper, lower.to(dtype),

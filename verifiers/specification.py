@@ -43,7 +43,8 @@ class OutputSpec:
         """(C (rows, outputs), d (rows,), disjunct index of each row)."""
         c = torch.cat([ci for ci, _ in self.disjuncts])
         d = torch.cat([di for _, di in self.disjuncts])
-        owner = torch.cat([torch.full((len(di),), i) for i, (_, di) in enumerate(self.disjuncts)])
+        owner = torch.cat([torch.full((len(di),), i, device=di.device)
+                           for i, (_, di) in enumerate(self.disjuncts)])
         return c, d, owner
 
     def disjunct_violations(self, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ class OutputSpec:
         """Whether lower bounds of C x f (rows,) show every disjunct empty: some row of each
         has a lower bound above its d by more than ``slack``."""
         _, d, owner = self.stacked()
-        empty_row = (row_lower.double().cpu() - d.double()) > slack
+        empty_row = (row_lower.double().cpu() - d.double().cpu()) > slack
+        owner = owner.cpu()
         return all(bool(empty_row[owner == i].any()) for i in range(len(self.disjuncts)))
 
     def to(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> OutputSpec:
