@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     vnn.add_argument("--force", action="store_true", help="recompute answered instances")
     vnn.add_argument("--device", default="cpu",
                      help="cpu (default), cuda[:N] or auto: where networks and verifiers run")
+    # 60: vnncomp.judge.KILL_ALLOWANCE_S, written out so that --help imports no torch
     vnn.add_argument("--overhead-s", type=float, default=60.0,
                      help="seconds an instance's worker may run beyond its (scaled) timeout "
                      "for loading, parsing and prepare before it is stopped and recorded as "

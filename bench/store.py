@@ -29,6 +29,17 @@ TABLES = ("samples", "certified", "cells")
 INSTANCES = "instances"
 
 
+def instance_name(onnx: str | Path, vnnlib: str | Path) -> str:
+    """The ``instance`` key of the instances table: ``<onnx stem>__<vnnlib stem>`` (``.gz``,
+    ``.onnx`` and ``.vnnlib`` dropped), as certbench and the competition's files name it."""
+    def stem(path: str | Path) -> str:
+        name = Path(str(path).strip()).name
+        for suffix in (".gz", ".onnx", ".vnnlib"):
+            name = name.removesuffix(suffix)
+        return name
+    return f"{stem(onnx)}__{stem(vnnlib)}"
+
+
 class ResultsStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)

@@ -24,14 +24,10 @@ from certbench.io.onnx_import import OnnxImportError, OnnxRuntime, load_onnx
 from certbench.io.vnnlib import VnnlibError, read_vnnlib
 from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation.graph import TracedNetwork
+from certbench.vnncomp.pipeline import existing_file
 
 BOUND_METHODS = "ibp, crown-ibp, crown, alpha-crown"
 EXACT_METHODS = ("exact", "bab", "local-lipschitz")
-
-
-def _existing(path: Path) -> Path | None:
-    gz = Path(str(path) + ".gz")
-    return path if path.exists() else gz if gz.exists() else None
 
 
 def network_row(path: Path | None, boxes: list) -> dict:
@@ -72,7 +68,7 @@ def benchmark_rows(folder: Path) -> list[str]:
     boxes: dict[str, list] = {name: [] for name in networks}
     parsed = 0
     for name in properties:
-        path = _existing(folder / name)
+        path = existing_file(folder / name)
         try:
             prop = read_vnnlib(path if path is not None else folder / name)
             parsed += 1
@@ -84,7 +80,7 @@ def benchmark_rows(folder: Path) -> list[str]:
                 boxes[network] += [(region.lower, region.upper) for region in prop.regions]
     lines = []
     for name in networks:
-        path = _existing(folder / name)
+        path = existing_file(folder / name)
         size = f"{path.stat().st_size / 2**20:.1f}" if path else "-"
         row = network_row(path, boxes[name])
         difference = row.get("difference", math.nan)

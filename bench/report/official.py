@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from certbench.errors import UserError
+from certbench.store import instance_name
 
 CORRECT, WRONG, FASTEST, SECOND = 10, -100, 2, 1
 MIN_TIME_S, SAME_TIME_S = 1.0, 0.2
@@ -41,13 +42,6 @@ _WORDS = (("unsat", "unsat"), ("holds", "unsat"), ("sat", "sat"), ("violated", "
           ("run_instance_timeout", "timeout"), ("prepare_instance_timeout", "timeout"),
           ("timeout", "timeout"), ("error", "error"))
 COLUMNS = ["benchmark", "onnx", "vnnlib", "prepare_time", "result", "run_time"]
-
-
-def _stem(name: str) -> str:
-    name = Path(str(name).strip()).name
-    for suffix in (".gz", ".onnx", ".vnnlib"):
-        name = name.removesuffix(suffix)
-    return name
 
 
 def _word(result: str) -> str:
@@ -70,8 +64,8 @@ def read_official(folder: str | Path) -> pd.DataFrame:
         table["tool"] = tool
         tables.append(table)
     table = pd.concat(tables, ignore_index=True)
-    table["instance"] = [f"{_stem(o)}__{_stem(v)}" for o, v in zip(table["onnx"],
-                                                                     table["vnnlib"], strict=True)]
+    table["instance"] = [instance_name(o, v) for o, v in zip(table["onnx"], table["vnnlib"],
+                                                             strict=True)]
     table["result"] = table["result"].map(_word)
     return table[["tool", "benchmark", "instance", "result", "run_time"]]
 

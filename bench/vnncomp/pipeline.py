@@ -66,7 +66,7 @@ from certbench.matrix import VerifierSpec, add_plugin_folders, check_verifiers, 
 from certbench.provenance import canonical_json, git_commit, library_versions
 from certbench.run.attacks import box_pgd
 from certbench.run.executors import Executor, Outcome, ProcessExecutor
-from certbench.store import ResultsStore
+from certbench.store import ResultsStore, instance_name
 from certbench.verifiers import get_verifier
 from certbench.verifiers.specification import (
     OutputSpec,
@@ -94,17 +94,12 @@ class Instance:
 
     @property
     def name(self) -> str:
-        return f"{_stem(self.onnx)}__{_stem(self.vnnlib)}"
+        return instance_name(self.onnx, self.vnnlib)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".onnx", ".vnnlib"):
-        name = name.removesuffix(suffix)
-    return name
-
-
-def _existing(path: Path) -> Path | None:
+def existing_file(path: Path) -> Path | None:
+    """``path``, or ``path.gz`` where only that exists (the competition lists names without
+    ``.gz``), or None."""
     if path.exists():
         return path
     gz = Path(str(path) + ".gz")
@@ -131,7 +126,7 @@ def read_instances(csv_path: str | Path) -> list[Instance]:
                 raise UserError(f"{csv_path}:{number}: timeout {row[2]!r} is not a number") from exc
             paths = []
             for name in row[:2]:
-                found = _existing(csv_path.parent / name.strip())
+                found = existing_file(csv_path.parent / name.strip())
                 if found is None:
                     raise UserError(f"{csv_path}:{number}: file {name.strip()} not found "
                                     f"(looked in {csv_path.parent})")
