@@ -236,3 +236,39 @@ def test_kept_relaxations_give_the_bounds_of_fresh_ones(arch):
         fresh = prop.backward(prop.net.output, spec, ball, bounds, alphas)
         torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
     assert set(relaxations) == set(prop.activations)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn-small"])
+def test_slope_gradients_equal_one_sided_differences(arch):
+    """The gradient alpha-CROWN follows is the bound's derivative. At CROWN's slopes
+    (0 or 1) the bound is differentiated into [0, 1]: autograd's gradient along a
+    direction that stays in the box equals the one-sided difference quotient (float64).
+    A kink's subgradient taken on the wrong side (``clamp(max=0)`` at an exact zero
+    once gave the intercept a gradient where the slope had none) breaks this, and made
+    the first Adam steps lower the bound."""
+    model = random_model(arch, seed=7, **ARCHS[arch]).double()
+    x = torch.rand(3, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(3)).double()
+    spec = margin_spec(model(x).argmax(1), 10, dtype=torch.float64)
+    prop = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    ball = Ball(x, 0.03, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    alphas, steps = {}, {}
+    gen = torch.Generator().manual_seed(8)
+    for a in prop.activations:
+        lower, upper = bounds[prop.net.nodes[a].inputs[0]]
+        start = prop.net.nodes[a].op.initial_alpha(lower, upper)
+        alphas[a] = start[:, None].expand(-1, spec.shape[1], *start.shape[1:]).clone()
+        alphas[a].requires_grad_(True)
+        unstable = ((lower < 0) & (upper > 0))[:, None].double()
+        size = torch.rand(alphas[a].shape, generator=gen, dtype=torch.float64)
+        steps[a] = size * unstable * (1 - 2 * start[:, None])  # into [0, 1]
+    assert sum(float(s.abs().sum()) for s in steps.values()) > 0
+    with torch.enable_grad():
+        base = prop.backward(prop.net.output, spec, ball, bounds, alphas).sum()
+        grads = torch.autograd.grad(base, list(alphas.values()))
+    h = 1e-7
+    with torch.no_grad():
+        moved = {a: alphas[a] + h * steps[a] for a in alphas}
+        quotient = (prop.backward(prop.net.output, spec, ball, bounds, moved).sum() - base) / h
+    along = sum((g * steps[a]).sum() for g, a in zip(grads, alphas, strict=True))
+    assert float(along) == pytest.approx(float(quotient), rel=1e-4, abs=1e-6)

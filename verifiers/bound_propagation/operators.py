@@ -618,13 +618,15 @@ class Relu(Activation):
             chosen = (self.initial_alpha(lower, upper) if alpha is None else alpha)
             lower_slope = torch.where(a.gather(unstable.to(values.dtype)) > 0,
                                       a.gather(chosen), active)
-            a_in = values * torch.where(values >= 0, lower_slope, upper_slope)
-            return a.with_values(a_in), rowsum(a_in.clamp(max=0) * shift)
+            positive = values >= 0
+            a_in = values * torch.where(positive, lower_slope, upper_slope)
+            return a.with_values(a_in), rowsum(torch.where(positive, 0.0, a_in) * shift)
         upper_slope, unstable, active = (t.unsqueeze(1) for t in (upper_slope, unstable, active))
         chosen = (self.initial_alpha(lower, upper).unsqueeze(1) if alpha is None else alpha)
         lower_slope = torch.where(unstable, chosen, active)
-        a_in = a * torch.where(a >= 0, lower_slope, upper_slope)
-        const = rowdot(a_in.clamp(max=0).flatten(2), shift.flatten(1))
+        positive = a >= 0
+        a_in = a * torch.where(positive, lower_slope, upper_slope)
+        const = rowdot(torch.where(positive, 0.0, a_in).flatten(2), shift.flatten(1))
         return a_in, const
 
 

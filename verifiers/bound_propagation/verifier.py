@@ -13,8 +13,9 @@ Options:
   not reached in time is recorded as *timeout*, never as *not certified*;
 - ``alpha_iterations`` (20, auto_LiRPA's default), ``alpha_lr`` (0.1, alpha-beta-CROWN's
   default): alpha-CROWN's Adam steps; a sample leaves the optimisation once certified or
-  after 10 steps without improvement (auto_LiRPA's patience). On ERAN 6x100 at eps 0.026
-  20 steps verify 26 of 99 images, 35 or more 27 (auto_LiRPA: 27 with 20);
+  after 10 steps without improvement (auto_LiRPA's patience). Step for step the bound
+  is auto_LiRPA's: 20 steps verify 27 of 99 images on ERAN 6x100 at eps 0.026 and 35 of
+  97 on 9x200 at 0.015, as auto_LiRPA does (docs/measurements.md);
 - alpha-CROWN optimises a sample at an eps only if it certified it at every smaller eps
   of the grid (robustness is monotone in eps); elsewhere its bound is CROWN's, recorded
   as computed (this saves the optimisation of samples that can no longer count);
