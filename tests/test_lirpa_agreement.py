@@ -2,7 +2,7 @@
 same margin lower bounds for IBP, CROWN-IBP and CROWN (relative difference <= 1e-4) on
 mlp, cnn-small and resnet-tiny in l_inf, and on mlp in l2; on convolutional networks in
 l2 the engine's bounds are tighter (first-layer bounds exact over the ball); alpha-CROWN
-at least as tight as auto_LiRPA's CROWN.
+at least as tight as auto_LiRPA's CROWN, and as its alpha-CROWN after as many steps.
 
 Run it where auto_LiRPA is installed (see the README); elsewhere it skips with the reason.
 """
@@ -72,3 +72,21 @@ def test_alpha_crown_is_at_least_as_tight_as_crown_in_both(arch):
         verifier.prepare(model, DIGITS_SHAPE)
         bounds[name] = verifier.margin_lower_bounds(x, spec, 0.01, "inf").detach()
     assert (bounds["alpha-crown"] >= bounds["lirpa:crown"] - 1e-4).all()
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_alpha_crown_steps_are_auto_lirpas(steps):
+    """Step for step the same optimisation: after k Adam steps the engine's bound
+    (k steps, then a last pass) is at least auto_LiRPA's after its k + 1 passes (a
+    gradient that is not the bound's derivative falls behind from the first step)."""
+    model = random_model("mlp", seed=4, widths=[64, 64, 64])
+    x = torch.rand(4, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(0))
+    spec = margin_spec(model(x).argmax(1), 10).detach()
+    bounds = {}
+    for name, iterations in (("crown", 0), ("alpha-crown", steps),
+                             ("lirpa:alpha-crown", steps + 1)):
+        verifier = get_verifier(name, **({"alpha_iterations": iterations} if iterations else {}))
+        verifier.prepare(model, DIGITS_SHAPE)
+        bounds[name] = verifier.margin_lower_bounds(x, spec, 0.03, "inf").detach().sum()
+    assert bounds["lirpa:alpha-crown"] > bounds["crown"]
+    assert bounds["alpha-crown"] >= bounds["lirpa:alpha-crown"] - 1e-4 * bounds["crown"].abs()
