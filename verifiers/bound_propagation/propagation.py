@@ -42,6 +42,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Dense,
     Elementwise,
     Reshape,
+    unstable_rows,
 )
 from certbench.verifiers.bound_propagation.patches import Patches, rowdot, rowsum
 
@@ -112,17 +113,6 @@ class Ball:
         return torch.maximum(over_ball, over_box) if self.clip else over_ball
 
 
-def unstable_rows(unstable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (batch, R) of each sample's neurons where ``unstable`` (batch, *shape)
-    holds, padded to the largest count R, and the mask (batch, R) of the real entries."""
-    unstable = unstable.flatten(1)
-    counts = unstable.sum(1)
-    width = int(counts.max()) if len(counts) else 0
-    order = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :width]
-    valid = torch.arange(width, device=unstable.device)[None] < counts[:, None]
-    return order, valid
-
-
 def _scatter_rows(full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
                   values: torch.Tensor) -> torch.Tensor:
     """``full`` (batch, *shape) with the valid rows of ``values`` (batch, R) written at
@@ -179,11 +169,13 @@ class BoundPropagator:
                 self.layers[i] = self.layers[node.inputs[0]] + (0 if diagonal else 1)
 
     # -- forward and intervals -------------------------------------------------------
-    def ibp(self, ball: Ball) -> list[Bounds]:
+    def ibp(self, ball: Ball, refine=None) -> list[Bounds]:
         """Interval bounds of every node. For an l2 ball the inputs of the first ReLUs,
         affine in the input, are bounded exactly (w.x0 -+ eps ||w||, the backward pass
         without relaxations) rather than through the ball's bounding box, as auto_LiRPA
-        does; the two intervals are intersected."""
+        does; the two intervals are intersected. ``refine(i, interval)``, where given,
+        replaces each activation input's interval before later nodes use it (CROWN's
+        tighter bounds: the next layer's interval then starts from them)."""
         bounds: list[Bounds] = []
         for i, node in enumerate(self.net.nodes):
             if i == 0:
@@ -194,6 +186,8 @@ class BoundPropagator:
                 exact = self._l2_first_layer(i, ball)
                 exact_lower, exact_upper = exact if exact else self.node_bounds(i, ball, {})
                 lower, upper = torch.maximum(lower, exact_lower), torch.minimum(upper, exact_upper)
+            if refine is not None and i in self.activation_of:
+                lower, upper = refine(i, (lower, upper))
             bounds.append((lower, upper))
         return bounds
 
@@ -356,21 +350,27 @@ class BoundPropagator:
     def intermediate_bounds(self, ball: Ball, method: str) -> dict[int, Bounds]:
         """Bounds of every activation's input: by IBP ("ibp") or by CROWN ("crown").
 
-        For CROWN, only neurons whose relaxation IBP's bounds leave inexact get a backward
-        pass, each sample its own: a ReLU whose input is proven non-negative or
-        non-positive is relaxed exactly, whatever tighter bound CROWN would give. CROWN's
-        bound is intersected with IBP's (both are sound)."""
-        ibp = self.ibp(ball)
-        reference = {i: ibp[i] for i in self.relu_inputs}
+        For CROWN, in topological order, each activation input's interval comes from
+        IBP over the CROWN bounds of the nodes before it, and only the neurons whose
+        relaxation that interval leaves inexact get a backward pass, each sample its
+        own (auto_LiRPA's sparse intermediate bounds do the same): a ReLU whose input
+        is proven non-negative or non-positive is relaxed exactly, whatever tighter
+        bound CROWN would give. CROWN's bound is intersected with the interval (both
+        are sound)."""
         if method == "ibp":
-            return reference
+            ibp = self.ibp(ball)
+            return {i: ibp[i] for i in self.relu_inputs}
         bounds: dict[int, Bounds] = {}
-        for i in self.relu_inputs:
+
+        def crown(i: int, interval: Bounds) -> Bounds:
             if self.exact_by_ibp(i, ball):
-                bounds[i] = reference[i]
+                bounds[i] = interval
             else:
-                rows = unstable_rows(self.activation_of[i].inexact(*reference[i]))
-                bounds[i], _ = self.refine(i, rows, ball, bounds, reference[i])
+                rows = unstable_rows(self.activation_of[i].inexact(*interval))
+                bounds[i], _ = self.refine(i, rows, ball, bounds, interval)
+            return bounds[i]
+
+        self.ibp(ball, refine=crown)
         return bounds
 
     def refine(self, target, rows, ball, bounds, reference: Bounds, alphas=None):
