@@ -166,7 +166,58 @@ def test_input_splitting_agrees_with_the_exact_milp_on_a_five_input_network():
     assert torch.equal(cert.verdicts, truth.verdicts)
     _check_counterexamples(model, x, eps, "inf", cert)
     assert (cert.columns["bab_lp_leaves"].nan_to_num() == 0).all()  # no ReLU-split leaves
-    assert cert.columns["bab_domains"].nan_to_num().max() > 2
+    assert cert.columns["bab_input_boxes"].nan_to_num().max() > 2
+    assert cert.columns["bab_domains"].nan_to_num().max() <= 1  # the root only
+
+
+def test_hopeless_projects_the_proven_volume_over_the_budget():
+    from certbench.verifiers.branch_and_bound.input_split import (
+        PROBE_ROUNDS,
+        PROBE_SHARE,
+        hopeless,
+    )
+
+    enough = PROBE_ROUNDS
+    assert not hopeless(0.0, 0.5 * PROBE_SHARE * 100, 100, enough)  # too early to judge
+    assert not hopeless(0.0, 50, 100, PROBE_ROUNDS - 1)  # too few rounds
+    assert hopeless(0.1, 50, 100, enough)  # 10 % in 50 s: 500 s for all
+    assert not hopeless(0.6, 50, 100, enough)  # 60 % in 50 s: done within 100 s
+
+
+@pytest.mark.parametrize("abandon", [False, True])
+def test_input_splitting_probe_and_its_handover_agree_with_the_milp(monkeypatch, abandon):
+    """Inputs between ``input_split_dims`` and ``input_split_probe_dims`` coordinates:
+    input splitting runs as a probe; abandoned (forced here: no share of the time, one
+    round), ReLU splitting takes over. Either way the answers are the MILP's, and the
+    method names the split that decided."""
+    from certbench.verifiers.branch_and_bound import input_split
+
+    if abandon:  # hopeless after the first round
+        monkeypatch.setattr(input_split, "hopeless", lambda *args: args[3] >= 1)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(),
+                          nn.Linear(30, 3)).eval()
+    exact = get_verifier("exact", time_limit_s=60)
+    exact.prepare(model, (12,))
+    bab = get_verifier("bab", time_limit_s=60, attack_restarts=1, attack_steps=1)
+    bab.prepare(model, (12,))
+    c = torch.tensor([[1.0, -1.0, 0.0]])
+    methods, verdicts = set(), []
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        center = torch.rand(1, 12, generator=gen)
+        lower, upper = center - 0.08, center + 0.08
+        with torch.no_grad():
+            value = float((model(center) @ c.T)[0, 0])
+        spec = OutputSpec(((c, torch.tensor([value - 0.05])),))  # unsafe: y0 - y1 <= v - .05
+        truth = exact.check_spec(lower, upper, spec, 60).verdict
+        answer = bab.check_spec(lower, upper, spec, 60)
+        assert answer.verdict == truth
+        verdicts.append(truth)
+        methods.add(answer.method)
+    assert SpecVerdict.UNSAT in verdicts
+    expected = "bab: input split, then relu split" if abandon else "bab: input split"
+    assert expected in methods
 
 
 def test_box_bounds_of_input_splitting_hold_on_sampled_points():

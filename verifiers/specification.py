@@ -80,6 +80,9 @@ class SpecResult:
     verdict: SpecVerdict
     counterexample: torch.Tensor | None = None
     columns: dict[str, float] = field(default_factory=dict)
+    method: str | None = None
+    """What decided, where finer than the verifier's name (``bab: input split``): the
+    results' method column."""
 
 
 @runtime_checkable

@@ -165,6 +165,7 @@ class Answer:
     found_by: str | None = None
     error: str | None = None
     columns: dict | None = None
+    method: str | None = None  # SpecResult.method of the last region verified
 
 
 def answer_instance(
@@ -202,21 +203,24 @@ def _falsify_then_verify(verifier, network, runtime, prop, budget_s, attack, sta
             found = None if value > 0 else judge(runtime, point, region)
             if found is not None and found.accepted:
                 return Answer("sat", 0.0, attack_s, found, "attack")
+    method = None
     for spec, lower, upper, region in regions:
         remaining = budget_s - (time.perf_counter() - started)
         if remaining <= 0:
             return Answer("timeout", 0.0, attack_s, columns=columns)
         result: SpecResult = verifier.check_spec(lower, upper, spec, remaining)
         columns.update(result.columns)
+        method = result.method or method
         if result.verdict == SpecVerdict.SAT:
             found = judge(runtime, result.counterexample, region)
             if found.accepted:
-                return Answer("sat", 0.0, attack_s, found, "verifier", columns=columns)
+                return Answer("sat", 0.0, attack_s, found, "verifier", columns=columns,
+                              method=method)
             columns["unconfirmed_counterexample"] = 1.0
-            return Answer("unknown", 0.0, attack_s, columns=columns)
+            return Answer("unknown", 0.0, attack_s, columns=columns, method=method)
         if result.verdict != SpecVerdict.UNSAT:
-            return Answer(result.verdict.value, 0.0, attack_s, columns=columns)
-    return Answer("unsat", 0.0, attack_s, columns=columns)
+            return Answer(result.verdict.value, 0.0, attack_s, columns=columns, method=method)
+    return Answer("unsat", 0.0, attack_s, columns=columns, method=method)
 
 
 def _write_competition_files(results_dir: Path, row: dict, text: str,
@@ -314,6 +318,7 @@ class InstanceJob:
         columns = answer.columns or {}
         return {
             **self.base_row(started_at), "result": answer.result, "time_s": answer.time_s,
+            "method": answer.method or self.verifier,
             "overhead_s": loaded.load_s + parse_s + prepare_s, "attack_s": answer.attack_s,
             "found_by": answer.found_by,
             "counterexample_accepted": found is not None,

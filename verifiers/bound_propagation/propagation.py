@@ -41,6 +41,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Conv,
     Dense,
     Elementwise,
+    Relu,
     Reshape,
     unstable_rows,
 )
@@ -136,6 +137,13 @@ def _add(a, b):
     """Sum of two coefficient sets (residual connections); patches go dense."""
     a = a.to_dense() if isinstance(a, Patches) else a
     return a + (b.to_dense() if isinstance(b, Patches) else b)
+
+
+FORWARD_MAX_INPUTS = 32
+"""Inputs of at most this many coordinates also get forward-mode bounds (n + 1 linear
+functions per neuron) intersected into CROWN's intervals: cheap there, and tighter than
+CROWN on some neurons (ACAS Xu, 5 inputs, 256 boxes: the sum of the output bounds -2398
+before, -2365 with them; 0.11 s and 0.14 s)."""
 
 
 class BoundPropagator:
@@ -351,7 +359,8 @@ class BoundPropagator:
         """Bounds of every activation's input: by IBP ("ibp") or by CROWN ("crown").
 
         For CROWN, in topological order, each activation input's interval comes from
-        IBP over the CROWN bounds of the nodes before it, and only the neurons whose
+        IBP over the CROWN bounds of the nodes before it (and, for inputs of at most
+        FORWARD_MAX_INPUTS coordinates, from `forward_bounds` too), and only the neurons whose
         relaxation that interval leaves inexact get a backward pass, each sample its
         own (auto_LiRPA's sparse intermediate bounds do the same): a ReLU whose input
         is proven non-negative or non-positive is relaxed exactly, whatever tighter
@@ -362,7 +371,13 @@ class BoundPropagator:
             return {i: ibp[i] for i in self.relu_inputs}
         bounds: dict[int, Bounds] = {}
 
+        small = ball.center[0].numel() <= FORWARD_MAX_INPUTS
+        forward = self.forward_bounds(ball) if small else None
+
         def crown(i: int, interval: Bounds) -> Bounds:
+            if forward is not None:
+                interval = (torch.maximum(interval[0], forward[i][0]),
+                            torch.minimum(interval[1], forward[i][1]))
             if self.exact_by_ibp(i, ball):
                 bounds[i] = interval
             else:
@@ -372,6 +387,73 @@ class BoundPropagator:
 
         self.ibp(ball, refine=crown)
         return bounds
+
+    def forward_bounds(self, ball: Ball) -> dict[int, Bounds] | None:
+        """Bounds of every activation's input by forward-mode linear bounds (Xu et al.
+        2020, "Automatic Perturbation Analysis", Sec. 3.2; auto_LiRPA's forward mode),
+        for l_inf boxes and ReLU networks; None where it does not apply. Each node
+        carries a lower and an upper linear function of e in [-1, 1]^n, x = mid + rad
+        e: (batch, n + 1, *shape), component 0 the constant. A linear operation maps
+        them by its interval rule, which is affine in (lower, upper) (W mid -+ |W| rad),
+        with its offset kept on the constant only; a ReLU on [l, u] (the functions'
+        range, intersected with IBP's) scales the lower function by CROWN's adaptive
+        slope and the upper one by the chord u / (u - l), minus the chord's intercept.
+        Its cost grows with n, not with the neurons: for few inputs (input splitting)
+        it is much cheaper than CROWN's backward passes, and exact on the affine layers
+        before the first ReLU."""
+        if ball.norm != "inf" or any(not isinstance(self.net.nodes[a].op, Relu)
+                                     for a in self.activations):
+            return None
+        lower, upper = ball.box()
+        mid, rad = ((upper + lower) / 2).flatten(1), ((upper - lower) / 2).flatten(1)
+        batch, n = mid.shape
+        start = torch.cat([mid[:, None], torch.diag_embed(rad)], 1).reshape(
+            batch, n + 1, *lower.shape[1:])
+        values: list[Bounds] = [(start, start)]
+        intervals = self.ibp(ball)
+        bounds: dict[int, Bounds] = {}
+        for node in self.net.nodes[1:]:
+            inputs = [values[j] for j in node.inputs]
+            if node.op.linear:
+                lo, hi = self._forward_linear(node.op, inputs)
+                values.append((lo, hi))
+                continue
+            (lo, hi), j = inputs[0], node.inputs[0]
+            low = lo[:, 0] - lo[:, 1:].abs().sum(1)
+            high = hi[:, 0] + hi[:, 1:].abs().sum(1)
+            low, high = torch.maximum(low, intervals[j][0]), torch.minimum(high, intervals[j][1])
+            bounds[j] = (low, high)
+            unstable = (low < 0) & (high > 0)
+            active = (low >= 0).to(low.dtype)
+            chord = torch.where(unstable, high / (high - low).clamp(min=1e-12), active)
+            slope = torch.where(unstable, (high > -low).to(low.dtype), active)
+            hi = hi * chord.unsqueeze(1)
+            hi = torch.cat([hi[:, :1] - (chord * low.clamp(max=0)).unsqueeze(1), hi[:, 1:]], 1)
+            values.append((lo * slope.unsqueeze(1), hi))
+        return bounds
+
+    @staticmethod
+    def _forward_linear(op, inputs: list[Bounds]) -> Bounds:
+        """A linear operation on forward-mode functions (batch, n + 1, *shape): W M -+ |W| R
+        with M, R the functions' midpoint and half-difference, from the operation's
+        interval rule, which is that exactly on true intervals: on [M - R+, M + R+] and
+        on [-R-, R-] (R = R+ - R-, both >= 0); the offset b stays on component 0."""
+        batch, width = inputs[0][0].shape[:2]
+        plus, minus = [], []
+        for lo, hi in inputs:
+            mid, rad = ((hi + lo) / 2).flatten(0, 1), ((hi - lo) / 2).flatten(0, 1)
+            pos, neg = rad.clamp(min=0), (-rad).clamp(min=0)
+            plus.append((mid - pos, mid + pos))
+            minus.append((-neg, neg))
+        a_lo, a_hi = op.ibp(*plus)
+        b_lo, b_hi = op.ibp(*minus)
+        half, offset = (b_hi - b_lo) / 2, (b_hi + b_lo) / 2
+        lo, hi = a_lo + half, a_hi - half
+        direction = torch.ones(width, dtype=lo.dtype, device=lo.device)
+        direction[0] = 0
+        direction = direction.repeat(batch).reshape(-1, *[1] * (lo.dim() - 1))
+        lo, hi = lo - direction * offset, hi - direction * offset
+        return (lo.reshape(batch, width, *lo.shape[1:]), hi.reshape(batch, width, *hi.shape[1:]))
 
     def refine(self, target, rows, ball, bounds, reference: Bounds, alphas=None):
         """CROWN bounds of node ``target`` at ``rows`` = (index, valid) intersected with

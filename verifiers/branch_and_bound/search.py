@@ -32,6 +32,7 @@ class SearchStats:
     """What the search did: columns of the certificate."""
 
     domains: int = 0  # subdomains bounded after the root
+    input_boxes: int = 0  # boxes bounded by input splitting (input_split.py)
     depth: int = 0  # most splits on one path
     lp_leaves: int = 0
     bound_s: float = 0.0  # time in beta-CROWN passes
@@ -39,13 +40,15 @@ class SearchStats:
 
     def add(self, other: SearchStats) -> None:
         self.domains += other.domains
+        self.input_boxes += other.input_boxes
         self.depth = max(self.depth, other.depth)
         self.lp_leaves += other.lp_leaves
         self.bound_s += other.bound_s
         self.branch_s += other.branch_s
 
     def columns(self) -> dict[str, float]:
-        return {"bab_domains": float(self.domains), "bab_depth": float(self.depth),
+        return {"bab_domains": float(self.domains),
+                "bab_input_boxes": float(self.input_boxes), "bab_depth": float(self.depth),
                 "bab_lp_leaves": float(self.lp_leaves), "bab_bound_s": self.bound_s,
                 "bab_branch_s": self.branch_s}
 
@@ -55,6 +58,8 @@ class SearchResult:
     verdict: SpecVerdict
     counterexample: torch.Tensor | None = None
     stats: SearchStats = field(default_factory=SearchStats)
+    abandoned: bool = False  # input splitting gave up (input_split.hopeless): not an answer
+    method: str | None = None  # the split that decided: "input split", "relu split", ...
 
 
 Confirm = Callable[[torch.Tensor], torch.Tensor | None]
