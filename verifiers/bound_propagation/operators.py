@@ -639,11 +639,12 @@ class Relu(Activation):
 
     def relaxed_backward(self, a, lower, upper, alpha=None, cache=None):
         """`Activation.relaxed_backward` in fewer passes over ``a`` (the hot loop of
-        CROWN): the slopes are computed once on the input's shape (windows of them for
-        `Patches`), the lower relaxation has no intercept, and the upper one's intercept
-        is -slope * lower, so the constant is -sum(min(a', 0) * lower) over unstable
-        neurons, with a' the new coefficients. ``cache`` keeps everything but the lower
-        slope, which alone depends on alpha."""
+        CROWN): the slopes are computed once on the input's shape, the lower relaxation
+        has no intercept and the upper one's is -slope * lower, so the constant is
+        -sum(min(a, 0) * slope * lower) over unstable neurons (`_patches_backward`,
+        `_dense_backward`). The slopes' gradient is the bound's derivative: a positive
+        coefficient's lower slope moves a' by max(a, 0), never the constant.
+        ``cache`` keeps everything but the lower slope, which alone depends on alpha."""
         parts = None if cache is None else cache.get("parts")
         if parts is None:
             unstable = (lower < 0) & (upper > 0)
