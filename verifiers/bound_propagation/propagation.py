@@ -394,8 +394,8 @@ class BoundPropagator:
         for l_inf boxes and ReLU networks; None where it does not apply. Each node
         carries a lower and an upper linear function of e in [-1, 1]^n, x = mid + rad
         e: (batch, n + 1, *shape), component 0 the constant. A linear operation maps
-        them by its interval rule, which is affine in (lower, upper) (W mid -+ |W| rad),
-        with its offset kept on the constant only; a ReLU on [l, u] (the functions'
+        them to W M -+ |W| R (`_forward_linear`, from its interval rule on true
+        intervals), its offset on the constant only; a ReLU on [l, u] (the functions'
         range, intersected with IBP's) scales the lower function by CROWN's adaptive
         slope and the upper one by the chord u / (u - l), minus the chord's intercept.
         Its cost grows with n, not with the neurons: for few inputs (input splitting)
