@@ -373,6 +373,30 @@ def test_the_attack_and_the_search_start_nothing_after_the_deadline():
     assert result.columns["falsify_s"] == 0.0
 
 
+def test_a_crown_pass_stops_between_chunks_of_rows_at_the_deadline():
+    """A propagator whose deadline has passed starts no chunk of an intermediate node's
+    rows; bab turns that into timeout and leaves the propagator without a deadline."""
+    from certbench.verifiers.bound_propagation.propagation import DeadlineExceeded
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                          nn.Linear(40, 4)).eval()
+    prop = BoundPropagator(TracedNetwork(model, (5,)))
+    ball = Ball(torch.rand(1, 5), 0.5, "inf", clip=False)
+    prop.deadline = time.perf_counter() - 1
+    with pytest.raises(DeadlineExceeded):
+        prop.intermediate_bounds(ball, "crown")
+    prop.deadline = float("inf")
+    prop.intermediate_bounds(ball, "crown")
+
+    bab = get_verifier("bab")
+    bab.prepare(model, (5,))
+    spec = OutputSpec(((torch.tensor([[1.0, -1.0, 0.0, 0.0]]), torch.zeros(1)),))
+    result = bab.check_spec(ball.center - 0.5, ball.center + 0.5, spec, time_limit_s=1e-9)
+    assert result.verdict == SpecVerdict.TIMEOUT
+    assert bab.propagator.deadline == float("inf")
+
+
 def test_babsr_picks_an_unstable_neuron_and_reports_leaves():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()

@@ -139,6 +139,11 @@ def _add(a, b):
     return a + (b.to_dense() if isinstance(b, Patches) else b)
 
 
+class DeadlineExceeded(Exception):
+    """Raised between chunks of CROWN's backward passes once ``BoundPropagator.deadline``
+    (`time.perf_counter`) has passed: a caller with a budget (bab) answers timeout."""
+
+
 FORWARD_MAX_INPUTS = 32
 """Inputs of at most this many coordinates also get forward-mode bounds (n + 1 linear
 functions per neuron) intersected into CROWN's intervals: cheap there, and tighter than
@@ -150,12 +155,14 @@ class BoundPropagator:
     """IBP, CROWN, CROWN-IBP and alpha-CROWN lower bounds on spec . f(x) over a Ball.
 
     ``memory_budget_bytes`` caps the coefficient tensors of one backward pass: the rows of
-    an intermediate node are processed in chunks that fit.
+    an intermediate node are processed in chunks that fit. ``deadline``: no chunk of an
+    intermediate node's rows starts after it (`DeadlineExceeded`; infinite by default).
     """
 
     def __init__(self, network: TracedNetwork, memory_budget_bytes: int = 64 << 20):
         self.net = network
         self.memory_budget_bytes = memory_budget_bytes
+        self.deadline = math.inf
         self._widest_row = 1  # elements of one row's coefficients, widest in the last walk
         self.activations = [i for i, node in enumerate(network.nodes) if node.op is not None
                             and not node.op.linear]
@@ -331,6 +338,8 @@ class BoundPropagator:
         lowers, uppers = [], []
         start = 0
         while start < index.shape[1]:
+            if time.perf_counter() > self.deadline:
+                raise DeadlineExceeded
             rows = index[:, start : start + step]
             chunk = None if alphas is None else {
                 j: alpha[:, :, start : start + step].flatten(1, 2) for j, alpha in alphas.items()

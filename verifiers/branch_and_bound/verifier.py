@@ -63,7 +63,7 @@ from certbench.verifiers.base import (
     verdict_code,
 )
 from certbench.verifiers.bound_propagation import Ball, BoundPropagator, TracedNetwork, margin_spec
-from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser
+from certbench.verifiers.bound_propagation.propagation import AlphaOptimiser, DeadlineExceeded
 from certbench.verifiers.branch_and_bound.domains import ALPHA_LR, DomainBounder, Domains
 from certbench.verifiers.branch_and_bound.input_split import input_split_search
 from certbench.verifiers.branch_and_bound.search import (
@@ -185,7 +185,18 @@ class BranchAndBoundVerifier:
     def _decide(self, ball: Ball, spec: OutputSpec, slack: float, confirm,
                 deadline: float) -> tuple[SearchResult, float]:
         """Falsify, bound the root, then branch on each open disjunct (module docstring).
-        Returns the result and the time spent attacking."""
+        Returns the result and the time spent attacking. A CROWN pass that reaches the
+        deadline stops between chunks of rows (the propagator's ``deadline``): timeout."""
+        self.propagator.deadline = deadline
+        try:
+            return self._decide_within(ball, spec, slack, confirm, deadline)
+        except DeadlineExceeded:
+            return SearchResult(SpecVerdict.TIMEOUT), 0.0
+        finally:
+            self.propagator.deadline = math.inf
+
+    def _decide_within(self, ball: Ball, spec: OutputSpec, slack: float, confirm,
+                       deadline: float) -> tuple[SearchResult, float]:
         prop = self.propagator
         c_all, d_all, owner = spec.stacked()
         t0 = time.perf_counter()
