@@ -1,4 +1,4 @@
-"""The `certbench` command: train, run, vnncomp, paradox, report, compare, list, show.
+"""The `certbench` command: train, run, vnncomp, paradox, report, compare, list, show, zoo.
 
 A user's mistake prints one line ``certbench: error: ...`` and exits with code 2.
 """
@@ -27,6 +27,8 @@ EXAMPLES = {
     "paradox": "example: certbench paradox results/gls-paradox --matrix gls-paradox",
     "compare": "example: certbench compare results/baseline results/quick "
     "--max-slowdown 1.3 --max-acc-drop 0.0",
+    "zoo": "example: certbench zoo\n         certbench zoo --build gloro-mnist-2c2f --device "
+    "cuda\n         (in a matrix: checkpoint = \"zoo:gloro-mnist-2c2f\")",
 }
 
 
@@ -152,6 +154,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("auto_LiRPA:    " + (f"{detail} (lirpa:* verifiers usable)" if usable else
                                f"not usable, lirpa:* cells will fail: {detail}"))
     print("matrices:      " + ", ".join(packaged_matrices()))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from certbench import zoo
+
+    if args.build:
+        from certbench.run.executors import resolve_device
+        from certbench.zoo_build import build
+
+        found = build(args.build, args.data_dir, str(resolve_device(args.device)),
+                          progress=not args.quiet)
+        measured = found["zoo"]["measured"]
+        print(f"{args.build}: clean {measured['clean_acc']:.4f}, certified "
+              f"{measured['certified_acc']:.4f} at {measured['norm']} eps {measured['eps']} "
+              f"({measured['verifier']}, {measured['points']} points); card "
+              f"{zoo.FOLDER / (args.build + '.json')}")
+        return 0
+    table = pd.DataFrame(zoo.listing())
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.drop(columns=["source"]).fillna("-").to_string(index=False))
+    print("paper and certbench: the paper's metric at its norm and eps (fractions); "
+          "'-': not built yet (`certbench zoo --build NAME`)")
     return 0
 
 
@@ -349,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     paradox.add_argument("--model", default=None,
                          help="model for the landscape (default: the GRAD + CROWN model)")
     paradox.set_defaults(func=cmd_paradox)
+
+    zoo = add("zoo", "List the zoo: networks trained to their papers' settings, each "
+              "certbench's certified figure beside the paper's; use one in a matrix as "
+              "checkpoint = \"zoo:NAME\". --build trains (resumably) and certifies one.")
+    zoo.add_argument("--build", default=None, metavar="NAME",
+                     help="train (resuming an interrupted run) and certify this network, "
+                     "writing its weights and card into the zoo folder")
+    zoo.add_argument("--device", default="auto", help="where --build trains (default auto)")
+    zoo.add_argument("--data-dir", **data_dir)
+    zoo.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo.set_defaults(func=cmd_zoo)
 
     show = add("show", "Print the summary table of a results folder.")
     show.add_argument("results_dir")

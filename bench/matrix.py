@@ -82,7 +82,8 @@ class InputNormalization(_Strict):
 
 
 class ModelSpec(_Strict):
-    """One of: ``checkpoint`` (a certbench checkpoint), ``arch`` (+ recipe, trained if
+    """One of: ``checkpoint`` (a certbench checkpoint, or ``zoo:NAME``: a network of the
+    zoo, `certbench.zoo`), ``arch`` (+ recipe, trained if
     missing) or ``onnx`` (a third-party network; a relative path is looked up as given,
     then under the data directory; ``normalization`` if the network expects normalised
     inputs)."""

@@ -89,3 +89,25 @@ def test_ibp_and_crown_ibp_training_certify_far_more_than_standard(digits, tmp_p
         certified[recipe] = ok.float().mean().item()
     assert certified["ibp"] > certified["standard"] + 0.2
     assert certified["crown-ibp"] > certified["standard"] + 0.2
+
+
+def test_hold_decay_schedule_holds_then_decays_geometrically():
+    from certbench.training.train import lr_scheduler
+
+    hp = recipe_args("gloro", {"epochs": 10, "lr": 1e-3, "lr_schedule": "hold-decay",
+                               "lr_end": 1e-6})
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
+    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
+    rates = []
+    for _ in range(hp["epochs"] + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:6] == [1e-3] * 6  # held through the first half
+    assert rates[10] == pytest.approx(1e-6)  # lr_end at the last epoch
+    ratios = [b / a for a, b in zip(rates[5:10], rates[6:11], strict=True)]
+    assert ratios == pytest.approx([ratios[0]] * 5)  # geometric: one factor per epoch
+    with pytest.raises(UserError, match="0 < lr_end < lr"):
+        recipe_args("gloro", {"lr_schedule": "hold-decay"})
+    with pytest.raises(UserError, match="lr_schedule must be"):
+        recipe_args("lmt", {"lr_schedule": "linear"})

@@ -42,6 +42,7 @@ from certbench.report.official import (  # noqa: E402
     scored,
     wrong_lines,
 )
+from certbench.report.papers import papers_section  # noqa: E402
 from certbench.report.summary import conflict_lines, solved_table  # noqa: E402
 from certbench.report.view import (  # noqa: E402
     ATTACK_ROW,
@@ -528,7 +529,8 @@ def build_report(results_dir: str | Path, out: str | Path,
     name = prov["matrix"]
     extra = vnncomp_section(vnn, out, official) if not vnn.empty else ("", "")
     gls = gls_section(results, folder, out)
-    extra = (extra[0] + gls[0], extra[1] + gls[1])
+    papers = papers_section(results)
+    extra = (extra[0] + gls[0] + papers[0], extra[1] + gls[1] + papers[1])
     winners = results.winners()
     (out / "report.md").write_text(
         _markdown(name, tables, tight, prov, violations, has_prob, winners, extra[0]),

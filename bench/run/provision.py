@@ -26,11 +26,16 @@ from certbench.run.cells import Subject
 from certbench.run.executors import Executor
 from certbench.training.recipes import recipe_args
 from certbench.training.train import train_model
+from certbench.zoo import PREFIX as ZOO_PREFIX
+from certbench.zoo import network_stem
 
 
 def model_stem(spec: ModelSpec, dataset: str, checkpoint_dir: Path) -> Path:
     """Where a recipe's checkpoint lives: the name plus a hash of everything that shapes
-    the trained weights, so that changing a hyperparameter trains a new model."""
+    the trained weights, so that changing a hyperparameter trains a new model. A given
+    checkpoint is its own stem; ``zoo:NAME`` is the zoo's network (`certbench.zoo`)."""
+    if spec.checkpoint is not None and spec.checkpoint.startswith(ZOO_PREFIX):
+        return network_stem(spec.checkpoint)
     if spec.checkpoint is not None:
         return checkpoint_paths(spec.checkpoint)[0].with_suffix("")
     identity = {

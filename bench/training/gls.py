@@ -173,7 +173,7 @@ def step_generator(seed: int, progress: float) -> torch.Generator:
 
 
 def make_gls_loss(recipe: str, args: dict[str, Any], prop: BoundPropagator, seed: int,
-                  log: list[float] | None = None):
+                  log: list[torch.Tensor] | None = None):
     """The ``gls-pgpe`` / ``gls-rgs`` step as a loss for the training loop: its value is the
     estimate of L_sigma, its gradient the estimate of grad L_sigma (`surrogate`). The
     training-time certified accuracy at the unperturbed weights goes to ``log``."""

@@ -51,10 +51,11 @@ def robust_ce(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(-margins, y)
 
 
-def certified_fraction(margins: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of the batch whose every margin j != y is proven positive."""
+def certified_fraction(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Share of the batch whose every margin j != y is proven positive (a 0-d tensor on
+    the margins' device: reading it is left to the end of the epoch)."""
     others = ~F.one_hot(y, margins.shape[1]).bool()
-    return ((margins > 0) | ~others).all(1).float().mean().item()
+    return ((margins > 0) | ~others).all(1).float().mean()
 
 
 def other_classes(y: torch.Tensor, classes: int) -> torch.Tensor:

@@ -43,6 +43,11 @@ report's GLS section read). `train.train_model` runs any of them.
 - ``gls-pgpe`` and ``gls-rgs``: Gaussian Loss Smoothing (Balauca et al. 2025), PGPE and
   randomized gradient smoothing over a named relaxation; see `gls`.
 
+The recipes with the common arguments (all but ``standard`` and the GLS ones) take
+``lr_schedule``: ``"cosine"`` (default: cosine annealing from ``lr`` to 0) or
+``"hold-decay"`` (GloRo's scripts: ``lr`` for the first half of the epochs, then a
+geometric decay to ``lr_end`` at the last epoch).
+
 Adding a recipe is one class here with ``@register_recipe``.
 """
 
@@ -72,7 +77,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """loss(model, x, y, progress): progress is the number of epochs done (fractional)."""
 RELAXATION_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                     "alpha-crown": "alpha-CROWN"}
-_COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128}
+_COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "lr_end": 0.0}
+LR_SCHEDULES = ("cosine", "hold-decay")
 
 
 class Recipe:
@@ -93,7 +99,8 @@ class Recipe:
         return None
 
     def loss(self, args: dict[str, Any], graph: LipschitzGraph | None,
-             propagator: BoundPropagator | None, seed: int, log: list[float] | None) -> LossFn:
+             propagator: BoundPropagator | None, seed: int,
+             log: list[torch.Tensor] | None) -> LossFn:
         raise NotImplementedError
 
 
@@ -299,6 +306,15 @@ class GlsRgs(_GlsRecipe):
     optimiser = "RGS"
 
 
+def _validate_lr_schedule(args: dict[str, Any]) -> None:
+    schedule = args.get("lr_schedule", "cosine")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "hold-decay" and not 0 < args["lr_end"] < args["lr"]:
+        raise ValueError("lr_schedule 'hold-decay' needs 0 < lr_end < lr (it decays "
+                         "geometrically from lr to lr_end)")
+
+
 def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
     """The recipe's hyperparameters: defaults overridden by ``args``; unknown keys and
     values the recipe cannot use refused (UserError); ``ramp_epochs`` None is half the
@@ -311,6 +327,7 @@ def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
     merged = dict(chosen.defaults, **(args or {}))
     try:
         chosen.validate(merged)
+        _validate_lr_schedule(merged)
     except ValueError as exc:
         raise UserError(f"recipe {recipe!r}: {exc}") from exc
     if "ramp_epochs" in merged and merged["ramp_epochs"] is None:
@@ -320,7 +337,7 @@ def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:
 
 def make_loss(recipe: str, args: dict[str, Any], graph: LipschitzGraph | None,
               propagator: BoundPropagator | None = None, seed: int = 0,
-              log: list[float] | None = None) -> LossFn:
+              log: list[torch.Tensor] | None = None) -> LossFn:
     """The loss of ``recipe`` with its arguments (`recipe_args`). Certified recipes append
     the batch's training-time certified accuracy (at the ramped eps) to ``log``; ``seed``
     seeds the GLS recipes' noise."""

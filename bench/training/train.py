@@ -1,6 +1,8 @@
 """Training a network with a recipe (`recipes`: the registry of recipes, each with its
-defaults, setup and loss): Adam with a cosine learning-rate schedule over the recipe's
-epochs, seeded, with a progress bar, written as a checkpoint (safetensors + JSON card).
+defaults, setup and loss): Adam with the recipe's learning-rate schedule over its
+epochs (`lr_scheduler`), seeded, with a progress bar, written as a checkpoint
+(safetensors + JSON card). The training set is moved to the device once and the loss is
+summed there, so a GPU step waits for no host transfer or synchronisation.
 
 Training resumes from the last finished epoch: the state is saved after every epoch to
 ``STEM.train-state.pt`` (tensors and numbers only, reloaded with ``weights_only=True``)
@@ -39,6 +41,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(y)
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
+                 epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's ``lr_schedule``, stepped once per epoch: cosine annealing to 0, or
+    ``hold-decay``: factor 1 for the first half, then (lr_end / lr)^((e - E/2) / (E/2))."""
+    if hp.get("lr_schedule", "cosine") == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    half, ratio = epochs / 2, hp["lr_end"] / hp["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 1.0 if e <= half else ratio ** ((e - half) / half))
+
+
 def train_model(
     stem: str | Path,
     dataset: Dataset,
@@ -68,11 +81,11 @@ def train_model(
     propagator = None
     if needs == "bounds":
         propagator = BoundPropagator(TracedNetwork(model, dataset.input_shape))
-    log: list[float] = []  # training-time certified accuracy per step (certified recipes)
+    log: list[torch.Tensor] = []  # training-time certified share per step (certified recipes)
     loss_fn = make_loss(recipe, hp, graph, propagator, seed, log)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
     epochs = int(hp["epochs"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    scheduler = lr_scheduler(optimizer, hp, epochs)
     weights_path, _ = checkpoint_paths(stem)
     state_path = weights_path.with_name(weights_path.stem + ".train-state.pt")
     start, elapsed = 0, 0.0
@@ -85,6 +98,7 @@ def train_model(
         generator.set_state(state["generator"])
         start, elapsed = int(state["epoch"]), float(state["elapsed"])
 
+    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     n, batch = len(dataset.y_train), int(hp["batch_size"])
     steps = math.ceil(n / batch)
     bar = tqdm(
@@ -94,22 +108,22 @@ def train_model(
     for epoch in bar:
         began = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
+        order = torch.randperm(n, generator=generator).to(device)
+        total = torch.zeros((), device=device)
         del log[:]
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
-            x, y = dataset.x_train[idx].to(device), dataset.y_train[idx].to(device)
+            x, y = x_train[idx], y_train[idx]
             loss = loss_fn(model, x, y, epoch + step / steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            total += loss.detach()
         scheduler.step()
         elapsed += time.perf_counter() - began
-        shown = {"loss": f"{total / steps:.4f}"}
+        shown = {"loss": f"{total.item() / steps:.4f}"}
         if log:
-            shown["cert"] = f"{sum(log) / len(log):.3f}"
+            shown["cert"] = f"{float(sum(log)) / len(log):.3f}"
         bar.set_postfix(**shown)
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
