@@ -68,10 +68,12 @@ def box_pgd(
     value is its smallest column. All restarts run as one batch:
     the first from the set's centre, for a box the next two from its lower and upper
     corners (where saturated networks often leave their plateau), the others from uniform
-    points (uniform radii along Gaussian directions for l2). Steps: sign steps of 2.5 x
-    half-width / steps (box), normalised-gradient steps of 2.5 x radius / steps (l2), each
-    projected back onto the set. Returns the best point (1, *input_shape) and its
-    violation. No step starts after ``deadline``
+    points (uniform radii along Gaussian directions for l2). Steps: sign steps (box) or
+    normalised-gradient steps (l2) of size s_t = s_0 (1 + cos(pi t / T)) / 2, s_0 half the
+    box's half-width (or half the radius), each projected back onto the set: the first
+    steps cross the set, the last ones settle (AutoPGD's decaying step, Croce and Hein
+    2020, Sec. 3.2, as a cosine; a fixed step of a few percent of the width stalls on
+    saturated networks). Returns the best point (1, *input_shape) and its violation. No step starts after ``deadline``
     (`time.perf_counter`); the starting points are always evaluated."""
     gen = torch.Generator().manual_seed(seed)
     shape = (restarts, *lower.shape[1:])
@@ -80,14 +82,14 @@ def box_pgd(
         noise[0] = 0.5
         noise[1:3] = torch.tensor([0.0, 1.0])[: restarts - 1].reshape(-1, *[1] * (noise.dim() - 1))
         x = lower + noise * (upper - lower)
-        step = 2.5 * (upper - lower) / 2 / steps
+        first_step = (upper - lower) / 4
     else:
         direction = torch.randn(shape, generator=gen).to(lower)
         direction = direction / _norms(direction)
         x = center + direction * noise.flatten(1)[:, :1].reshape(_norms(direction).shape) * radius
         x[0] = center[0]
         x = torch.minimum(torch.maximum(x, lower), upper)
-        step = 2.5 * radius / steps
+        first_step = radius / 2
     best, best_value = x[:1].clone(), math.inf
     model.eval()
 
@@ -114,7 +116,10 @@ def box_pgd(
         descended = torch.where(rows < 3, value.amin(1), own)
         return descended, value.detach().amin(1)
 
+    sizes = iter([0.5 * (1 + math.cos(math.pi * t / (steps + 1))) for t in range(steps + 1)])
+
     def scaled_step(grad: torch.Tensor) -> torch.Tensor:  # descent: step -1 below
+        step = first_step * next(sizes)
         if radius is None:
             return step * grad.sign()
         return step * grad / _norms(grad).clamp(min=1e-12)
