@@ -69,12 +69,13 @@ def box_pgd(
     the first from the set's centre, for a box the next two from its lower and upper
     corners (where saturated networks often leave their plateau), the others from uniform
     points (uniform radii along Gaussian directions for l2). Steps: sign steps (box) or
-    normalised-gradient steps (l2) of size s_t = s_0 (1 + cos(pi t / T)) / 2, s_0 half the
-    box's half-width (or half the radius), each projected back onto the set: the first
-    steps cross the set, the last ones settle (AutoPGD's decaying step, Croce and Hein
-    2020, Sec. 3.2, as a cosine; a fixed step of a few percent of the width stalls on
-    saturated networks). Returns the best point (1, *input_shape) and its violation. No step starts after ``deadline``
-    (`time.perf_counter`); the starting points are always evaluated."""
+    normalised-gradient steps (l2) of size s_t = s_0 (1 + cos(pi t / T)) / 2 for step t of
+    T = steps + 1, s_0 half the box's half-width (or half the radius), each projected back
+    onto the set: the first steps cross the set, the last ones settle (AutoPGD's decaying
+    step, Croce and Hein 2020, Sec. 3.2, as a cosine; a fixed step of a few percent of the
+    width stalls on saturated networks). Returns the best point (1, *input_shape) and its
+    violation. No step starts after ``deadline`` (`time.perf_counter`); the starting
+    points are always evaluated."""
     gen = torch.Generator().manual_seed(seed)
     shape = (restarts, *lower.shape[1:])
     noise = torch.rand(shape, generator=gen).to(lower)
