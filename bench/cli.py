@@ -167,7 +167,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         from certbench.zoo_build import build
 
         found = build(args.build, args.data_dir, str(resolve_device(args.device)),
-                          progress=not args.quiet)
+                      progress=not args.quiet)
         measured = found["zoo"]["measured"]
         print(f"{args.build}: clean {measured['clean_acc']:.4f}, certified "
               f"{measured['certified_acc']:.4f} at {measured['norm']} eps {measured['eps']} "

@@ -113,6 +113,24 @@ def cnn_4c3f(
     return layers + [nn.Linear(width, num_classes)]
 
 
+def cnn_dm_large(
+    input_shape: Sequence[int],
+    num_classes: int,
+    channels: Sequence[int] = (64, 64, 128, 128, 128),
+    dense: int = 512,
+) -> list:
+    """IBP's "large" model (Gowal et al. 2018, Table 1; DM-large in CROWN-IBP): five 3x3
+    convolutions, the third with stride 2 (64, 64, 128, 128, 128 channels), dense 512."""
+    c, h, w = input_shape
+    layers: list[nn.Module] = []
+    for i, out in enumerate(channels):
+        stride = 2 if i == 2 else 1
+        layers += [nn.Conv2d(c, out, 3, stride=stride, padding=1), nn.ReLU()]
+        c, h, w = out, (h - 1) // stride + 1, (w - 1) // stride + 1
+    return layers + [nn.Flatten(), nn.Linear(c * h * w, dense), nn.ReLU(),
+                     nn.Linear(dense, num_classes)]
+
+
 def resnet_tiny(
     input_shape: Sequence[int],
     num_classes: int,
@@ -140,6 +158,7 @@ ARCHITECTURES: dict[str, Callable[..., list]] = {
     "mlp": mlp,
     "cnn-small": cnn_small,
     "cnn-4c3f": cnn_4c3f,
+    "cnn-dm-large": cnn_dm_large,
     "resnet-tiny": resnet_tiny,
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from certbench import zoo
 from certbench.api import evaluate
 from certbench.atomic import write_atomic
 from certbench.data import Dataset, load_dataset
@@ -22,14 +23,24 @@ from certbench.errors import UserError
 from certbench.models import checkpoint_paths, load_checkpoint
 from certbench.provenance import git_commit
 from certbench.training.train import train_model
-from certbench.zoo import FOLDER, ZooEntry, catalog
+from certbench.zoo import ZooEntry
 
 
-def hardware(device: str) -> str:
-    """The machine a network was trained on, in words."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+def hardware(card: dict[str, Any]) -> str:
+    """The machine a card's network was trained on, in words: the GPU its versions record,
+    else this machine's CPU (`build` asks only where it trained the network, or where the
+    card has no record)."""
+    if str(card.get("train_device", "cpu")).startswith("cuda"):
+        return card.get("versions", {}).get("gpu", "a CUDA GPU")
+    name = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def build(name: str, data_dir: str | Path | None = None, device: str = "cpu",
@@ -37,17 +48,22 @@ def build(name: str, data_dir: str | Path | None = None, device: str = "cpu",
     """Train ``name`` (resuming an interrupted run) unless its weights exist, then certify
     it as its entry says and write the figures into its card's ``zoo`` section. Raises
     UserError if PGD breaks one of its certificates (an unsound bound: never committed)."""
-    entry = catalog().get(name)
+    entry = zoo.catalog().get(name)
     if entry is None:
-        raise UserError(f"no zoo network {name!r}; the zoo has: {', '.join(catalog())}")
+        raise UserError(f"no zoo network {name!r}; the zoo has: {', '.join(zoo.catalog())}")
     dataset = load_dataset(entry.dataset, data_dir)
-    weights, card_path = checkpoint_paths(FOLDER / name)
-    if not weights.exists():
-        train_model(FOLDER / name, dataset, entry.arch, entry.arch_args, entry.recipe,
+    zoo.FOLDER.mkdir(parents=True, exist_ok=True)
+    weights, card_path = checkpoint_paths(zoo.FOLDER / name)
+    trained_here = not weights.exists()
+    if trained_here:
+        train_model(zoo.FOLDER / name, dataset, entry.arch, entry.arch_args, entry.recipe,
                     entry.recipe_args, entry.seed, device, progress)
-    model, found = load_checkpoint(FOLDER / name)
-    found["zoo"] = {"paper": entry.paper.model_dump(), "train_hardware": hardware(
-        found.get("train_device", device)), **measure(model, entry, dataset, progress)}
+    model, found = load_checkpoint(zoo.FOLDER / name)
+    recorded = found.get("zoo", {}).get("train_hardware")
+    found["zoo"] = {"paper": entry.paper.model_dump(),
+                    "train_hardware": hardware(found) if trained_here or not recorded
+                    else recorded,
+                    **measure(model, entry, dataset, progress)}
     write_atomic(card_path, json.dumps(found, indent=2, sort_keys=True) + "\n")
     return found
 

@@ -75,6 +75,7 @@ RANDOM_MODELS = {
     "mlp": {"widths": [32, 32]},
     "cnn-small": {},
     "cnn-4c3f": {"channels": [8, 8, 16, 16], "dense": [64, 64]},
+    "cnn-dm-large": {"channels": [4, 4, 8, 8, 8], "dense": 32},
     "resnet-tiny": {"channels": 8, "batchnorm": True},
 }
 assert set(RANDOM_MODELS) == set(ARCHITECTURES)

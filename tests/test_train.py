@@ -111,3 +111,36 @@ def test_hold_decay_schedule_holds_then_decays_geometrically():
         recipe_args("gloro", {"lr_schedule": "hold-decay"})
     with pytest.raises(UserError, match="lr_schedule must be"):
         recipe_args("lmt", {"lr_schedule": "linear"})
+
+
+def test_multistep_schedule_and_warmup(digits, tmp_path):
+    """CROWN-IBP's schedule: lr times gamma at each milestone; before ``warmup_epochs``
+    the bound recipes train on plain cross-entropy (no bound is computed)."""
+    from certbench.training.recipes import make_loss
+    from certbench.training.train import lr_scheduler
+
+    hp = recipe_args("crown-ibp", {"epochs": 6, "lr": 1e-3, "lr_schedule": "multistep",
+                                   "lr_milestones": [2, 4], "lr_gamma": 0.5,
+                                   "warmup_epochs": 1, "ramp_epochs": 2})
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
+    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
+    rates = []
+    for _ in range(hp["epochs"]):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    with pytest.raises(UserError, match="lr_milestones"):
+        recipe_args("crown-ibp", {"lr_schedule": "multistep", "lr_milestones": [30, 10]})
+
+    class NoBounds:
+        def lower_bound(self, *args):
+            raise AssertionError("a bound during warm-up")
+
+    from conftest import random_model
+
+    model = random_model("mlp", widths=[16])
+    x, y = digits.x_train[:8], digits.y_train[:8]
+    loss = make_loss("crown-ibp", hp, None, NoBounds())
+    expected = torch.nn.functional.cross_entropy(model(x), y)
+    torch.testing.assert_close(loss(model, x, y, 0.5), expected)

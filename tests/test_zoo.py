@@ -13,24 +13,27 @@ from certbench.api import evaluate
 from certbench.data import DATASETS, load_dataset
 from certbench.errors import UserError
 from certbench.matrix import load_matrix
-from certbench.models import ARCHITECTURES, load_checkpoint
+from certbench.models import build_model, load_checkpoint
 from certbench.report.papers import papers_table
 from certbench.report.view import ResultsView
 from certbench.run.executors import InlineExecutor
 from certbench.run.runner import run_matrix
 from certbench.training.recipes import recipe_args
 from certbench.verifiers.global_lipschitz import LipschitzGraph
-from conftest import mnist_dir
 
 BUILT = [name for name in zoo.catalog() if zoo.card(name) is not None]
 
 
 @pytest.mark.parametrize("name", list(zoo.catalog()))
 def test_catalogue_entries_are_trainable_recipes(name):
+    """Every entry names a dataset, an architecture its arguments build, and a recipe
+    whose arguments validate (each raises a UserError otherwise)."""
     entry = zoo.catalog()[name]
-    assert entry.dataset in DATASETS and entry.arch in ARCHITECTURES
-    args = recipe_args(entry.recipe, entry.recipe_args)  # raises on a bad argument
-    assert args["epochs"] >= 1
+    assert entry.dataset in DATASETS
+    shape = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}[entry.dataset]
+    model = build_model(entry.arch, shape, 10, (0.5,), (0.5,), entry.arch_args)
+    assert model(torch.zeros(1, *shape)).shape == (1, 10)
+    assert recipe_args(entry.recipe, entry.recipe_args)["epochs"] >= 1
 
 
 def test_unknown_zoo_names_are_refused_with_the_list():
@@ -52,15 +55,16 @@ def test_verified_error_is_one_minus_certified_accuracy():
 
 @pytest.mark.skipif(not BUILT, reason="no zoo network is built in this checkout")
 @pytest.mark.parametrize("name", BUILT)
-def test_built_network_matches_its_entry_and_its_certificates_hold(name):
+def test_built_network_matches_its_entry_and_its_certificates_hold(name, mnist_dir):
     entry = zoo.catalog()[name]
     model, card = load_checkpoint(zoo.network_stem(f"zoo:{name}"))  # checks the sha256
     assert card["recipe"] == entry.recipe and card["arch"] == entry.arch
-    assert card["recipe_args"] == recipe_args(entry.recipe, entry.recipe_args)
+    # every argument the catalogue sets (defaults added later have no say on old weights)
+    assert {k: card["recipe_args"][k] for k in entry.recipe_args} == entry.recipe_args
     measured = card["zoo"]["measured"]
     assert measured["soundness_violations"] == 0
     assert measured["certified_acc"] <= measured["attack_upper_bound"] <= measured["clean_acc"]
-    data = load_dataset(entry.dataset, mnist_dir().parent)
+    data = load_dataset(entry.dataset, mnist_dir)
     # fresh points (the end of the test set), the measurement's verifier and PGD
     x, y = data.x_test[-300:], data.y_test[-300:]
     result = evaluate(model, x, y, verifiers=[(entry.measure.verifier,
@@ -97,15 +101,70 @@ def test_the_seeds_matrix_names_catalogued_networks():
 
 
 @pytest.mark.skipif(not BUILT, reason="no zoo network is built in this checkout")
-def test_the_seeds_matrix_runs_on_the_committed_zoo(tmp_path):
+def test_the_seeds_matrix_runs_on_the_committed_zoo(tmp_path, mnist_dir):
     """Provisioning finds ``zoo:`` checkpoints without training (the checkpoint folder
     stays empty) and the report puts the results beside the papers."""
     spec = load_matrix("seeds").model_copy(update={"samples": 20})
     built = [m for m in spec.models if m.checkpoint.removeprefix(zoo.PREFIX) in BUILT]
     spec = spec.model_copy(update={"models": built})
-    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", data_dir=mnist_dir().parent,
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", data_dir=mnist_dir,
                        progress=False, log=lambda _: None, executor=InlineExecutor())
     assert set(cells["status"]) == {"ok"} and not (tmp_path / "c").exists()
     table = papers_table(ResultsView.load(tmp_path / "r"))
     assert len(table) == len(cells)
     assert set(table["network"]) == {m.checkpoint.removeprefix(zoo.PREFIX) for m in built}
+
+
+TINY = '''
+[[networks]]
+name = "gloro-digits-mlp"
+dataset = "digits"
+arch = "mlp"
+arch_args = { widths = [16] }
+recipe = "gloro"
+recipe_args = { eps = 0.3, epochs = 2 }
+paper = { source = "a test", metric = "VRA", value = 0.5, norm = "2", eps = 0.1 }
+measure = { verifier = "global-lipschitz", options = { bound = "gloro" }, points = 60 }
+'''
+
+
+def test_a_network_is_built_found_by_name_provisioned_and_reported(tmp_path, monkeypatch):
+    """`build` trains and certifies a catalogue entry into its card; a matrix names it
+    `zoo:NAME` and runs without training; the report puts its results beside the paper's
+    figure; a rebuild certifies again without training and keeps the training hardware."""
+    from certbench.matrix import parse_matrix
+    from certbench.zoo_build import build
+
+    (tmp_path / "catalog.toml").write_text(TINY)
+    monkeypatch.setattr(zoo, "CATALOG", tmp_path / "catalog.toml")
+    monkeypatch.setattr(zoo, "FOLDER", tmp_path / "networks")
+    card = build("gloro-digits-mlp", progress=False)
+    measured = card["zoo"]["measured"]
+    assert measured["points"] == 60 and measured["soundness_violations"] == 0
+    assert 0 < measured["certified_acc"] <= measured["attack_upper_bound"]
+    assert card["zoo"]["paper"]["value"] == 0.5 and card["zoo"]["train_hardware"]
+    [row] = zoo.listing()
+    assert row["certbench"] == measured["certified_acc"] and row["epochs"] == 2
+
+    spec = parse_matrix({"name": "z", "dataset": "digits", "samples": 30, "norms": ["2"],
+                         "eps": [0.05, 0.1], "models": [{"name": "tiny",
+                                                         "checkpoint": "zoo:gloro-digits-mlp"}],
+                         "verifiers": [{"name": "global-lipschitz",
+                                        "options": {"bound": "gloro"}}, {"name": "crown"}]})
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False,
+                       log=lambda _: None, executor=InlineExecutor())
+    assert set(cells["status"]) == {"ok"} and not (tmp_path / "c").exists()
+    view = ResultsView.load(tmp_path / "r")
+    table = papers_table(view)
+    assert sorted(table["verifier"]) == sorted(view.ok["shown"]) and set(table["eps"]) == {0.1}
+    for row in table.itertuples():
+        key = view.ok.loc[view.ok["shown"] == row.verifier, "cell_key"].item()
+        assert row.certbench == view.accuracy(key)[0.1] and row.paper == 0.5
+
+    weights = zoo.network_stem("zoo:gloro-digits-mlp").with_suffix(".safetensors")
+    written = weights.stat().st_mtime_ns
+    card_path = weights.with_suffix(".json")
+    card_path.write_text(card_path.read_text().replace(card["zoo"]["train_hardware"],
+                                                       "elsewhere"))
+    again = build("gloro-digits-mlp", progress=False)
+    assert weights.stat().st_mtime_ns == written and again["zoo"]["train_hardware"] == "elsewhere"

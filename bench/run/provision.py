@@ -24,7 +24,7 @@ from certbench.models import checkpoint_paths, file_sha256, load_checkpoint
 from certbench.provenance import canonical_json
 from certbench.run.cells import Subject
 from certbench.run.executors import Executor
-from certbench.training.recipes import recipe_args
+from certbench.training.recipes import NAMING_NEUTRAL, recipe_args
 from certbench.training.train import train_model
 from certbench.zoo import PREFIX as ZOO_PREFIX
 from certbench.zoo import network_stem
@@ -38,10 +38,11 @@ def model_stem(spec: ModelSpec, dataset: str, checkpoint_dir: Path) -> Path:
         return network_stem(spec.checkpoint)
     if spec.checkpoint is not None:
         return checkpoint_paths(spec.checkpoint)[0].with_suffix("")
+    args = {k: v for k, v in recipe_args(spec.recipe, spec.recipe_args).items()
+            if k not in NAMING_NEUTRAL or v != NAMING_NEUTRAL[k]}
     identity = {
         "dataset": dataset, "arch": spec.arch, "arch_args": spec.arch_args,
-        "recipe": spec.recipe, "recipe_args": recipe_args(spec.recipe, spec.recipe_args),
-        "seed": spec.seed,
+        "recipe": spec.recipe, "recipe_args": args, "seed": spec.seed,
     }
     digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:10]
     return checkpoint_dir / f"{dataset}-{spec.name}-{digest}"

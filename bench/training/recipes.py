@@ -44,9 +44,14 @@ report's GLS section read). `train.train_model` runs any of them.
   randomized gradient smoothing over a named relaxation; see `gls`.
 
 The recipes with the common arguments (all but ``standard`` and the GLS ones) take
-``lr_schedule``: ``"cosine"`` (default: cosine annealing from ``lr`` to 0) or
-``"hold-decay"`` (GloRo's scripts: ``lr`` for the first half of the epochs, then a
-geometric decay to ``lr_end`` at the last epoch).
+``lr_schedule``: ``"cosine"`` (default: cosine annealing from ``lr`` to ``lr_end``,
+default 0), ``"hold-decay"`` (GloRo's scripts: ``lr`` for the first half of the epochs,
+then a geometric decay towards ``lr_end``) or ``"multistep"`` (CROWN-IBP's configs: ``lr``
+times ``lr_gamma`` at each epoch of ``lr_milestones``); `train.lr_scheduler` has the
+formulas. Arguments added after checkpoints were first named (`NAMING_NEUTRAL`) stay out
+of a checkpoint's name while they keep their default. The bound recipes also take
+``warmup_epochs``: plain cross-entropy for that many epochs before eps and kappa start
+their ramp (CROWN-IBP's ``schedule_start``).
 
 Adding a recipe is one class here with ``@register_recipe``.
 """
@@ -77,8 +82,14 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """loss(model, x, y, progress): progress is the number of epochs done (fractional)."""
 RELAXATION_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                     "alpha-crown": "alpha-CROWN"}
-_COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "lr_end": 0.0}
-LR_SCHEDULES = ("cosine", "hold-decay")
+_COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "lr_end": 0.0,
+           "lr_milestones": [], "lr_gamma": 0.1}
+LR_SCHEDULES = ("cosine", "hold-decay", "multistep")
+NAMING_NEUTRAL = {"lr_schedule": "cosine", "lr_end": 0.0, "lr_milestones": [], "lr_gamma": 0.1,
+                  "warmup_epochs": 0}
+"""Arguments added after checkpoints were first named, at defaults that train exactly as
+before they existed: `provision.model_stem` leaves them out of the hash while they hold
+these values, so that a checkpoint trained before keeps its name."""
 
 
 class Recipe:
@@ -214,7 +225,10 @@ class _BoundRecipe(Recipe):
     def loss(self, args, graph, propagator, seed, log):
         def certified(model, x, y, progress):
             logits = model(x)
-            share = 1.0 if args["ramp_epochs"] <= 0 else min(1.0, progress / args["ramp_epochs"])
+            ramped = progress - args["warmup_epochs"]
+            if ramped < 0:
+                return F.cross_entropy(logits, y)
+            share = 1.0 if args["ramp_epochs"] <= 0 else min(1.0, ramped / args["ramp_epochs"])
             kappa = 1.0 + (args["kappa_end"] - 1.0) * share
             ball = Ball(x, args["eps"] * share, args["norm"])
             robust = self.robust_term(propagator, ball, y, logits, 1.0 - share, args, log)
@@ -223,7 +237,7 @@ class _BoundRecipe(Recipe):
         return certified
 
 
-_BOUND_COMMON = {**_COMMON, "eps": 0.1, "norm": "inf", "ramp_epochs": None}
+_BOUND_COMMON = {**_COMMON, "eps": 0.1, "norm": "inf", "ramp_epochs": None, "warmup_epochs": 0}
 
 
 @register_recipe
@@ -307,12 +321,22 @@ class GlsRgs(_GlsRecipe):
 
 
 def _validate_lr_schedule(args: dict[str, Any]) -> None:
+    """Raise ValueError unless the learning-rate arguments describe a schedule
+    `train.lr_scheduler` can run."""
     schedule = args.get("lr_schedule", "cosine")
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
     if schedule == "hold-decay" and not 0 < args["lr_end"] < args["lr"]:
         raise ValueError("lr_schedule 'hold-decay' needs 0 < lr_end < lr (it decays "
                          "geometrically from lr to lr_end)")
+    milestones = args.get("lr_milestones", [])
+    if not isinstance(milestones, list) or not all(isinstance(m, int) for m in milestones):
+        raise ValueError("lr_milestones must be a list of whole epochs")
+    if schedule == "multistep" and (not milestones or milestones != sorted(set(milestones))
+                                    or not 0 < milestones[0] <= milestones[-1] < args["epochs"]
+                                    or not args["lr_gamma"] > 0):
+        raise ValueError("lr_schedule 'multistep' needs lr_milestones: increasing epochs "
+                         "between 1 and epochs - 1, and lr_gamma > 0")
 
 
 def recipe_args(recipe: str, args: dict[str, Any] | None) -> dict[str, Any]:

@@ -43,10 +43,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
                  epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The recipe's ``lr_schedule``, stepped once per epoch: cosine annealing to 0, or
-    ``hold-decay``: factor 1 for the first half, then (lr_end / lr)^((e - E/2) / (E/2))."""
-    if hp.get("lr_schedule", "cosine") == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    """The recipe's ``lr_schedule`` as a factor of ``lr`` for epoch e (0-based, stepped
+    once per epoch; E epochs): ``cosine``, annealing to ``lr_end``; ``multistep``,
+    lr_gamma^(number of lr_milestones <= e); ``hold-decay``, 1 for e <= E/2, then
+    (lr_end / lr)^((e - E/2) / (E/2)), the geometric decay that would reach lr_end at e = E
+    (GloRo's scripts)."""
+    schedule = hp.get("lr_schedule", "cosine")
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(epochs, 1), eta_min=hp.get("lr_end", 0.0))
+    if schedule == "multistep":
+        milestones, gamma = list(hp["lr_milestones"]), hp["lr_gamma"]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: gamma ** sum(m <= e for m in milestones))
     half, ratio = epochs / 2, hp["lr_end"] / hp["lr"]
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 1.0 if e <= half else ratio ** ((e - half) / half))
@@ -91,7 +100,10 @@ def train_model(
     start, elapsed = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True, map_location=device)
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
+        if state.get("hp", hp) != hp:
+            raise UserError(f"{state_path} was saved by a run with other hyperparameters "
+                            f"({state['hp']}); delete it to train anew with {hp}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -128,7 +140,7 @@ def train_model(
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "epoch": epoch + 1, "elapsed": elapsed,
+            "epoch": epoch + 1, "elapsed": elapsed, "hp": hp,
         }
         write_atomic(state_path, lambda path, state=state: torch.save(state, path))
 
