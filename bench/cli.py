@@ -178,7 +178,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.drop(columns=["source"]).fillna("-").to_string(index=False))
     print("paper and certbench: the paper's metric at its norm and eps (fractions); "
-          "'-': not built yet (`certbench zoo --build NAME`)")
+          "'-': not built yet (`certbench zoo --build NAME`), or no paper figure")
     return 0
 
 

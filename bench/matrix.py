@@ -97,6 +97,12 @@ class ModelSpec(_Strict):
     recipe: str = "standard"
     recipe_args: dict[str, Any] = {}
     seed: int = 0
+    norms: list[Literal["2", "inf"]] | None = None
+
+    @field_validator("norms", mode="before")
+    @classmethod
+    def _norm_strings(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
 
     @field_validator("arch")
     @classmethod
@@ -305,6 +311,9 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix",
         if len(given) != 1:
             raise UserError(f"{source}: models.{i}: give exactly one of `checkpoint`, `arch` "
                             f"or `onnx` (got {', '.join(given) or 'none'})")
+        if model.norms is not None and not set(model.norms) <= set(spec.norms):
+            raise UserError(f"{source}: models.{i}: norms {model.norms} must be among the "
+                            f"matrix's norms {spec.norms}")
         if model.normalization is not None and model.onnx is None:
             raise UserError(f"{source}: models.{i}: `normalization` is for `onnx` models "
                             "(certbench models carry their own)")

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from certbench.errors import UserError
 from certbench.matrix import parse_matrix
 from certbench.run.runner import run_matrix
 from certbench.verifiers import get_verifier
@@ -91,6 +92,21 @@ def test_a_changed_epsilon_grid_is_a_new_cell(ran):
     logs = []
     run_matrix(other, tmp_path / "results", tmp_path / "ckpt", progress=False, log=logs.append)
     assert logs[0].startswith("4 cell(s) run, 4 already done")
+
+
+def test_a_model_with_its_own_norms_runs_only_at_those(ran):
+    spec, tmp_path, _ = ran
+    models = [m.model_dump() for m in spec.models]
+    models[1]["norms"] = ["2"]
+    logs = []
+    run_matrix(small_matrix(models=models), tmp_path / "fresh", tmp_path / "ckpt",
+               progress=False, log=logs.append)
+    cells = pd.read_parquet(tmp_path / "fresh" / "cells.parquet")
+    assert logs[0].startswith("6 cell(s) run")
+    assert set(cells[cells.model == "gloro"].norm) == {"2"}
+    assert set(cells[cells.model == "std"].norm) == {"2", "inf"}
+    with pytest.raises(UserError, match="must be among the matrix's norms"):
+        small_matrix(norms=["2"], eps=[0.1], models=models[:1] + [{**models[1], "norms": ["inf"]}])
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):

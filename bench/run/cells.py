@@ -77,13 +77,15 @@ SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (
 @dataclass(frozen=True)
 class Subject:
     """A model under test: its name in tables, the module (on the CPU), its card
-    (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform)
-    and the sha256 of its checkpoint, ONNX file or weights."""
+    (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform),
+    the sha256 of its checkpoint, ONNX file or weights, and the norms it is evaluated at
+    (None: every norm of the run)."""
 
     name: str
     model: nn.Module
     card: dict[str, Any]
     sha256: str
+    norms: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ def build_cells(
     points: Points, *, dataset: str, device: str, timeout_s: float | None = None,
     imports: tuple[str, ...] = (),
 ) -> list[Cell]:
-    """Every (subject, verifier, norm) of a run as a `Cell`, in that order: the one way
+    """Every (subject, verifier, norm) of a run as a `Cell`, in that order (a subject's
+    own ``norms`` where it has them): the one way
     cells are made (`certbench run` and `certbench.evaluate`). A cell's key hashes the
     checkpoint's sha256, the verifier and its options, the norm and its epsilon grid, the
     device, the attack settings and the points' identity; timing is not part of it.
@@ -112,6 +115,8 @@ def build_cells(
     for subject in subjects:
         for verifier in verifiers:
             for norm in settings.norms:
+                if subject.norms is not None and norm not in subject.norms:
+                    continue
                 eps = settings.eps_for(norm)
                 identity = {
                     "checkpoint_sha256": subject.sha256, "verifier": verifier.name,

@@ -165,6 +165,8 @@ def run_matrix(
         "matrix": spec.name, "matrix_file": matrix_file
     }
     models = ensure_models(spec, dataset, checkpoint_dir, device, executor, progress, data_dir)
+    models = [replace(subject, norms=m.norms and tuple(m.norms))
+              for subject, m in zip(models, spec.models, strict=True)]
     points = Points(x, y, indices, {"dataset": spec.dataset, "samples": spec.samples,
                                     "seed": spec.seed})
     cells = build_cells(models, spec.verifiers, spec, points, dataset=spec.dataset,

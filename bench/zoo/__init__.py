@@ -36,11 +36,12 @@ class _Strict(BaseModel):
 
 
 class PaperFigure(_Strict):
-    """The paper's headline figure for this setting (fractions, not percent)."""
+    """The paper's headline figure for this setting (fractions, not percent); no
+    ``value`` where the paper gives none for this network (its twin's setting)."""
 
     source: str
     metric: Literal["VRA", "certified accuracy", "verified error"]
-    value: float
+    value: float | None = None
     norm: Literal["2", "inf"]
     eps: float = Field(gt=0)
     clean: float | None = None
