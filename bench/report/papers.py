@@ -14,8 +14,9 @@ from certbench.report.view import ResultsView
 
 NOTE = ("Each row: a verifier's certified figure on a zoo network at its paper's norm and "
         "epsilon, in the paper's metric (VRA and certified accuracy: higher is better; "
-        "verified error: lower), beside the paper's headline figure. The zoo's cards record "
-        "how each network was trained (`certbench zoo`).")
+        "verified error: lower), beside the paper's headline figure, which the paper "
+        "measured with paper_verifier. The zoo's cards record how each network was trained "
+        "(`certbench zoo`).")
 
 
 def papers_table(results: ResultsView) -> pd.DataFrame:
@@ -37,7 +38,8 @@ def papers_table(results: ResultsView) -> pd.DataFrame:
         rows.append({"network": entry.name, "verifier": cell.shown, "norm": entry.paper.norm,
                      "eps": entry.paper.eps, "metric": entry.paper.metric,
                      "certbench": zoo.as_metric(entry.paper.metric, at[0]),
-                     "paper": entry.paper.value, "source": entry.paper.source})
+                     "paper": entry.paper.value, "paper_verifier": entry.measure.verifier,
+                     "source": entry.paper.source})
     return pd.DataFrame(rows)
 
 
