@@ -14,7 +14,7 @@ from certbench.data import DATASETS, load_dataset
 from certbench.errors import UserError
 from certbench.matrix import load_matrix
 from certbench.models import build_model, load_checkpoint
-from certbench.report.papers import papers_table
+from certbench.report.papers import papers_section, papers_table
 from certbench.report.view import ResultsView
 from certbench.run.executors import InlineExecutor
 from certbench.run.runner import run_matrix
@@ -113,6 +113,13 @@ def test_the_seeds_matrix_runs_on_the_committed_zoo(tmp_path, mnist_dir):
     table = papers_table(ResultsView.load(tmp_path / "r"))
     assert len(table) == len(cells)
     assert set(table["network"]) == {m.checkpoint.removeprefix(zoo.PREFIX) for m in built}
+    markdown, _ = papers_section(ResultsView.load(tmp_path / "r"))
+    no_figure = table[table["paper"].isna()]["network"]  # shown as "-" in the paper column
+    assert set(no_figure) == {n for n in set(table["network"])
+                              if zoo.catalog()[n].paper.value is None}
+    for network in no_figure:
+        assert any(line.startswith(f"| {network} ") and "| -  " in line
+                   for line in markdown.splitlines())
 
 
 TINY = '''

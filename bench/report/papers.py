@@ -48,8 +48,7 @@ def papers_section(results: ResultsView) -> tuple[str, str]:
     table = papers_table(results)
     if table.empty:
         return "", ""
-    shown = table.map(lambda v: ("-" if math.isnan(v) else f"{v:.4f}")
-                      if isinstance(v, float) else v).fillna("-")
+    shown = table.map(lambda v: "-" if pd.isna(v) else f"{v:.4f}" if isinstance(v, float) else v)
     md = f"## Beside the papers\n\n{NOTE}\n\n{shown.to_markdown(index=False)}\n\n"
     page = (f"<section id='papers'><h2>Beside the papers</h2><p class='note'>"
             f"{html.escape(NOTE)}</p><div class='scroll'>{shown.to_html(index=False)}</div>"

@@ -105,9 +105,9 @@ def build_cells(
     points: Points, *, dataset: str, device: str, timeout_s: float | None = None,
     imports: tuple[str, ...] = (),
 ) -> list[Cell]:
-    """Every (subject, verifier, norm) of a run as a `Cell`, in that order (a subject's
-    own ``norms`` where it has them): the one way
-    cells are made (`certbench run` and `certbench.evaluate`). A cell's key hashes the
+    """Every (subject, verifier, norm) of a run as a `Cell`, in that order, at a subject's
+    own ``norms`` where it has them: the one way cells are made (`certbench run` and
+    `certbench.evaluate`). A cell's key hashes the
     checkpoint's sha256, the verifier and its options, the norm and its epsilon grid, the
     device, the attack settings and the points' identity; timing is not part of it.
     ``timeout_s`` applies where a verifier sets none."""
