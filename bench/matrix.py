@@ -3,7 +3,8 @@
 A matrix names one dataset, a seeded evaluation subset, norms, an epsilon grid, the models
 (existing checkpoints, or recipes trained when their checkpoint is missing) and the
 verifiers with their options. Every (model, verifier, norm) is one *cell*; every cell sees
-the same points and the same epsilon grid. Example (the packaged ``quick`` matrix):
+the same points and the norm's epsilon grid (a model may have its own grids). Example
+(the packaged ``quick`` matrix):
 
     name = "quick"
     dataset = "digits"
@@ -81,12 +82,29 @@ class InputNormalization(_Strict):
         return value
 
 
+def checked_grids(value: Any) -> Any:
+    """Epsilon grids (one list, or a table norm -> list), sorted and deduplicated; raises
+    ValueError on an empty grid or an epsilon that is not a positive number."""
+    grids = value.values() if isinstance(value, dict) else [value]
+    for grid in grids:
+        if not grid:
+            raise ValueError("an epsilon grid must not be empty")
+        for eps in grid:
+            if not math.isfinite(eps) or eps <= 0:
+                raise ValueError(f"every epsilon must be a positive number, got {eps}")
+    if isinstance(value, dict):
+        return {str(k): sorted(set(v)) for k, v in value.items()}
+    return sorted(set(value))
+
+
 class ModelSpec(_Strict):
     """One of: ``checkpoint`` (a certbench checkpoint, or ``zoo:NAME``: a network of the
     zoo, `certbench.zoo`), ``arch`` (+ recipe, trained if
     missing) or ``onnx`` (a third-party network; a relative path is looked up as given,
     then under the data directory; ``normalization`` if the network expects normalised
-    inputs)."""
+    inputs). ``norms`` limits the model to some of the matrix's norms; ``eps``, a table
+    ``{ "2" = [...] }``, replaces the matrix's grid of a norm for this model (a network
+    trained for another radius)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     checkpoint: str | None = None
@@ -98,11 +116,17 @@ class ModelSpec(_Strict):
     recipe_args: dict[str, Any] = {}
     seed: int = 0
     norms: list[Literal["2", "inf"]] | None = None
+    eps: dict[str, list[float]] | None = None
 
     @field_validator("norms", mode="before")
     @classmethod
     def _norm_strings(cls, value: Any) -> Any:
         return [str(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("eps")
+    @classmethod
+    def _positive_eps(cls, value: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        return None if value is None else checked_grids(value)
 
     @field_validator("arch")
     @classmethod
@@ -215,16 +239,7 @@ class CellSettings(_Strict):
     def _positive_eps(
         cls, value: list[float] | dict[str, list[float]]
     ) -> list[float] | dict[str, list[float]]:
-        grids = value.values() if isinstance(value, dict) else [value]
-        for grid in grids:
-            if not grid:
-                raise ValueError("an epsilon grid must not be empty")
-            for eps in grid:
-                if not math.isfinite(eps) or eps <= 0:
-                    raise ValueError(f"every epsilon must be a positive number, got {eps}")
-        if isinstance(value, dict):
-            return {str(k): sorted(set(v)) for k, v in value.items()}
-        return sorted(set(value))
+        return checked_grids(value)
 
     def eps_for(self, norm: str) -> list[float]:
         """The epsilon grid of ``norm``: ``eps`` is one grid for all norms, or a table
@@ -314,6 +329,9 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix",
         if model.norms is not None and not set(model.norms) <= set(spec.norms):
             raise UserError(f"{source}: models.{i}: norms {model.norms} must be among the "
                             f"matrix's norms {spec.norms}")
+        if model.eps is not None and not set(model.eps) <= set(model.norms or spec.norms):
+            raise UserError(f"{source}: models.{i}: eps is a table of the model's norms "
+                            f"({model.norms or spec.norms}), got {sorted(model.eps)}")
         if model.normalization is not None and model.onnx is None:
             raise UserError(f"{source}: models.{i}: `normalization` is for `onnx` models "
                             "(certbench models carry their own)")

@@ -94,19 +94,26 @@ def test_a_changed_epsilon_grid_is_a_new_cell(ran):
     assert logs[0].startswith("4 cell(s) run, 4 already done")
 
 
-def test_a_model_with_its_own_norms_runs_only_at_those(ran):
+def test_a_model_with_its_own_norms_and_radii_runs_only_at_those(ran):
     spec, tmp_path, _ = ran
     models = [m.model_dump() for m in spec.models]
     models[1]["norms"] = ["2"]
+    models[1]["eps"] = {"2": [0.3]}
     logs = []
     run_matrix(small_matrix(models=models), tmp_path / "fresh", tmp_path / "ckpt",
                progress=False, log=logs.append)
     cells = pd.read_parquet(tmp_path / "fresh" / "cells.parquet")
+    certified = pd.read_parquet(tmp_path / "fresh" / "certified.parquet")
     assert logs[0].startswith("6 cell(s) run")
     assert set(cells[cells.model == "gloro"].norm) == {"2"}
     assert set(cells[cells.model == "std"].norm) == {"2", "inf"}
+    at = certified.merge(cells[["cell_key", "model", "norm"]], on="cell_key")
+    assert set(at[at.model == "gloro"].eps) == {0.3}
+    assert set(at[(at.model == "std") & (at.norm == "2")].eps) == {0.1, 0.5}
     with pytest.raises(UserError, match="must be among the matrix's norms"):
         small_matrix(norms=["2"], eps=[0.1], models=models[:1] + [{**models[1], "norms": ["inf"]}])
+    with pytest.raises(UserError, match="eps is a table of the model's norms"):
+        small_matrix(models=models[:1] + [{**models[1], "eps": {"inf": [0.1]}}])
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):

@@ -1,4 +1,5 @@
-"""Training recipes: GloRo's bottom logit by hand, resumption that reproduces an
+"""Training recipes: GloRo's bottom logit and LMT's margin factor by hand, LMT's pairwise
+loss scoring exactly the points the GloRo bound certifies, resumption that reproduces an
 uninterrupted run, the TRADES variant, and power-iteration estimates kept apart from the
 sound bound."""
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from certbench.errors import UserError
-from certbench.training.recipes import gloro_logits, recipe_args
+from certbench.training.recipes import gloro_logits, make_loss, margin_factor, recipe_args
 from certbench.training.train import train_model
+from certbench.verifiers import get_verifier
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
 
@@ -24,6 +26,52 @@ def test_gloro_bottom_logit_by_hand():
     # sample 1: j = 1, bottom = max(0 + 0.5 * 2, 1.5 + 0.5 * 1) = 2
     torch.testing.assert_close(out[:, -1], torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(out[:, :-1], logits)
+
+
+def test_lmt_margin_factor_by_hand():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.5]])
+    addition = torch.tensor([[0.0, 1.0, 4.0], [0.0, 1.0, 1.0]])
+    y = torch.tensor([0, 0])
+    # sample 0: gaps 0, 2, 3 -> ratios 1, 1 (2 >= 1), 3 / 4; sample 1 is misclassified -> 0
+    torch.testing.assert_close(margin_factor(logits, addition, y), torch.tensor([[0.75], [0.0]]))
+
+
+def test_lmt_pairwise_loss_scores_exactly_what_the_gloro_bound_certifies():
+    """logits + c * K[y] has its maximum at y iff f_y - f_i > c * K_yi for every i: the
+    point is classified y and certified at radius c by the GloRo bound, the verifier's."""
+    model = random_model("cnn-small", seed=3)
+    graph = LipschitzGraph(model, DIGITS_SHAPE)
+    gloro = get_verifier("global-lipschitz", bound="gloro")
+    gloro.prepare(model, DIGITS_SHAPE)
+    x = torch.rand(200, *DIGITS_SHAPE)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        y[::3] = (y[::3] + 1) % 10  # some points misclassified
+        logits = model(x)
+    radius = gloro.certify(x, "2", [0.0]).radius
+    middle = radius[radius > 0].sort().values[radius.gt(0).sum() // 2 - 1:][:2]
+    c = float(middle.mean())  # half the correct points certified at c, none on the boundary
+    args = recipe_args("lmt", {"c": c, "ramp_epochs": 0, "margin": "pairwise"})
+    with torch.no_grad():
+        lifted = logits + c * graph.bounds(torch.float32).pairwise()[y]
+        loss = make_loss("lmt", args, graph)(model, x, y, 1.0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(lifted, y))
+    cert = gloro.certify(x, "2", [c])
+    certified = (cert.prediction == y) & (cert.radius >= c)
+    scored = lifted.argmax(1) == y
+    assert 0 < int(certified.sum()) < int((cert.prediction == y).sum())  # both kinds present
+    assert torch.equal(scored, certified)
+
+
+def test_lmt_scaled_addition_leaves_misclassified_points_plain_cross_entropy():
+    model = random_model("mlp", widths=[32])
+    graph = LipschitzGraph(model, DIGITS_SHAPE)
+    x = torch.rand(64, *DIGITS_SHAPE)
+    with torch.no_grad():
+        y = (model(x).argmax(1) + 1) % 10  # every point misclassified
+    args = recipe_args("lmt", {"c": 1.0, "ramp_epochs": 0, "scale_by_margin": True})
+    loss = make_loss("lmt", args, graph)(model, x, y, 1.0)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model(x), y))
 
 
 def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeypatch):
@@ -58,6 +106,8 @@ def test_unknown_recipe_arguments_are_refused():
         recipe_args("gloro", {"epsilon": 0.3})
     with pytest.raises(UserError, match="lipschitz must be"):
         recipe_args("lmt", {"lipschitz": "guess"})
+    with pytest.raises(UserError, match="margin must be"):
+        recipe_args("lmt", {"margin": "class"})
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn-small", "resnet-tiny"])
@@ -111,6 +161,20 @@ def test_hold_decay_schedule_holds_then_decays_geometrically():
         recipe_args("gloro", {"lr_schedule": "hold-decay"})
     with pytest.raises(UserError, match="lr_schedule must be"):
         recipe_args("lmt", {"lr_schedule": "linear"})
+
+
+def test_constant_schedule_keeps_the_rate():
+    from certbench.training.train import lr_scheduler
+
+    hp = recipe_args("lmt", {"epochs": 5, "lr": 1e-3, "lr_schedule": "constant"})
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
+    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
+    rates = []
+    for _ in range(hp["epochs"]):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [1e-3] * 5
 
 
 def test_multistep_schedule_and_warmup(digits, tmp_path):

@@ -78,14 +78,16 @@ SMOOTHED_ATTACK_BATCH = 64  # samples per PGD batch on the smoothed classifier (
 class Subject:
     """A model under test: its name in tables, the module (on the CPU), its card
     (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform),
-    the sha256 of its checkpoint, ONNX file or weights, and the norms it is evaluated at
-    (None: every norm of the run)."""
+    the sha256 of its checkpoint, ONNX file or weights, the norms it is evaluated at
+    (None: every norm of the run) and its own epsilon grids by norm (where absent, the
+    run's)."""
 
     name: str
     model: nn.Module
     card: dict[str, Any]
     sha256: str
     norms: tuple[str, ...] | None = None
+    eps: dict[str, tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,10 @@ def build_cells(
     imports: tuple[str, ...] = (),
 ) -> list[Cell]:
     """Every (subject, verifier, norm) of a run as a `Cell`, in that order, at a subject's
-    own ``norms`` where it has them: the one way cells are made (`certbench run` and
-    `certbench.evaluate`). A cell's key hashes the
-    checkpoint's sha256, the verifier and its options, the norm and its epsilon grid, the
-    device, the attack settings and the points' identity; timing is not part of it.
+    own ``norms`` and epsilon grids where it has them: the one way cells are made
+    (`certbench run` and `certbench.evaluate`). A cell's key hashes the checkpoint's sha256,
+    the verifier and its options, the norm and its epsilon grid, the device,
+    the attack settings and the points' identity; timing is not part of it.
     ``timeout_s`` applies where a verifier sets none."""
     cells = []
     for subject in subjects:
@@ -117,7 +119,7 @@ def build_cells(
             for norm in settings.norms:
                 if subject.norms is not None and norm not in subject.norms:
                     continue
-                eps = settings.eps_for(norm)
+                eps = list((subject.eps or {}).get(norm) or settings.eps_for(norm))
                 identity = {
                     "checkpoint_sha256": subject.sha256, "verifier": verifier.name,
                     "options": verifier.options, "norm": norm, "eps": eps, **points.identity,

@@ -165,7 +165,8 @@ def run_matrix(
         "matrix": spec.name, "matrix_file": matrix_file
     }
     models = ensure_models(spec, dataset, checkpoint_dir, device, executor, progress, data_dir)
-    models = [replace(subject, norms=m.norms and tuple(m.norms))
+    models = [replace(subject, norms=m.norms and tuple(m.norms),
+                      eps=m.eps and {norm: tuple(grid) for norm, grid in m.eps.items()})
               for subject, m in zip(models, spec.models, strict=True)]
     points = Points(x, y, indices, {"dataset": spec.dataset, "samples": spec.samples,
                                     "seed": spec.seed})

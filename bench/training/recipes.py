@@ -18,7 +18,13 @@ report's GLS section read). `train.train_model` runs any of them.
   CE(f) + lambda * KL(softmax(f) || softmax(f, f_bot)).
 - ``lmt`` (Tsuzuku, Sato and Sugiyama 2018, "Lipschitz-Margin Training", Alg. 1): add
   sqrt(2) * c * L to every non-target logit, L the bound of the whole network, then
-  cross-entropy. ``c`` ramps like GloRo's eps.
+  cross-entropy. ``c`` ramps like GloRo's eps. ``margin = "pairwise"`` adds
+  c * L(penultimate) * ||w_i - w_y|| to logit i instead (the paper's Sec. 4.2 bound for
+  the last layer, its code's ``lmt-fc`` mode, which its MNIST configuration uses);
+  ``scale_by_margin = true`` scales the addition, per sample, by the reference code's
+  factor min_i clip((f_y - f_i) / a_i, 0, 1), held constant in the gradient (a_i the
+  addition to logit i): a misclassified point gets none, a point with a small margin
+  only what closes it.
 
   Lipschitz bounds inside these two losses are the verifier's own sound bounds
   (`certbench.verifiers.global_lipschitz`), recomputed from the weights at every step and
@@ -45,8 +51,9 @@ report's GLS section read). `train.train_model` runs any of them.
 
 The recipes with the common arguments (all but ``standard`` and the GLS ones) take
 ``lr_schedule``: ``"cosine"`` (default: cosine annealing from ``lr`` to ``lr_end``,
-default 0), ``"hold-decay"`` (GloRo's scripts: ``lr`` for the first half of the epochs,
-then a geometric decay towards ``lr_end``) or ``"multistep"`` (CROWN-IBP's configs: ``lr``
+default 0), ``"constant"`` (LMT's reference: ``lr`` throughout), ``"hold-decay"``
+(GloRo's scripts: ``lr`` for the first half of the epochs, then a geometric decay towards
+``lr_end``) or ``"multistep"`` (CROWN-IBP's configs: ``lr``
 times ``lr_gamma`` at each epoch of ``lr_milestones``); `train.lr_scheduler` has the
 formulas. Arguments added after checkpoints were first named (`NAMING_NEUTRAL`) stay out
 of a checkpoint's name while they keep their default. The bound recipes also take
@@ -84,9 +91,9 @@ RELAXATION_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                     "alpha-crown": "alpha-CROWN"}
 _COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "lr_end": 0.0,
            "lr_milestones": [], "lr_gamma": 0.1}
-LR_SCHEDULES = ("cosine", "hold-decay", "multistep")
+LR_SCHEDULES = ("cosine", "constant", "hold-decay", "multistep")
 NAMING_NEUTRAL = {"lr_schedule": "cosine", "lr_end": 0.0, "lr_milestones": [], "lr_gamma": 0.1,
-                  "warmup_epochs": 0}
+                  "warmup_epochs": 0, "margin": "network", "scale_by_margin": False}
 """Arguments added after checkpoints were first named, at defaults that train exactly as
 before they existed: `provision.model_stem` leaves them out of the hash while they hold
 these values, so that a checkpoint trained before keeps its name."""
@@ -184,17 +191,38 @@ class GloRo(_LipschitzRecipe):
 @register_recipe
 class Lmt(_LipschitzRecipe):
     name = "lmt"
-    defaults = {**_COMMON, "c": 0.3, "ramp_epochs": None, "lipschitz": "exact"}
+    defaults = {**_COMMON, "c": 0.3, "ramp_epochs": None, "lipschitz": "exact",
+                "margin": "network", "scale_by_margin": False}
+
+    def validate(self, args):
+        super().validate(args)
+        if args["margin"] not in ("network", "pairwise"):
+            raise ValueError("margin must be 'network' or 'pairwise'")
 
     def loss(self, args, graph, propagator, seed, log):
         def lmt(model, x, y, progress):
             logits = model(x)
-            lip = graph.bounds(torch.float32).network
+            bounds = graph.bounds(torch.float32)
             c = ramp(args["c"], args["ramp_epochs"], progress)
-            others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
-            return F.cross_entropy(logits + math.sqrt(2) * c * lip * others, y)
+            if args["margin"] == "pairwise":
+                addition = c * bounds.pairwise()[y]  # zero at the target: ||w_y - w_y|| = 0
+            else:
+                others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+                addition = math.sqrt(2) * c * bounds.network * others
+            if args["scale_by_margin"]:
+                addition = addition * margin_factor(logits.detach(), addition.detach(), y)
+            return F.cross_entropy(logits + addition, y)
 
         return lmt
+
+
+def margin_factor(logits: torch.Tensor, addition: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LMT's reference-code scaling of the addition a (module docstring), per sample:
+    min over classes i of clip((f_y - f_i) / a_i, 0, 1), read as 1 where f_y - f_i >= a_i
+    (the target's own a_y = 0 among them); shape (n, 1)."""
+    gap = logits.gather(1, y[:, None]) - logits
+    ratio = torch.where(gap >= addition, 1.0, gap / addition.clamp_min(1e-20))
+    return ratio.clamp(0.0, 1.0).amin(dim=1, keepdim=True)
 
 
 class _BoundRecipe(Recipe):

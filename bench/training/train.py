@@ -44,7 +44,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
                  epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The recipe's ``lr_schedule`` as a factor of ``lr`` for epoch e (0-based, stepped
-    once per epoch; E epochs): ``cosine``, annealing to ``lr_end``; ``multistep``,
+    once per epoch; E epochs): ``cosine``, annealing to ``lr_end``; ``constant``, 1;
+    ``multistep``,
     lr_gamma^(number of lr_milestones <= e); ``hold-decay``, 1 for e <= E/2, then
     (lr_end / lr)^((e - E/2) / (E/2)), the geometric decay that would reach lr_end at e = E
     (GloRo's scripts)."""
@@ -52,6 +53,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(epochs, 1), eta_min=hp.get("lr_end", 0.0))
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
     if schedule == "multistep":
         milestones, gamma = list(hp["lr_milestones"]), hp["lr_gamma"]
         return torch.optim.lr_scheduler.LambdaLR(
