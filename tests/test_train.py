@@ -63,6 +63,39 @@ def test_lmt_pairwise_loss_scores_exactly_what_the_gloro_bound_certifies():
     assert torch.equal(scored, certified)
 
 
+def test_lmt_scaled_pairwise_loss_lifts_by_the_certified_share_of_c():
+    """With the pairwise addition c * K[y], min_{i != y} (f_y - f_i) / (c K_yi) is r / c
+    for the GloRo radius r: the loss is CE(f + min(1, r / c) c K[y]) on correct points and
+    plain CE on the others."""
+    model = random_model("cnn-small", seed=4)
+    with torch.no_grad():  # confident logits, so that the lift moves the loss
+        model[-1].weight.mul_(30.0)
+        model[-1].bias.mul_(30.0)
+    graph = LipschitzGraph(model, DIGITS_SHAPE)
+    gloro = get_verifier("global-lipschitz", bound="gloro")
+    gloro.prepare(model, DIGITS_SHAPE)
+    x = torch.rand(100, *DIGITS_SHAPE)
+    with torch.no_grad():
+        logits = model(x)
+        y = logits.argmax(1)
+        y[::4] = (y[::4] + 1) % 10
+        radius = gloro.certify(x, "2", [0.0]).radius.to(logits.dtype)
+        c = float(radius[radius > 0].median())
+        args = recipe_args("lmt", {"c": c, "ramp_epochs": 0, "margin": "pairwise",
+                                   "scale_by_margin": True})
+        loss = make_loss("lmt", args, graph)(model, x, y, 1.0)
+        correct = logits.argmax(1) == y
+        share = torch.where(correct, (radius / c).clamp(max=1.0), 0.0)
+        others = 1.0 - torch.nn.functional.one_hot(y, 10).to(logits.dtype)
+        pairwise = graph.bounds(torch.float32).pairwise()[y] * others
+        expected = torch.nn.functional.cross_entropy(logits + share[:, None] * c * pairwise, y)
+        plain = torch.nn.functional.cross_entropy(logits, y)
+    assert 0 < int((share[correct] < 1).sum()) < int(correct.sum())  # both kinds present
+    # the verifier's radius subtracts a floating-point slack from each margin
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0.0)
+    assert float(expected) > float(plain) * 1.05  # the lift is not lost in the tolerance
+
+
 def test_lmt_scaled_addition_leaves_misclassified_points_plain_cross_entropy():
     model = random_model("mlp", widths=[32])
     graph = LipschitzGraph(model, DIGITS_SHAPE)

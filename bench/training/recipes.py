@@ -204,10 +204,10 @@ class Lmt(_LipschitzRecipe):
             logits = model(x)
             bounds = graph.bounds(torch.float32)
             c = ramp(args["c"], args["ramp_epochs"], progress)
+            others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
             if args["margin"] == "pairwise":
-                addition = c * bounds.pairwise()[y]  # zero at the target: ||w_y - w_y|| = 0
+                addition = c * bounds.pairwise()[y] * others
             else:
-                others = 1.0 - F.one_hot(y, logits.shape[1]).to(logits.dtype)
                 addition = math.sqrt(2) * c * bounds.network * others
             if args["scale_by_margin"]:
                 addition = addition * margin_factor(logits.detach(), addition.detach(), y)
@@ -218,10 +218,12 @@ class Lmt(_LipschitzRecipe):
 
 def margin_factor(logits: torch.Tensor, addition: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LMT's reference-code scaling of the addition a (module docstring), per sample:
-    min over classes i of clip((f_y - f_i) / a_i, 0, 1), read as 1 where f_y - f_i >= a_i
-    (the target's own a_y = 0 among them); shape (n, 1)."""
+    min over classes i != y of clip((f_y - f_i) / a_i, 0, 1), read as 1 where
+    f_y - f_i >= a_i; shape (n, 1). With the pairwise addition it is min(1, r / c) for a
+    correctly classified point of GloRo radius r, and 0 for a misclassified one."""
     gap = logits.gather(1, y[:, None]) - logits
     ratio = torch.where(gap >= addition, 1.0, gap / addition.clamp_min(1e-20))
+    ratio = ratio.masked_fill(F.one_hot(y, logits.shape[1]).bool(), 1.0)
     return ratio.clamp(0.0, 1.0).amin(dim=1, keepdim=True)
 
 
