@@ -12,7 +12,7 @@ import torch
 
 from certbench.errors import UserError
 from certbench.training.recipes import gloro_logits, make_loss, margin_factor, recipe_args
-from certbench.training.train import train_model
+from certbench.training.train import lr_scheduler, train_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.global_lipschitz import LipschitzGraph
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
@@ -175,17 +175,9 @@ def test_ibp_and_crown_ibp_training_certify_far_more_than_standard(digits, tmp_p
 
 
 def test_hold_decay_schedule_holds_then_decays_geometrically():
-    from certbench.training.train import lr_scheduler
-
     hp = recipe_args("gloro", {"epochs": 10, "lr": 1e-3, "lr_schedule": "hold-decay",
                                "lr_end": 1e-6})
-    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
-    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
-    rates = []
-    for _ in range(hp["epochs"] + 1):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    rates = _rates(hp, hp["epochs"] + 1)
     assert rates[:6] == [1e-3] * 6  # held through the first half
     assert rates[10] == pytest.approx(1e-6)  # lr_end at the last epoch
     ratios = [b / a for a, b in zip(rates[5:10], rates[6:11], strict=True)]
@@ -197,16 +189,8 @@ def test_hold_decay_schedule_holds_then_decays_geometrically():
 
 
 def test_constant_schedule_keeps_the_rate():
-    from certbench.training.train import lr_scheduler
-
     hp = recipe_args("lmt", {"epochs": 5, "lr": 1e-3, "lr_schedule": "constant"})
-    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
-    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
-    rates = []
-    for _ in range(hp["epochs"]):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    rates = _rates(hp, hp["epochs"])
     assert rates == [1e-3] * 5
 
 
@@ -214,18 +198,10 @@ def test_multistep_schedule_and_warmup(digits, tmp_path):
     """CROWN-IBP's schedule: lr times gamma at each milestone; before ``warmup_epochs``
     the bound recipes train on plain cross-entropy (no bound is computed)."""
     from certbench.training.recipes import make_loss
-    from certbench.training.train import lr_scheduler
-
     hp = recipe_args("crown-ibp", {"epochs": 6, "lr": 1e-3, "lr_schedule": "multistep",
                                    "lr_milestones": [2, 4], "lr_gamma": 0.5,
                                    "warmup_epochs": 1, "ramp_epochs": 2})
-    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
-    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
-    rates = []
-    for _ in range(hp["epochs"]):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    rates = _rates(hp, hp["epochs"])
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
     with pytest.raises(UserError, match="lr_milestones"):
         recipe_args("crown-ibp", {"lr_schedule": "multistep", "lr_milestones": [30, 10]})
@@ -241,3 +217,15 @@ def test_multistep_schedule_and_warmup(digits, tmp_path):
     loss = make_loss("crown-ibp", hp, None, NoBounds())
     expected = torch.nn.functional.cross_entropy(model(x), y)
     torch.testing.assert_close(loss(model, x, y, 0.5), expected)
+
+
+def _rates(hp, epochs):
+    """The learning rate the recipe's schedule gives at each of ``epochs`` epochs."""
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=hp["lr"])
+    scheduler = lr_scheduler(optimizer, hp, hp["epochs"])
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
