@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from certbench.models import build_model
 from certbench.run.attacks import pgd
 from certbench.verifiers import UnsupportedLayerError, Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import (
@@ -16,6 +17,8 @@ from certbench.verifiers.bound_propagation import (
     TracedNetwork,
     margin_spec,
 )
+from certbench.verifiers.bound_propagation.operators import unstable_rows
+from certbench.verifiers.bound_propagation.patches import Patches
 from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
 METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
@@ -214,6 +217,50 @@ def test_alpha_crown_in_sample_chunks_equals_one_batch():
         whole = BoundPropagator(net).lower_bound(spec, ball, "alpha-crown", alpha_iterations=5)
         chunked = small.lower_bound(spec, ball, "alpha-crown", alpha_iterations=5)
     torch.testing.assert_close(whole, chunked, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["cnn-small", "cnn-4c3f"])
+def test_slopes_kept_per_window_give_the_bounds_of_slopes_on_the_whole_map(arch, monkeypatch):
+    """alpha-CROWN keeps an intermediate row's slopes only where its window reaches
+    (`window_placements`): random slopes on the whole feature map with dense
+    coefficients everywhere (no windows), the same slopes read at each row's window, and
+    the whole map's slopes with windows give the same bounds of every unstable neuron."""
+    shape = (1, 16, 16)  # on 8 x 8 digits the windows soon cover the whole map
+    torch.manual_seed(11)
+    model = build_model(arch, shape, 10, (0.3,), (0.4,), RANDOM_MODELS[arch]).eval()
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(5))
+    prop = BoundPropagator(TracedNetwork(model, shape))
+    ball = Ball(x, 0.05, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    gen = torch.Generator().manual_seed(6)
+    windowed = 0
+    for target in prop.relu_inputs:
+        index, _ = unstable_rows(prop.activation_of[target].inexact(*bounds[target]))
+        placements = prop.window_placements(target, ball, bounds)
+        whole, per_window = {}, {}
+        for a in prop.activations:
+            if a >= target:
+                break
+            whole[a] = torch.rand(3, 2 * index.shape[1], *prop.net.nodes[a].shape,
+                                  generator=gen)
+            per_window[a] = whole[a]
+            if a in placements:
+                rows = placements[a].select(torch.cat([index, index], 1))
+                per_window[a] = rows.gather(whole[a])
+                windowed += 1
+        got = prop.neuron_bounds(target, index, ball, bounds, _by_sign(per_window))
+        got_from_whole = prop.neuron_bounds(target, index, ball, bounds, _by_sign(whole))
+        with monkeypatch.context() as dense:
+            dense.setattr(Patches, "worth_keeping", lambda self: False)
+            expected = prop.neuron_bounds(target, index, ball, bounds, _by_sign(whole))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_from_whole, expected, rtol=1e-5, atol=1e-5)
+    assert windowed  # some rows met windows: the test compares something
+
+
+def _by_sign(alphas):
+    """(batch, 2R, ...) slopes as `neuron_bounds` takes them: (batch, 2, R, ...)."""
+    return {a: t.reshape(t.shape[0], 2, t.shape[1] // 2, *t.shape[2:]) for a, t in alphas.items()}
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn-small"])

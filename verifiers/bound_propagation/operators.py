@@ -266,12 +266,13 @@ class Conv(Operation):
         values = flat.new_zeros(len(flat), m.in_channels, (h - 1) * sh + dh * (kh - 1) + 1,
                                 (w - 1) * sw + dw * (kw - 1) + 1)
         columns = (flat.flatten(2).transpose(1, 2) @ weight.flatten(1)).reshape(
-            len(flat), h, w, m.in_channels, kh, kw)
+            len(flat), h, w, m.in_channels, kh * kw)
+        # unbind, not indexing: its gradient is one stack, not kh * kw zero-filled copies
+        pieces = iter(columns.permute(4, 0, 3, 1, 2).unbind(0))
         for i in range(kh):
             for j in range(kw):
                 values[..., i * dh: i * dh + sh * (h - 1) + 1: sh,
-                       j * dw: j * dw + sw * (w - 1) + 1: sw] += (
-                    columns[..., i, j].permute(0, 3, 1, 2))
+                       j * dw: j * dw + sw * (w - 1) + 1: sw] += next(pieces)
         return values
 
     def _transpose(self, a, weight):
@@ -667,17 +668,22 @@ class Relu(Activation):
     def _patches_backward(self, a, lower, upper, alpha, parts):
         """Windows: a' = a * upper_slope + max(a, 0) * (lower_slope - upper_slope), the
         gap nonzero only at unstable neurons, and the constant sum(min(a, 0) * slope *
-        shift); three maps gathered into windows, no elementwise select (``where`` is
-        many times slower than a product on CPU)."""
+        shift); maps gathered into windows, no elementwise select (``where`` is many
+        times slower than a product on CPU). ``alpha``: each row's slopes on its window
+        (batch, rows, C, kh, kw), as `AlphaOptimiser` keeps them, or on the whole map."""
         unstable, _, upper_slope, shift = parts
-        if alpha is None:
-            gap = torch.where(unstable, self.initial_alpha(lower, upper) - upper_slope, 0.0)
-        else:  # slopes of every row: (batch, rows, *shape)
-            gap = torch.where(unstable.unsqueeze(1), alpha - upper_slope.unsqueeze(1), 0.0)
         values = a.values
+        window_slope = a.gather(upper_slope)
+        if alpha is None:
+            gap = a.gather(torch.where(unstable, self.initial_alpha(lower, upper) - upper_slope,
+                                       0.0))
+        else:
+            if alpha.shape[2:] != values.shape[2:]:  # slopes over the whole map
+                alpha = a.gather(alpha)
+            gap = (alpha - window_slope) * a.gather(unstable.to(values.dtype))
         positive = values.clamp(min=0)
-        a_in = values * a.gather(upper_slope)
-        a_in.addcmul_(positive, a.gather(gap))
+        a_in = values * window_slope
+        a_in.addcmul_(positive, gap)
         const = rowsum((values - positive) * a.gather(upper_slope * shift))
         return a.with_values(a_in), const
 

@@ -80,6 +80,12 @@ class Patches:
         """The same placement with other values of the same window size."""
         return Patches(values, self.top, self.left, self.shape, self._index)
 
+    def select(self, index: torch.Tensor) -> Patches:
+        """The placements of rows ``index`` (batch, R) of a one-sample Patches, for a
+        batch (values without meaning)."""
+        values = self.values.new_zeros(()).expand(*index.shape, *self.values.shape[2:])
+        return Patches(values, self.top[0][index], self.left[0][index], self.shape)
+
     def inside(self) -> torch.Tensor:
         """(batch, rows, 1, kh, kw) mask of the window entries inside the feature map."""
         kh, kw = self.window

@@ -22,7 +22,11 @@ Where the time goes, and what is done about it (measured against auto_LiRPA 0.7)
   weights (`Operation.backward_rows`) instead of transposing a one-hot tensor;
 - a node that is one affine layer of the input (behind elementwise maps only) is bounded
   exactly by IBP over an l_inf box, and exactly in closed form over an l2 ball; no
-  backward pass is spent on it.
+  backward pass is spent on it;
+- alpha-CROWN keeps an intermediate row's slopes only on the window its coefficients
+  reach at each activation (patches.py), not on the whole feature map: on the zoo's
+  2C2F networks (l2, 16 MNIST points, 5 steps) 2.7-3.3x less time for the same bounds,
+  where zero-filled gradients of whole-map slopes took most of it.
 
 The input set is an l_inf or l2 ball around x0 intersected with the [0, 1] box.
 """
@@ -277,7 +281,9 @@ class BoundPropagator:
                           relaxations)
 
     def _walk(self, coefficients, constant, ball, bounds, alphas, extra=None,
-              record=None, relaxations=None) -> torch.Tensor:
+              record=None, relaxations=None, windows=None) -> torch.Tensor:
+        """`backward` from the coefficients of any nodes; ``windows``, if a dict, gets the
+        coefficients that reach each activation as `Patches` (`window_placements`)."""
         nodes = self.net.nodes
         for i in range(max(coefficients), -1, -1):
             a = coefficients.pop(i, None)
@@ -298,6 +304,8 @@ class BoundPropagator:
             if node.op.linear:
                 inputs, const = node.op.backward(a)
             else:
+                if windows is not None and isinstance(a, Patches):
+                    windows[i] = a
                 lower, upper = bounds[node.inputs[0]]
                 alpha = alphas.get(i) if alphas else None
                 cache = None if relaxations is None else relaxations.setdefault(i, {})
@@ -308,7 +316,8 @@ class BoundPropagator:
                 coefficients[j] = _add(coefficients[j], a_j) if j in coefficients else a_j
         return constant
 
-    def _backward_rows(self, target, index, ball, bounds, alphas=None) -> torch.Tensor:
+    def _backward_rows(self, target, index, ball, bounds, alphas=None, windows=None
+                       ) -> torch.Tensor:
         """Lower bounds (batch, 2R) of node_target at the neurons ``index`` (batch, R):
         the first R columns bound +z, the last R bound -z (negated upper bounds)."""
         node = self.net.nodes[target]
@@ -320,7 +329,35 @@ class BoundPropagator:
         for j, a_j in zip(node.inputs, inputs, strict=True):
             a_j = _both_signs(a_j)
             coefficients[j] = _add(coefficients[j], a_j) if j in coefficients else a_j
-        return self._walk(coefficients, const, ball, bounds, alphas)
+        return self._walk(coefficients, const, ball, bounds, alphas, windows=windows)
+
+    def window_placements(self, target: int, ball: Ball, bounds: dict[int, Bounds]
+                          ) -> dict[int, Patches]:
+        """Where the backward pass of node ``target``'s neurons meets an activation with
+        windows (`Patches`), their placement for every neuron of ``target``, as one
+        sample's Patches (1, n, ...) over the flat neurons (values without meaning). The
+        placement of a neuron's window depends on the neuron alone, not on the sample,
+        the bounds or the slopes: one walk over one sample serves every pass (alpha-CROWN
+        keeps its slopes there per window, `AlphaOptimiser`)."""
+        n = math.prod(self.net.nodes[target].shape)
+        one = ball.subset(torch.zeros(1, dtype=torch.long, device=ball.center.device))
+        first = {i: (lo[:1], hi[:1]) for i, (lo, hi) in bounds.items()}
+        step = max(1, self._rows_per_chunk(target, 1, ball.center.element_size()) // 2)
+        chunks: list[dict[int, Patches]] = []
+        with torch.no_grad():
+            for start in range(0, n, step):
+                rows = torch.arange(start, min(start + step, n), device=ball.center.device)
+                chunks.append({})
+                self._backward_rows(target, rows[None], one, first, windows=chunks[-1])
+        placements = {}
+        for i, window in chunks[0].items():
+            rows = [chunk[i] for chunk in chunks]
+            half = [len(r.top[0]) // 2 for r in rows]  # the lower-bound rows of `_both_signs`
+            top = torch.cat([r.top[:, :h] for r, h in zip(rows, half, strict=True)], 1)
+            left = torch.cat([r.left[:, :h] for r, h in zip(rows, half, strict=True)], 1)
+            values = window.values.new_zeros(()).expand(1, n, *window.values.shape[2:])
+            placements[i] = Patches(values, top, left, window.shape)
+        return placements
 
     def _rows_per_chunk(self, target: int, batch: int, itemsize: int) -> int:
         widest = max(math.prod(node.shape) for node in self.net.nodes[: target + 1])
@@ -553,7 +590,9 @@ class AlphaOptimiser:
     """alpha-CROWN (Xu et al. 2021, Sec. 3.1, Eq. 7): for every bounded node t (each
     activation's input and the output) and every activation a before it, a slope tensor
     alpha[t][a] of shape (batch, rows of t, *shape of a). The rows of an intermediate
-    node are its unstable neurons under CROWN's bounds, as lower and upper rows. Adam on
+    node are its unstable neurons under CROWN's bounds, as lower and upper rows; where
+    a row's coefficients reach an activation as a window, its slopes there are kept on
+    the window (batch, rows, C, kh, kw), the only ones it reads. Adam on
     -sum(output bounds) with exponential learning-rate decay (0.98 per step, auto_LiRPA's
     default), slopes projected onto [0, 1]; every step's intermediate bounds are
     intersected with the best so far, and the best output bound is kept per row. A
@@ -573,13 +612,15 @@ class AlphaOptimiser:
         self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.alphas: dict[int, dict[int, torch.Tensor]] = {}
         for target in [*prop.relu_inputs, prop.net.output]:
+            windows = {}
             if target != prop.net.output:
                 if prop.exact_by_ibp(target, ball):
                     continue
                 inexact = prop.activation_of[target].inexact(*self.reference[target])
                 self.rows[target] = unstable_rows(inexact)
                 lead = (2, self.rows[target][0].shape[1])
-            else:
+                windows = prop.window_placements(target, ball, self.reference)
+            else:  # the specification's rows are dense: no windows
                 lead = (spec.shape[1],)
             slopes = {}
             for a in prop.activations:
@@ -588,7 +629,10 @@ class AlphaOptimiser:
                 start = nodes[a].op.initial_alpha(*self.reference[nodes[a].inputs[0]])
                 if start is None:
                     continue
-                start = start.reshape(start.shape[0], *[1] * len(lead), *start.shape[1:])
+                if a in windows:  # the slopes a row's window reaches, not the whole map
+                    start = windows[a].select(self.rows[target][0]).gather(start).unsqueeze(1)
+                else:
+                    start = start.reshape(start.shape[0], *[1] * len(lead), *start.shape[1:])
                 start = start.expand(start.shape[0], *lead, *start.shape[len(lead) + 1:])
                 slopes[a] = start.detach().clone().requires_grad_(True)
             self.alphas[target] = slopes
