@@ -24,6 +24,7 @@ from certbench.verifiers.bound_propagation import (
     ONNX_ACTIVATIONS,
     margin_spec,
 )
+from certbench.verifiers.bound_propagation.patches import Patches
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CERTIFIED, FALSIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.FALSIFIED)
@@ -71,6 +72,28 @@ def test_readme_operator_gives_sound_bounds(leaky_relu_registered, method):
         z = torch.minimum(torch.maximum(z - 0.02 * grad.sign(), x - eps), x + eps).clamp(0, 1)
     with torch.no_grad():
         assert ((spec @ model(z).unsqueeze(-1)).squeeze(-1) >= lb - 1e-5).all()
+
+
+def test_readme_operator_on_windows_in_alpha_crown(leaky_relu_registered, monkeypatch):
+    """On a convolutional network alpha-CROWN keeps the intermediate rows' slopes on
+    their windows, and the generic relaxation reads them there: the same bounds as with
+    dense coefficients everywhere (no windows), and below sampled outputs."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.LeakyReLU(0.1), nn.Conv2d(4, 4, 3, 2, 1),
+                          nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(64, 16), nn.LeakyReLU(0.1),
+                          nn.Linear(16, 5)).eval()
+    x = torch.rand(4, 1, 16, 16)
+    spec = margin_spec(model(x).argmax(1), 5).detach()
+    verifier = get_verifier("alpha-crown", alpha_iterations=5)
+    verifier.prepare(model, (1, 16, 16))
+    with torch.no_grad():
+        windows = verifier.margin_lower_bounds(x, spec, 0.05, "inf")
+        monkeypatch.setattr(Patches, "worth_keeping", lambda self: False)
+        dense = verifier.margin_lower_bounds(x, spec, 0.05, "inf")
+        points = (x + (2 * torch.rand(500, *x.shape) - 1) * 0.05).clamp(0, 1)
+        values = (spec @ model(points.flatten(0, 1)).reshape(500, 4, 5, 1)).squeeze(-1)
+    torch.testing.assert_close(windows, dense, rtol=1e-4, atol=1e-4)
+    assert (values >= windows - 1e-5).all()
 
 
 def _exhaustive(model: nn.Module, x: torch.Tensor, eps: float, steps: int = 301) -> str:

@@ -507,9 +507,17 @@ def _row_view(a, lower, upper, alpha):
     """Coefficient values, and the input bounds and slopes aligned with them: windows for
     `Patches`, a broadcast rows dimension for dense coefficients."""
     if isinstance(a, Patches):
-        alpha = None if alpha is None else a.gather(alpha)
-        return a.values, a.gather(lower), a.gather(upper), alpha
+        return a.values, a.gather(lower), a.gather(upper), _window_slopes(a, alpha)
     return a, lower.unsqueeze(1), upper.unsqueeze(1), alpha
+
+
+def _window_slopes(a: Patches, alpha: torch.Tensor | None) -> torch.Tensor | None:
+    """Slopes (batch, rows, ...) on ``a``'s windows: as given where they are kept per
+    window (`AlphaOptimiser`: (C, kh, kw) each), read off the map where they cover it
+    (C, H, W). A window kept as one is smaller than its map, so the shapes tell them apart."""
+    if alpha is None or alpha.shape[2:] == a.values.shape[2:]:
+        return alpha
+    return a.gather(alpha)
 
 
 def _like(a, values):
@@ -682,9 +690,7 @@ class Relu(Activation):
             gap = a.gather(torch.where(unstable, self.initial_alpha(lower, upper) - upper_slope,
                                        0.0))
         else:
-            if alpha.shape[2:] != values.shape[2:]:  # slopes over the whole map
-                alpha = a.gather(alpha)
-            gap = (alpha - window_slope) * a.gather(unstable.to(values.dtype))
+            gap = (_window_slopes(a, alpha) - window_slope) * a.gather(unstable.to(values.dtype))
         positive = values.clamp(min=0)
         a_in = values * window_slope
         a_in.addcmul_(positive, gap)
