@@ -112,15 +112,16 @@ def mnist_dir() -> Path:
     return SHARED_DATA
 
 
-def time_margin_bounds(benchmark, verifier, x, spec, eps: float, rounds: int = 3):
-    """The speed suites' measurement of one verifier's l_inf margin bounds: in the plain
-    test run once, as a test; under --benchmark-enable a warm-up, one call with peak
-    memory into extra_info, then ``rounds`` timed calls. Returns the bounds."""
+def time_margin_bounds(benchmark, verifier, x, spec, eps: float, rounds: int = 3,
+                       norm: str = "inf"):
+    """The speed suites' measurement of one verifier's margin bounds: in the plain test
+    run once, as a test; under --benchmark-enable a warm-up, one call with peak memory
+    into extra_info, then ``rounds`` timed calls. Returns the bounds."""
     from certbench.run.measure import PeakMemory
 
     def bound():
         with torch.no_grad():
-            return verifier.margin_lower_bounds(x, spec, eps, "inf")
+            return verifier.margin_lower_bounds(x, spec, eps, norm)
 
     if benchmark.disabled:
         return benchmark(bound)

@@ -3,7 +3,9 @@ recipe's mix 0.5 * CROWN-IBP + 0.5 * IBP margins, then CE) and its backward pass
 ("none"), exactly fused ("exact", the default: the same loss) and auto_LiRPA's fused bound
 ("lirpa", a different loss), on the digits MLP (64, 64) with its 10 classes and with a
 synthetic 200-class head, batch 128, l_inf eps 0.05. The ratio none / exact at each class
-count is the saving of the default; lirpa's shows what the looser bound would buy.
+count is the saving of the default; lirpa's shows what the looser bound would buy. And one
+exactly fused step on the zoo's grey-scale CNNs (CROWN-IBP's model_cnn_2layer, widths 1 and
+2, batch 256), where the backward pass runs through a convolution into one channel.
 
 Run: pytest tests/benchmarks/test_loss_fusion_speed.py --benchmark-enable
      --benchmark-group-by=param:classes --benchmark-columns=median,stddev,rounds
@@ -52,4 +54,23 @@ def test_crown_ibp_loss_step(benchmark, classes, fusion):
                               rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
                               warmup_rounds=0 if benchmark.disabled else 2)
     benchmark.extra_info["loss"] = float(loss)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_crown_ibp_step_on_a_grey_scale_cnn(benchmark, width):
+    """One CROWN-IBP training step (exact fusion) on CROWN-IBP's model_cnn_2layer at the
+    zoo's widths (1: linear 128, 2: linear 256), MNIST-sized inputs, batch 256, l_inf 0.2:
+    the backward pass through a convolution into one input channel, recorded by autograd."""
+    torch.manual_seed(0)
+    shape = (1, 28, 28)
+    model = build_model("cnn-small", shape, 10, (0.1307,), (0.3081,),
+                        {"width": width, "linear_size": 128 * width})
+    prop = BoundPropagator(TracedNetwork(model, shape))
+    g = torch.Generator().manual_seed(0)
+    ball = Ball(torch.rand(256, *shape, generator=g), 0.2, "inf")
+    y = torch.randint(0, 10, (256,), generator=g)
+    loss = benchmark.pedantic(_step, args=(model, prop, ball, y, 10, "exact"),
+                              rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
+                              warmup_rounds=0 if benchmark.disabled else 2)
     assert torch.isfinite(loss)

@@ -5,12 +5,14 @@ auto_LiRPA (when installed), same batch, same specification:
 - ``cnn-small`` (2C2F) trained here on MNIST for one epoch, l_inf 0.02;
 - oval21's ``cifar_base_kw`` (VNN-COMP 2021; Conv-Conv-FC-FC), l_inf 2/255;
 
-each on a batch of 8 test images. Peak memory of one call goes to extra_info. The
-engine's CROWN bound equals auto_LiRPA's to 1e-4 (relative), and its alpha-CROWN is at
-least as tight as auto_LiRPA's CROWN. Networks come from the shared data folder (skipped
-with the reason where it is absent). auto_LiRPA runs through certbench's ``lirpa:*``
-verifiers: CROWN in its default patches mode and in matrix mode, alpha-CROWN in matrix
-mode only (patches mode fails on alpha-CROWN for cnn-small with auto_LiRPA 0.7.1).
+each on a batch of 8 test images; and alpha-CROWN at 5 steps on the zoo's l2 networks
+(LMT's and GloRo's 2C2F, at l2 1.58 and 0.3), the seeds matrix's slowest cells. Peak
+memory of one call goes to extra_info. The engine's CROWN bound equals auto_LiRPA's to
+1e-4 (relative), and its alpha-CROWN is at least as tight as auto_LiRPA's CROWN. Networks
+come from the shared data folder (skipped with the reason where it is absent). auto_LiRPA
+runs through certbench's ``lirpa:*`` verifiers: CROWN in its default patches mode and in
+matrix mode, alpha-CROWN in matrix mode only (patches mode fails on alpha-CROWN for
+cnn-small with auto_LiRPA 0.7.1).
 
 ``test_alpha_crown_count`` (only under --benchmark-enable: minutes) counts the images
 alpha-CROWN certifies at 20 steps among the correctly classified of the first 100: ERAN
@@ -29,8 +31,9 @@ import pytest
 import torch
 from torch import nn
 
+from certbench import zoo
 from certbench.data import load_dataset
-from certbench.models import Normalize
+from certbench.models import Normalize, load_checkpoint
 from certbench.training.train import train_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.bound_propagation import margin_spec
@@ -140,6 +143,22 @@ def test_auto_lirpa(benchmark, cases, case, method, conv_mode):
         with torch.no_grad():
             reference = crown.margin_lower_bounds(x, spec, eps, "inf")
         assert (engine >= reference - 1e-4 * reference.abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("network,eps", [("lmt-mnist-2c2f", 1.58), ("gloro-mnist-2c2f", 0.3)])
+def test_alpha_crown_l2_on_a_zoo_network(benchmark, network, eps):
+    """alpha-CROWN (5 steps, the seeds matrix's setting) on a committed zoo network at its
+    l2 radius: the matrix's slowest cells. Its bounds are never below CROWN's."""
+    model, card = load_checkpoint(zoo.network_stem(f"zoo:{network}"))
+    x = _test_images("mnist")
+    spec = margin_spec(model(x).argmax(1), 10).detach()
+    verifier = get_verifier("alpha-crown", alpha_iterations=5)
+    verifier.prepare(model, tuple(card["input_shape"]))
+    bounds = time_margin_bounds(benchmark, verifier, x, spec, eps, rounds=3, norm="2")
+    crown = get_verifier("crown")
+    crown.prepare(model, tuple(card["input_shape"]))
+    with torch.no_grad():
+        assert (bounds >= crown.margin_lower_bounds(x, spec, eps, "2") - 1e-4).all()
 
 
 def _labels(name: str, count: int) -> torch.Tensor:

@@ -619,7 +619,8 @@ class AlphaOptimiser:
                 inexact = prop.activation_of[target].inexact(*self.reference[target])
                 self.rows[target] = unstable_rows(inexact)
                 lead = (2, self.rows[target][0].shape[1])
-                windows = prop.window_placements(target, ball, self.reference)
+                if lead[1]:
+                    windows = prop.window_placements(target, ball, self.reference)
             else:  # the specification's rows are dense: no windows
                 lead = (spec.shape[1],)
             slopes = {}
