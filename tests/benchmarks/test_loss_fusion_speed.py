@@ -46,13 +46,19 @@ def _step(model, prop, ball, y, classes, fusion):
     return loss.detach()
 
 
+def _timed_step(benchmark, *args):
+    """`_step` once in the plain test run; 2 warm-up and 10 timed rounds under
+    --benchmark-enable. Returns the loss."""
+    return benchmark.pedantic(_step, args=args,
+                              rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
+                              warmup_rounds=0 if benchmark.disabled else 2)
+
+
 @pytest.mark.parametrize("fusion", ["none", "exact", "lirpa"])
 @pytest.mark.parametrize("classes", [10, 200])
 def test_crown_ibp_loss_step(benchmark, classes, fusion):
     model, prop, ball, y = _setup(classes)
-    loss = benchmark.pedantic(_step, args=(model, prop, ball, y, classes, fusion),
-                              rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
-                              warmup_rounds=0 if benchmark.disabled else 2)
+    loss = _timed_step(benchmark, model, prop, ball, y, classes, fusion)
     benchmark.extra_info["loss"] = float(loss)
     assert torch.isfinite(loss)
 
@@ -70,7 +76,4 @@ def test_crown_ibp_step_on_a_grey_scale_cnn(benchmark, width):
     g = torch.Generator().manual_seed(0)
     ball = Ball(torch.rand(256, *shape, generator=g), 0.2, "inf")
     y = torch.randint(0, 10, (256,), generator=g)
-    loss = benchmark.pedantic(_step, args=(model, prop, ball, y, 10, "exact"),
-                              rounds=1 if benchmark.disabled else bench_rounds(10), iterations=1,
-                              warmup_rounds=0 if benchmark.disabled else 2)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(_timed_step(benchmark, model, prop, ball, y, 10, "exact"))
