@@ -17,7 +17,7 @@ from certbench.verifiers.bound_propagation import (
     TracedNetwork,
     margin_spec,
 )
-from certbench.verifiers.bound_propagation.operators import unstable_rows
+from certbench.verifiers.bound_propagation.operators import Elementwise, Operation, unstable_rows
 from certbench.verifiers.bound_propagation.patches import Patches
 from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
@@ -219,7 +219,7 @@ def test_alpha_crown_in_sample_chunks_equals_one_batch():
     torch.testing.assert_close(whole, chunked, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["cnn-small", "cnn-4c3f"])
+@pytest.mark.parametrize("arch", ["cnn-small", "cnn-4c3f", "resnet-tiny"])
 def test_slopes_kept_per_window_give_the_bounds_of_slopes_on_the_whole_map(arch, monkeypatch):
     """alpha-CROWN keeps an intermediate row's slopes only where its window reaches
     (`window_placements`): random slopes on the whole feature map with dense
@@ -256,6 +256,35 @@ def test_slopes_kept_per_window_give_the_bounds_of_slopes_on_the_whole_map(arch,
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_from_whole, expected, rtol=1e-5, atol=1e-5)
     assert windowed  # some rows met windows: the test compares something
+
+
+def test_rows_of_batchnorm_after_a_conv_are_windows_with_the_bounds_of_dense_rows(monkeypatch):
+    """A BatchNorm node's rows are 1 x 1 windows (`Elementwise.backward_rows`), so that the
+    convolution below it takes them as patches; CROWN's bounds of every unstable neuron
+    equal those of dense one-hot rows (BatchNorm with random statistics, some scales
+    negative, shifts non-zero)."""
+    model = random_model("resnet-tiny", seed=4, **ARCHS["resnet-tiny"])
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data[::2] *= -1
+    prop = BoundPropagator(TracedNetwork(model, DIGITS_SHAPE))
+    x = torch.rand(3, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(8))
+    ball = Ball(x, 0.03, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    targets = [t for t in prop.relu_inputs if isinstance(prop.net.nodes[t].op, Elementwise)]
+    assert targets  # the network has BatchNorm before a ReLU
+    for target in targets:
+        node = prop.net.nodes[target]
+        index, _ = unstable_rows(prop.activation_of[target].inexact(*bounds[target]))
+        assert index.shape[1]
+        rows, const = node.op.backward_rows(index, node.shape, x.dtype)
+        assert isinstance(rows[0], Patches) and rows[0].window == (1, 1)
+        assert torch.is_tensor(const) and const.abs().sum() > 0
+        got = prop.neuron_bounds(target, index, ball, bounds)
+        with monkeypatch.context() as dense:
+            dense.setattr(Elementwise, "backward_rows", Operation.backward_rows)
+            expected = prop.neuron_bounds(target, index, ball, bounds)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def _by_sign(alphas):

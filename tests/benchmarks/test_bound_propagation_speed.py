@@ -21,6 +21,9 @@ from conftest import time_margin_bounds
 CASES = {  # architecture, arguments, input shape, batch, l_inf eps
     "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 64, 0.02),
     "cnn-small-mnist": ("cnn-small", {"linear_size": 100}, (1, 28, 28), 4, 0.02),
+    # conv + BatchNorm rows as windows (`Elementwise.backward_rows`)
+    "resnet-bn-cifar": ("resnet-tiny", {"channels": 8, "blocks": 1, "batchnorm": True},
+                        (3, 32, 32), 1, 2 / 255),
 }
 METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
 LIRPA, LIRPA_DETAIL = lirpa_status()

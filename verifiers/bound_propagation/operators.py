@@ -379,6 +379,21 @@ class Elementwise(Operation):
         values = values * scale
         return [a.with_values(values) if isinstance(a, Patches) else values], const
 
+    def backward_rows(self, index, output_shape, dtype):
+        """Row e_(c, i, j) of a feature map is scale[c, i, j] at (c, i, j) of the input: a
+        1 x 1 window (patches.py), so that a convolution before BatchNorm takes its rows as
+        windows too. Other shapes: the one-hot rows."""
+        if len(output_shape) != 3 or math.prod(output_shape[1:]) == 1:
+            return super().backward_rows(index, output_shape, dtype)
+        c, h, w = output_shape
+        scale, shift = (torch.as_tensor(t, dtype=dtype, device=index.device)
+                        .broadcast_to((1, c, h, w)).flatten() for t in (self.scale, self.shift))
+        channel = index // (h * w)
+        values = F.one_hot(channel, c).to(dtype) * scale[index].unsqueeze(-1)
+        patches = Patches(values[..., None, None], (index // w) % h, index % w,
+                          tuple(output_shape))
+        return [patches], (shift[index] if shift.any() else 0.0)
+
     def abs_backward(self, a):
         return [a * abs(self.scale)]
 
