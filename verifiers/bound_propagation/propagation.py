@@ -19,7 +19,8 @@ Where the time goes, and what is done about it (measured against auto_LiRPA 0.7)
 - intermediate bounds are computed only for neurons that IBP (or the previous bound)
   leaves unstable, per sample, not for the union over the batch;
 - the first step of each intermediate pass reads the rows of the bounded layer off its
-  weights (`Operation.backward_rows`) instead of transposing a one-hot tensor;
+  weights (`Operation.backward_rows`) instead of transposing a one-hot tensor, as
+  windows where the layer is a convolution or a BatchNorm after one (patches.py);
 - a node that is one affine layer of the input (behind elementwise maps only) is bounded
   exactly by IBP over an l_inf box, and exactly in closed form over an l2 ball; no
   backward pass is spent on it;
