@@ -89,6 +89,7 @@ def test_readme_operator_on_windows_in_alpha_crown(leaky_relu_registered, monkey
     with torch.no_grad():
         windows = verifier.margin_lower_bounds(x, spec, 0.05, "inf")
         monkeypatch.setattr(Patches, "worth_keeping", lambda self: False)
+        verifier.prepare(model, (1, 16, 16))  # a new propagator: no windows kept
         dense = verifier.margin_lower_bounds(x, spec, 0.05, "inf")
         points = (x + (2 * torch.rand(500, *x.shape) - 1) * 0.05).clamp(0, 1)
         values = (spec @ model(points.flatten(0, 1)).reshape(500, 4, 5, 1)).squeeze(-1)

@@ -170,6 +170,7 @@ class BoundPropagator:
         self.memory_budget_bytes = memory_budget_bytes
         self.deadline = math.inf
         self._widest_row = 1  # elements of one row's coefficients, widest in the last walk
+        self._placements: dict[tuple, dict[int, Patches]] = {}  # `window_placements`
         self.activations = [i for i, node in enumerate(network.nodes) if node.op is not None
                             and not node.op.linear]
         self.relu_inputs = [network.nodes[i].inputs[0] for i in self.activations]
@@ -340,7 +341,12 @@ class BoundPropagator:
         sample's Patches (1, n, ...) over the flat neurons (values without meaning). The
         placement of a neuron's window depends on the neuron alone, not on the sample,
         the bounds or the slopes: one walk over one sample serves every pass (alpha-CROWN
-        keeps its slopes there per window, `AlphaOptimiser`)."""
+        keeps its slopes there per window, `AlphaOptimiser`), so they are found once per
+        target (device and dtype) and kept: alpha-CROWN's sample chunks, bab's nodes and
+        later calls reuse them."""
+        key = (target, ball.center.device, ball.center.dtype)
+        if key in self._placements:
+            return self._placements[key]
         n = math.prod(self.net.nodes[target].shape)
         one = ball.subset(torch.zeros(1, dtype=torch.long, device=ball.center.device))
         first = {i: (lo[:1], hi[:1]) for i, (lo, hi) in bounds.items()}
@@ -359,6 +365,7 @@ class BoundPropagator:
             left = torch.cat([r.left[:, :h] for r, h in zip(rows, half, strict=True)], 1)
             values = window.values.new_zeros(()).expand(1, n, *window.values.shape[2:])
             placements[i] = Patches(values, top, left, window.shape)
+        self._placements[key] = placements
         return placements
 
     def _rows_per_chunk(self, target: int, batch: int, itemsize: int) -> int:
