@@ -1,6 +1,6 @@
 """Building a zoo network (`certbench.zoo`): train its catalogue entry with
-`train.train_model` (resumable: the training state waits next to the weights, git-ignored,
-until the last epoch), then certify it on the test set through `certbench.evaluate`, with
+`train.train_model` (resumable from the resume point `training.resume` keeps next to the
+weights until the last epoch), then certify it on the test set through `certbench.evaluate`, with
 the PGD cross-check every run has, and write the figures, the hardware and the git commit
 into the card's ``zoo`` section. `certbench zoo --build NAME` calls `build`."""
 

@@ -6,11 +6,14 @@ sound bound."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from certbench.errors import UserError
+from certbench.training import resume
 from certbench.training.recipes import gloro_logits, make_loss, margin_factor, recipe_args
 from certbench.training.train import lr_scheduler, train_model
 from certbench.verifiers import get_verifier
@@ -116,16 +119,63 @@ def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_model(tmp_path / "resumed", digits, "mlp", {"widths": [16]}, "gloro", args,
                     progress=False)
-    state_path = tmp_path / "resumed.train-state.pt"
-    assert torch.load(state_path, weights_only=True)["epoch"] == 2
+    point = tmp_path / "resumed.resume.safetensors"
+    with safe_open(str(point), framework="pt") as found:
+        assert found.metadata()["epoch"] == "2"
+        # the committable resume point holds the weights and the data order, no optimiser
+        assert set(found.keys()) == {"generator"} | {f"model.{k}" for k in full.state_dict()}
     assert not (tmp_path / "resumed.safetensors").exists()
+    # a fresh clone: the committed resume point without Adam's moments
+    shutil.copy(point, tmp_path / "clone.resume.safetensors")
     monkeypatch.undo()
     resumed, card = train_model(tmp_path / "resumed", digits, "mlp", {"widths": [16]}, "gloro",
                                 args, progress=False)
-    assert not state_path.exists()
+    assert not point.exists() and not (tmp_path / "resumed.optimizer.pt").exists()
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert card["recipe_args"]["eps"] == 0.3 and card["clean_acc"] == full_card["clean_acc"]
+    with pytest.warns(UserWarning, match="without Adam's moments"):
+        clone, clone_card = train_model(tmp_path / "clone", digits, "mlp", {"widths": [16]},
+                                        "gloro", args, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(),
+                                                      clone.state_dict().values(), strict=True))
+    assert abs(clone_card["clean_acc"] - full_card["clean_acc"]) < 0.1
+
+
+def test_a_resume_point_without_moments_restores_the_scheduled_learning_rate(tmp_path):
+    """Resuming after epoch 3 of 4 on GloRo's hold-decay schedule: Adam restarts at the
+    decayed rate, not at ``lr``; moments from another epoch are not used either."""
+    hp = recipe_args("gloro", {"epochs": 4, "lr": 1e-3, "lr_schedule": "hold-decay",
+                               "lr_end": 1e-5})
+
+    def fresh():
+        torch.manual_seed(0)
+        model = random_model("mlp", widths=[8])
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"])
+        return model, optimizer, lr_scheduler(optimizer, hp, 4), torch.Generator().manual_seed(1)
+
+    weights = tmp_path / "net.safetensors"
+    model, optimizer, scheduler, generator = fresh()
+    for _ in range(3):
+        model(torch.rand(4, *DIGITS_SHAPE)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    torch.randperm(10, generator=generator)
+    resume.save(weights, model, optimizer, scheduler, generator, 3, 12.5, hp)
+    expected_lr = optimizer.param_groups[0]["lr"]
+    assert expected_lr < hp["lr"] / 5
+    moments = torch.load(tmp_path / "net.optimizer.pt", weights_only=True)
+    torch.save({**moments, "epoch": 2}, tmp_path / "net.optimizer.pt")
+    restored, optimizer2, scheduler2, generator2 = fresh()
+    with pytest.warns(UserWarning, match="from another epoch"):
+        assert resume.load(weights, restored, optimizer2, scheduler2, generator2, hp) == (3, 12.5)
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected_lr)
+    assert not optimizer2.state  # the moments restart from zero
+    assert torch.equal(generator2.get_state(), generator.get_state())
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="other hyperparameters"):
+        resume.load(weights, *fresh(), {**hp, "epochs": 5})
 
 
 def test_trades_variant_trains(digits, tmp_path):

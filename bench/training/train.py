@@ -4,9 +4,9 @@ epochs (`lr_scheduler`), seeded, with a progress bar, written as a checkpoint
 (safetensors + JSON card). The training set is moved to the device once and the loss is
 summed there, so a GPU step waits for no host transfer or synchronisation.
 
-Training resumes from the last finished epoch: the state is saved after every epoch to
-``STEM.train-state.pt`` (tensors and numbers only, reloaded with ``weights_only=True``)
-and removed when the checkpoint is written.
+Training resumes from the last finished epoch: `resume` saves the state after every epoch
+(a committable resume point without optimiser state, and Adam's moments beside it) and
+removes it when the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from certbench.atomic import write_atomic
 from certbench.data import Dataset
 from certbench.errors import UserError
 from certbench.models import build_model, checkpoint_paths, save_checkpoint
 from certbench.provenance import library_versions
+from certbench.training import resume
 from certbench.training.recipes import get_recipe, make_loss, recipe_args
 from certbench.verifiers.bound_propagation import BoundPropagator, TracedNetwork
 from certbench.verifiers.global_lipschitz import LipschitzGraph
@@ -75,7 +75,7 @@ def train_model(
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train and save a checkpoint at ``stem``; resume from ``STEM.train-state.pt``."""
+    """Train and save a checkpoint at ``stem``, resuming from its resume point (`resume`)."""
     if len(dataset.x_train) == 0:
         raise UserError(f"dataset {dataset.name!r} has no training images; train on another "
                         "dataset or give the model as a checkpoint or an ONNX file")
@@ -99,19 +99,8 @@ def train_model(
     epochs = int(hp["epochs"])
     scheduler = lr_scheduler(optimizer, hp, epochs)
     weights_path, _ = checkpoint_paths(stem)
-    state_path = weights_path.with_name(weights_path.stem + ".train-state.pt")
-    start, elapsed = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True, map_location="cpu")
-        if state.get("hp", hp) != hp:
-            raise UserError(f"{state_path} was saved by a run with other hyperparameters "
-                            f"({state['hp']}); delete it to train anew with {hp}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        start, elapsed = int(state["epoch"]), float(state["elapsed"])
+    start, elapsed = resume.load(weights_path, model, optimizer, scheduler, generator, hp)
 
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     n, batch = len(dataset.y_train), int(hp["batch_size"])
@@ -140,12 +129,8 @@ def train_model(
         if log:
             shown["cert"] = f"{float(sum(log)) / len(log):.3f}"
         bar.set_postfix(**shown)
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "epoch": epoch + 1, "elapsed": elapsed, "hp": hp,
-        }
-        write_atomic(state_path, lambda path, state=state: torch.save(state, path))
+        resume.save(weights_path, model, optimizer, scheduler, generator, epoch + 1, elapsed,
+                    hp)
 
     model.eval()
     card = {
@@ -165,5 +150,5 @@ def train_model(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_checkpoint(model.cpu(), card, stem)
-    state_path.unlink(missing_ok=True)
+    resume.remove(weights_path)
     return model, card
