@@ -5,8 +5,11 @@ sampled around test points."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from certbench import zoo
 from certbench.api import evaluate
@@ -51,6 +54,25 @@ def test_unbuilt_networks_say_how_to_build_them(monkeypatch, tmp_path):
 def test_verified_error_is_one_minus_certified_accuracy():
     assert zoo.as_metric("verified error", 0.93) == pytest.approx(0.07)
     assert zoo.as_metric("VRA", 0.93) == 0.93
+
+
+def test_the_zoo_stays_small_float32_and_free_of_optimiser_state():
+    """The issue's rule for the repository: under 40 MB, float32 weights, no optimiser
+    state (resume points hold the weights and the data order only; Adam's moments stay in
+    git-ignored files)."""
+    files = [p for p in zoo.FOLDER.iterdir() if p.suffix in (".safetensors", ".json")]
+    assert sum(p.stat().st_size for p in files) < 40 * 2**20
+    for path in (p for p in files if p.suffix == ".safetensors"):
+        with safe_open(str(path), framework="pt") as found:
+            for key in found.keys():
+                dtype = found.get_slice(key).get_dtype()
+                if path.name.endswith(".resume.safetensors"):
+                    assert key == "generator" or key.startswith("model."), (path, key)
+                    if key == "generator":
+                        continue
+                assert dtype in ("F32", "I64"), (path, key, dtype)  # I64: batch counters
+    assert "/bench/zoo/networks/*.optimizer.pt" in (
+        Path(__file__).parents[1] / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.skipif(not BUILT, reason="no zoo network is built in this checkout")
