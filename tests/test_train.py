@@ -13,11 +13,21 @@ import torch
 from safetensors import safe_open
 
 from certbench.errors import UserError
+from certbench.matrix import ModelSpec
+from certbench.run.provision import model_stem
 from certbench.training import resume
-from certbench.training.recipes import gloro_logits, make_loss, margin_factor, recipe_args
+from certbench.training.recipes import (
+    NAMING_NEUTRAL,
+    RECIPES,
+    gloro_logits,
+    make_loss,
+    margin_factor,
+    recipe_args,
+)
 from certbench.training.train import lr_scheduler, train_model
 from certbench.verifiers import get_verifier
 from certbench.verifiers.global_lipschitz import LipschitzGraph
+from certbench.verifiers.operator_norms import power_iteration_estimate
 from conftest import DIGITS_SHAPE, interrupt_training, random_model
 
 
@@ -193,16 +203,74 @@ def test_unknown_recipe_arguments_are_refused():
         recipe_args("lmt", {"margin": "class"})
 
 
+@pytest.mark.parametrize("power_steps", [1, 10])
 @pytest.mark.parametrize("arch", ["mlp", "cnn-small", "resnet-tiny"])
-def test_power_iteration_estimates_approach_the_bound_from_below(arch):
+def test_power_iteration_estimates_approach_the_bound_from_below(arch, power_steps):
     model = random_model(arch)
     exact = LipschitzGraph(model, DIGITS_SHAPE).bounds().network.item()
-    graph = LipschitzGraph(model, DIGITS_SHAPE, power_iteration=True)
+    graph = LipschitzGraph(model, DIGITS_SHAPE, power_iteration=True, power_steps=power_steps)
     estimates = [graph.bounds(torch.float32).network.item() for _ in range(200)]
     assert max(estimates) <= exact * (1 + 1e-5)
     # the estimate gets close; the gap left is the circular-convolution bound's slack at
     # the borders, largest on these 8x8 inputs (see test_operator_norms)
     assert estimates[-1] >= 0.7 * exact
+
+
+def _top_singular_value(weight, u0, steps, differentiate):
+    return power_iteration_estimate(lambda u: u @ weight.T, u0, steps, differentiate)[0]
+
+
+@pytest.mark.parametrize("differentiate", [False, True])
+def test_power_iteration_gradient_is_that_of_the_function_it_computes(differentiate):
+    """Differentiated through, the gradient is the finite-difference gradient of the whole
+    map W -> estimate(W, u0) (the steps move with W); not differentiated, it is that of
+    ||W u|| with the last step's u held fixed, which differs while u0 is far from the top
+    singular vector. At the top singular vector both give u1 v1^T."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    u0 = torch.randn(1, 5, generator=generator, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(_top_singular_value(weight, u0, 3, differentiate), weight)
+    numeric = torch.zeros_like(weight)
+    with torch.no_grad():
+        for index in range(weight.numel()):
+            step = torch.zeros_like(weight).view(-1)
+            step[index] = 1e-6
+            step = step.view_as(weight)
+            with torch.enable_grad():
+                up = _top_singular_value(weight + step, u0, 3, differentiate)
+                down = _top_singular_value(weight - step, u0, 3, differentiate)
+            numeric.view(-1)[index] = (up - down) / 2e-6
+    assert torch.allclose(grad, numeric, atol=1e-6) == differentiate
+
+    left, _, right = torch.linalg.svd(weight.detach())
+    top = right[:1]
+    (at_top,) = torch.autograd.grad(_top_singular_value(weight, top, 3, differentiate), weight)
+    assert torch.allclose(at_top.abs(), torch.outer(left[:, 0], right[0]).abs(), atol=1e-8)
+
+
+def test_power_steps_apply_to_power_estimates_only():
+    assert recipe_args("gloro", {"lipschitz": "power", "power_steps": 10})["power_steps"] == 10
+    with pytest.raises(UserError, match="lipschitz = 'power' only"):
+        recipe_args("gloro", {"power_steps": 10})
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="power_steps must be"):
+            recipe_args("lmt", {"lipschitz": "power", "power_steps": bad})
+
+
+def test_arguments_at_their_naming_neutral_defaults_keep_a_checkpoint_name(tmp_path):
+    """A checkpoint trained before an argument existed keeps its name while the argument
+    holds the value that trains as before (`NAMING_NEUTRAL`); any other value renames."""
+    base = {"eps": 1.75, "lipschitz": "power"}
+    stem = model_stem(ModelSpec(name="m", arch="mlp", recipe="gloro", recipe_args=base),
+                      "mnist", tmp_path)
+    for key, value in NAMING_NEUTRAL.items():
+        if key not in RECIPES["gloro"].defaults:
+            continue
+        spec = ModelSpec(name="m", arch="mlp", recipe="gloro", recipe_args={**base, key: value})
+        assert model_stem(spec, "mnist", tmp_path) == stem, key
+    renamed = ModelSpec(name="m", arch="mlp", recipe="gloro",
+                        recipe_args={**base, "power_steps": 10})
+    assert model_stem(renamed, "mnist", tmp_path) != stem
 
 
 def test_ibp_and_crown_ibp_training_certify_far_more_than_standard(digits, tmp_path):

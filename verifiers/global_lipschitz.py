@@ -93,16 +93,23 @@ class LipschitzGraph:
     power-iteration *estimates* with vectors kept between calls (the explicit cache
     ``_vectors``, one per node): cheap enough to train 4C3F-sized models on a CPU, but the
     result can fall below the true constant, so it is for training only; the verifier
-    never sets it. The estimator is handed to every operation's ``lipschitz`` rule, and
+    never sets it. ``power_steps``: steps a call after the first (which takes 30 from a
+    seeded vector); one step is spectral normalisation's update, more are differentiated
+    through, as GloRo's reference trains (`operator_norms.power_iteration_estimate`).
+    The estimator is handed to every operation's ``lipschitz`` rule, and
     the layers whose exact norm is an SVD apply it to their linear map (see
     ``Operation.lipschitz``), so this class never asks which operation a node holds.
     """
 
     def __init__(
-        self, model: nn.Module, input_shape: Sequence[int], power_iteration: bool = False
+        self, model: nn.Module, input_shape: Sequence[int], power_iteration: bool = False,
+        power_steps: int = 1,
     ):
+        if power_steps < 1:
+            raise ValueError(f"power_steps must be at least 1, got {power_steps}")
         self.network = TracedNetwork(model, input_shape)
         self.power_iteration = power_iteration
+        self.power_steps = power_steps
         self._vectors: dict[int, torch.Tensor] = {}
         param = next(model.parameters(), None)
         self._device = param.device if param is not None else None
@@ -128,15 +135,17 @@ class LipschitzGraph:
         self, index: int, apply: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """Power-iteration estimate of ||apply|| for node ``index``: 30 steps from a
-        seeded random vector the first time, then one step from the kept vector."""
+        seeded random vector the first time, then ``power_steps`` from the kept vector."""
         u = self._vectors.get(index)
-        steps = 1
         if u is None:
             shape = self.network.nodes[self.network.nodes[index].inputs[0]].shape
             generator = torch.Generator().manual_seed(0)
             u = torch.randn((1, *shape), generator=generator).to(self._device, self._dtype)
-            steps = 30
-        sigma, self._vectors[index] = operator_norms.power_iteration_estimate(apply, u, steps)
+            sigma, self._vectors[index] = operator_norms.power_iteration_estimate(apply, u, 30)
+        else:
+            sigma, self._vectors[index] = operator_norms.power_iteration_estimate(
+                apply, u, self.power_steps, differentiate=self.power_steps > 1
+            )
         return sigma
 
     def _describe(self, node: Node) -> str:

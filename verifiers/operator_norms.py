@@ -106,20 +106,32 @@ def batchnorm_norm(bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> t
 
 
 def power_iteration_estimate(
-    apply: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, steps: int
+    apply: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, steps: int,
+    differentiate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An ESTIMATE of ||apply|| from below, for training only (never for certificates).
 
     ``apply`` is a linear map (a layer without its bias); ``u`` the vector carried over
     from the previous call. Each step sets u <- A^T A u / ||A^T A u|| (A^T through
-    autograd); the estimate ||A u|| is differentiable in the weights. With the vector
-    kept between training steps, one step per step suffices (Miyato et al. 2018,
-    spectral normalisation; GloRo and LMT train this way).
+    autograd); returns ||A u|| and u after the last step (a unit vector).
+
+    - ``differentiate=False``: the steps are constants in the gradient, which flows
+      through the final ||A u|| alone (Miyato et al. 2018, spectral normalisation: with
+      the vector kept between training steps, one step per step).
+    - ``differentiate=True``: the steps are part of the graph (``create_graph``), so
+      the gradient also sees how u moves with the weights, as GloRo's reference code
+      trains (its ``spectral_power_all.N``: N steps a training step from kept vectors).
     """
+    u = u.detach().requires_grad_(True)
     for _ in range(steps):
-        u = u.detach().requires_grad_(True)
         out = apply(u)
-        (u,) = torch.autograd.grad(out, u, grad_outputs=out.detach())
+        (u,) = torch.autograd.grad(
+            out, u, grad_outputs=out if differentiate else out.detach(),
+            create_graph=differentiate,
+        )
         u = u / u.norm().clamp_min(1e-12)
-    u = u.detach()
-    return apply(u).norm(), u
+        if not differentiate:
+            u = u.detach().requires_grad_(True)
+    if not differentiate:
+        u = u.detach()
+    return apply(u).norm(), u.detach()

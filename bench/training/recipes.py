@@ -30,7 +30,10 @@ report's GLS section read). `train.train_model` runs any of them.
   (`certbench.verifiers.global_lipschitz`), recomputed from the weights at every step and
   differentiated through (``lipschitz = "exact"``), or power-iteration estimates with
   vectors kept between steps (``lipschitz = "power"``, as GloRo's and LMT's own code
-  train; much cheaper for wide convolutions). Certification always uses the exact bound.
+  train; much cheaper for wide convolutions). ``power_steps`` sets the steps a training
+  step takes: 1 (default) is spectral normalisation's update, not differentiated
+  through; more are differentiated through, as GloRo's reference trains (its
+  ``spectral_power_all.10``). Certification always uses the exact bound.
   BatchNorm enters with its running statistics.
 - ``ibp`` (Gowal et al. 2018) and ``crown-ibp`` (Zhang et al. 2020, "Towards stable and
   efficient training of verifiably robust neural networks", Eq. 6-7): with m the lower
@@ -93,7 +96,8 @@ _COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine",
            "lr_milestones": [], "lr_gamma": 0.1}
 LR_SCHEDULES = ("cosine", "constant", "hold-decay", "multistep")
 NAMING_NEUTRAL = {"lr_schedule": "cosine", "lr_end": 0.0, "lr_milestones": [], "lr_gamma": 0.1,
-                  "warmup_epochs": 0, "margin": "network", "scale_by_margin": False}
+                  "warmup_epochs": 0, "margin": "network", "scale_by_margin": False,
+                  "power_steps": 1}
 """Arguments added after checkpoints were first named, at defaults that train exactly as
 before they existed: `provision.model_stem` leaves them out of the hash while they hold
 these values, so that a checkpoint trained before keeps its name."""
@@ -165,13 +169,18 @@ class _LipschitzRecipe(Recipe):
     def validate(self, args):
         if args["lipschitz"] not in ("exact", "power"):
             raise ValueError("lipschitz must be 'exact' or 'power'")
+        steps = args["power_steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"power_steps must be an integer of at least 1, got {steps!r}")
+        if steps != 1 and args["lipschitz"] != "power":
+            raise ValueError("power_steps applies to lipschitz = 'power' only")
 
 
 @register_recipe
 class GloRo(_LipschitzRecipe):
     name = "gloro"
     defaults = {**_COMMON, "eps": 0.3, "ramp_epochs": None, "trades_lambda": 0.0,
-                "lipschitz": "exact"}
+                "lipschitz": "exact", "power_steps": 1}
 
     def loss(self, args, graph, propagator, seed, log):
         def gloro(model, x, y, progress):
@@ -192,7 +201,7 @@ class GloRo(_LipschitzRecipe):
 class Lmt(_LipschitzRecipe):
     name = "lmt"
     defaults = {**_COMMON, "c": 0.3, "ramp_epochs": None, "lipschitz": "exact",
-                "margin": "network", "scale_by_margin": False}
+                "power_steps": 1, "margin": "network", "scale_by_margin": False}
 
     def validate(self, args):
         super().validate(args)

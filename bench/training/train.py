@@ -88,7 +88,8 @@ def train_model(
     graph = None
     if needs == "lipschitz":
         graph = LipschitzGraph(
-            model, dataset.input_shape, power_iteration=hp["lipschitz"] == "power"
+            model, dataset.input_shape, power_iteration=hp["lipschitz"] == "power",
+            power_steps=hp["power_steps"],
         )
     propagator = None
     if needs == "bounds":
