@@ -104,7 +104,8 @@ class ModelSpec(_Strict):
     then under the data directory; ``normalization`` if the network expects normalised
     inputs). ``norms`` limits the model to some of the matrix's norms; ``eps``, a table
     ``{ "2" = [...] }``, replaces the matrix's grid of a norm for this model (a network
-    trained for another radius)."""
+    trained for another radius); ``verifiers`` limits it to the matrix's verifiers of these
+    names or labels (one too slow for a large network)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     checkpoint: str | None = None
@@ -115,8 +116,9 @@ class ModelSpec(_Strict):
     recipe: str = "standard"
     recipe_args: dict[str, Any] = {}
     seed: int = 0
-    norms: list[Literal["2", "inf"]] | None = None
+    norms: list[Literal["2", "inf"]] | None = Field(default=None, min_length=1)
     eps: dict[str, list[float]] | None = None
+    verifiers: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("norms", mode="before")
     @classmethod
@@ -318,6 +320,7 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix",
                 "for one elsewhere, add its folder to PYTHONPATH") from exc
     if spec.grid_problem():
         raise UserError(f"{source}: {spec.grid_problem()}")
+    check_verifiers(spec.verifiers, f"{source}: verifiers")
     names = [m.name for m in spec.models]
     if len(set(names)) != len(names):
         raise UserError(f"{source}: models: two models share a name; names must be unique")
@@ -332,10 +335,14 @@ def parse_matrix(data: dict[str, Any], source: str = "matrix",
         if model.eps is not None and not set(model.eps) <= set(model.norms or spec.norms):
             raise UserError(f"{source}: models.{i}: eps is a table of the model's norms "
                             f"({model.norms or spec.norms}), got {sorted(model.eps)}")
+        known = {name for v in spec.verifiers for name in (v.name, v.display)}
+        if model.verifiers is not None and not set(model.verifiers) <= known:
+            unknown = sorted(set(model.verifiers) - known)
+            raise UserError(f"{source}: models.{i}: verifiers {unknown} are not among the "
+                            f"matrix's verifiers (names or labels: {sorted(known)})")
         if model.normalization is not None and model.onnx is None:
             raise UserError(f"{source}: models.{i}: `normalization` is for `onnx` models "
                             "(certbench models carry their own)")
-    check_verifiers(spec.verifiers, f"{source}: verifiers")
     return spec
 
 

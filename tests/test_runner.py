@@ -10,6 +10,7 @@ import pytest
 
 from certbench.errors import UserError
 from certbench.matrix import parse_matrix
+from certbench.provenance import canonical_json
 from certbench.run.runner import run_matrix
 from certbench.verifiers import get_verifier
 
@@ -114,6 +115,28 @@ def test_a_model_with_its_own_norms_and_radii_runs_only_at_those(ran):
         small_matrix(norms=["2"], eps=[0.1], models=models[:1] + [{**models[1], "norms": ["inf"]}])
     with pytest.raises(UserError, match="eps is a table of the model's norms"):
         small_matrix(models=models[:1] + [{**models[1], "eps": {"inf": [0.1]}}])
+
+
+def test_a_model_with_its_own_verifiers_runs_only_under_those(ran):
+    """A model's ``verifiers`` picks the matrix's verifiers by label (one of two entries of
+    the same verifier) or by name (every entry of it); the other models run under all."""
+    spec, tmp_path, _ = ran
+    models = [m.model_dump() for m in spec.models]
+    models[1]["verifiers"] = ["global-lipschitz[bound=lmt]"]
+    logs = []
+    run_matrix(small_matrix(models=models), tmp_path / "picked", tmp_path / "ckpt",
+               progress=False, log=logs.append)
+    cells = pd.read_parquet(tmp_path / "picked" / "cells.parquet")
+    assert len(cells) == 6
+    assert set(cells[cells.model == "gloro"].options) == {canonical_json({"bound": "lmt"})}
+    models[1]["verifiers"] = ["global-lipschitz"]
+    run_matrix(small_matrix(models=models), tmp_path / "results", tmp_path / "ckpt",
+               progress=False, log=logs.append)
+    assert logs[1].startswith("0 cell(s) run, 8 already done")
+    with pytest.raises(UserError, match=r"verifiers \['crown'\] are not among"):
+        small_matrix(models=models[:1] + [{**models[1], "verifiers": ["crown"]}])
+    with pytest.raises(UserError, match="at least 1 item"):
+        small_matrix(models=models[:1] + [{**models[1], "verifiers": []}])
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):

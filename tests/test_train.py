@@ -186,6 +186,12 @@ def test_a_resume_point_without_moments_restores_the_scheduled_learning_rate(tmp
         assert torch.equal(a, b)
     with pytest.raises(UserError, match="other hyperparameters"):
         resume.load(weights, *fresh(), {**hp, "epochs": 5})
+    # saved before `power_steps` existed: it counts at its default, and only there
+    older = {k: v for k, v in hp.items() if k != "power_steps"}
+    resume.save(weights, model, optimizer, scheduler, generator, 3, 12.5, older)
+    assert resume.load(weights, *fresh(), hp) == (3, 12.5)
+    with pytest.raises(UserError, match="other hyperparameters"):
+        resume.load(weights, *fresh(), {**hp, "lipschitz": "power", "power_steps": 10})
 
 
 def test_trades_variant_trains(digits, tmp_path):
@@ -246,6 +252,31 @@ def test_power_iteration_gradient_is_that_of_the_function_it_computes(differenti
     top = right[:1]
     (at_top,) = torch.autograd.grad(_top_singular_value(weight, top, 3, differentiate), weight)
     assert torch.allclose(at_top.abs(), torch.outer(left[:, 0], right[0]).abs(), atol=1e-8)
+
+
+def test_the_graph_trains_through_its_power_steps(digits, tmp_path):
+    """From a kept vector far from the top singular vector, a graph with
+    ``power_steps = 3`` gives the gradient of 3 steps differentiated through, not that of
+    3 undifferentiated ones; and a recipe with ``power_steps`` trains."""
+    dense = torch.nn.Linear(64, 10)
+    graph = LipschitzGraph(torch.nn.Sequential(torch.nn.Flatten(), dense), DIGITS_SHAPE,
+                           power_iteration=True, power_steps=3)
+    graph.bounds(torch.float32)  # the first call: 30 steps from the seeded vector
+    (index,) = graph._vectors
+    start = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    graph._vectors[index] = start
+    (trained,) = torch.autograd.grad(graph.bounds(torch.float32).network, dense.weight)
+    by_hand = {
+        through: torch.autograd.grad(_top_singular_value(dense.weight, start, 3, through),
+                                     dense.weight)[0]
+        for through in (True, False)
+    }
+    assert torch.allclose(trained, by_hand[True], atol=1e-6)
+    assert not torch.allclose(trained, by_hand[False], atol=1e-3)
+    _, card = train_model(tmp_path / "p", digits, "mlp", {"widths": [16]}, "gloro",
+                          {"epochs": 1, "eps": 0.3, "lipschitz": "power", "power_steps": 2},
+                          progress=False)
+    assert card["recipe_args"]["power_steps"] == 2
 
 
 def test_power_steps_apply_to_power_estimates_only():

@@ -79,8 +79,8 @@ class Subject:
     """A model under test: its name in tables, the module (on the CPU), its card
     (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform),
     the sha256 of its checkpoint, ONNX file or weights, the norms it is evaluated at
-    (None: every norm of the run) and its own epsilon grids by norm (where absent, the
-    run's)."""
+    (None: every norm of the run), its own epsilon grids by norm (where absent, the
+    run's) and the verifiers it runs under, by name or label (None: all of the run's)."""
 
     name: str
     model: nn.Module
@@ -88,6 +88,12 @@ class Subject:
     sha256: str
     norms: tuple[str, ...] | None = None
     eps: dict[str, tuple[float, ...]] | None = None
+    verifiers: tuple[str, ...] | None = None
+
+    def runs_under(self, verifier: VerifierSpec) -> bool:
+        """Whether the subject runs under ``verifier`` (named by its name or label)."""
+        return self.verifiers is None or bool({verifier.name, verifier.display}
+                                              & set(self.verifiers))
 
 
 @dataclass(frozen=True)
@@ -108,14 +114,14 @@ def build_cells(
     imports: tuple[str, ...] = (),
 ) -> list[Cell]:
     """Every (subject, verifier, norm) of a run as a `Cell`, in that order, at a subject's
-    own ``norms`` and epsilon grids where it has them: the one way cells are made
+    own ``norms``, epsilon grids and ``verifiers`` where it has them: the one way cells are made
     (`certbench run` and `certbench.evaluate`). A cell's key hashes the checkpoint's sha256,
     the verifier and its options, the norm and its epsilon grid, the device,
     the attack settings and the points' identity; timing is not part of it.
     ``timeout_s`` applies where a verifier sets none."""
     cells = []
     for subject in subjects:
-        for verifier in verifiers:
+        for verifier in filter(subject.runs_under, verifiers):
             for norm in settings.norms:
                 if subject.norms is not None and norm not in subject.norms:
                     continue

@@ -28,6 +28,7 @@ from torch import nn
 
 from certbench.atomic import write_atomic
 from certbench.errors import UserError
+from certbench.training.recipes import NAMING_NEUTRAL
 
 _MODEL, _GENERATOR = "model.", "generator"
 
@@ -58,14 +59,16 @@ def load(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
          hp: dict[str, Any]) -> tuple[int, float]:
     """Restore a resume point if there is one; returns (finished epochs, training
     seconds), (0, 0.0) for a fresh run. UserError if it was saved with other
-    hyperparameters."""
+    hyperparameters (an argument added since, `NAMING_NEUTRAL`, counts at its default)."""
     point, moments = paths(weights)
     if not point.exists():
         return 0, 0.0
     with safe_open(str(point), framework="pt") as found:
         metadata = found.metadata()
         tensors = {key: found.get_tensor(key) for key in found.keys()}
-    if json.loads(metadata["hp"]) != json.loads(json.dumps(hp)):
+    saved = json.loads(metadata["hp"])
+    added_since = {k: v for k, v in NAMING_NEUTRAL.items() if k in hp and k not in saved}
+    if {**added_since, **saved} != json.loads(json.dumps(hp)):
         raise UserError(f"{point} was saved by a run with other hyperparameters "
                         f"({metadata['hp']}); delete it to train anew with {hp}")
     epoch = int(metadata["epoch"])
