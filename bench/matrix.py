@@ -390,13 +390,24 @@ def load_matrix(path_or_name: str | Path) -> MatrixSpec:
     return parse_matrix(data, str(path), path.resolve().parent if path.exists() else None)
 
 def check_verifiers(verifiers: list[VerifierSpec], where: str) -> None:
-    """UserError naming the first verifier whose name is not registered or whose options
-    its constructor refuses (constructors only store their options: this is cheap)."""
+    """UserError naming the first verifier whose name is not registered, whose options
+    its constructor refuses (constructors only store their options: this is cheap), whose
+    table label another entry already has, or whose ``label`` is another verifier's name
+    (a model's ``verifiers`` list, which matches names and labels, would pick both)."""
     known = verifier_names()
+    labels: set[str] = set()
     for i, verifier in enumerate(verifiers):
         if verifier.name not in known:
             raise UserError(f"{where}.{i}.name: unknown verifier {verifier.name!r}; known: "
                             f"{', '.join(known)} (see `certbench list`)")
+        if verifier.label in set(known) - {verifier.name}:
+            raise UserError(f"{where}.{i}.label: {verifier.label!r} is another verifier's "
+                            "name; choose a label that is not")
+        if verifier.display in labels:
+            raise UserError(f"{where}.{i}: another verifier is already shown as "
+                            f"{verifier.display!r} in tables; remove the repeat or, in a "
+                            "matrix, give one of them a `label`")
+        labels.add(verifier.display)
         try:
             get_verifier(verifier.name, **verifier.options)
         except (TypeError, ValueError) as exc:

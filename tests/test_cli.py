@@ -43,6 +43,11 @@ BAD_MATRICES = {
     "bad verifier option": (GOOD.replace('name = "global-lipschitz"',
                                          'name = "global-lipschitz"\noptions = {bound = "x"}'),
                             "bound must be 'gloro' or 'lmt'"),
+    "two verifiers shown alike": (GOOD + '[[verifiers]]\nname = "global-lipschitz"\n',
+                                  "already shown as 'global-lipschitz'"),
+    "a label that is another verifier's name": (
+        GOOD + '[[verifiers]]\nname = "local-lipschitz"\nlabel = "crown"\n',
+        "'crown' is another verifier's name"),
 }
 
 

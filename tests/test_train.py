@@ -120,8 +120,12 @@ def test_lmt_scaled_addition_leaves_misclassified_points_plain_cross_entropy():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model(x), y))
 
 
-def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeypatch):
-    args = {"epochs": 3, "eps": 0.3}
+@pytest.mark.parametrize("args", [
+    {"epochs": 3, "eps": 0.3},
+    # power-iteration estimates: the kept vectors travel in the resume point
+    {"epochs": 3, "eps": 0.3, "lipschitz": "power", "power_steps": 2},
+], ids=["exact", "power"])
+def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeypatch, args):
     full, full_card = train_model(tmp_path / "full", digits, "mlp", {"widths": [16]}, "gloro", args,
                           progress=False)
     # in the middle of the third epoch
@@ -133,7 +137,10 @@ def test_training_resumes_from_the_last_finished_epoch(digits, tmp_path, monkeyp
     with safe_open(str(point), framework="pt") as found:
         assert found.metadata()["epoch"] == "2"
         # the committable resume point holds the weights and the data order, no optimiser
-        assert set(found.keys()) == {"generator"} | {f"model.{k}" for k in full.state_dict()}
+        vectors = {k for k in found.keys() if k.startswith("power.")}
+        assert set(found.keys()) - vectors == {"generator"} | {f"model.{k}"
+                                                               for k in full.state_dict()}
+        assert len(vectors) == (2 if "lipschitz" in args else 0)  # the mlp's two dense layers
     assert not (tmp_path / "resumed.safetensors").exists()
     # a fresh clone: the committed resume point without Adam's moments
     shutil.copy(point, tmp_path / "clone.resume.safetensors")
@@ -187,11 +194,15 @@ def test_a_resume_point_without_moments_restores_the_scheduled_learning_rate(tmp
     with pytest.raises(UserError, match="other hyperparameters"):
         resume.load(weights, *fresh(), {**hp, "epochs": 5})
     # saved before `power_steps` existed: it counts at its default, and only there
-    older = {k: v for k, v in hp.items() if k != "power_steps"}
+    power = {**hp, "lipschitz": "power"}
+    older = {k: v for k, v in power.items() if k != "power_steps"}
     resume.save(weights, model, optimizer, scheduler, generator, 3, 12.5, older)
-    assert resume.load(weights, *fresh(), hp) == (3, 12.5)
+    vectors: dict[int, torch.Tensor] = {}
+    with pytest.warns(UserWarning, match="without the power iteration's vectors"):
+        assert resume.load(weights, *fresh(), power, vectors) == (3, 12.5)
+    assert not vectors
     with pytest.raises(UserError, match="other hyperparameters"):
-        resume.load(weights, *fresh(), {**hp, "lipschitz": "power", "power_steps": 10})
+        resume.load(weights, *fresh(), {**power, "power_steps": 10})
 
 
 def test_trades_variant_trains(digits, tmp_path):
@@ -262,9 +273,9 @@ def test_the_graph_trains_through_its_power_steps(digits, tmp_path):
     graph = LipschitzGraph(torch.nn.Sequential(torch.nn.Flatten(), dense), DIGITS_SHAPE,
                            power_iteration=True, power_steps=3)
     graph.bounds(torch.float32)  # the first call: 30 steps from the seeded vector
-    (index,) = graph._vectors
+    (index,) = graph.vectors
     start = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
-    graph._vectors[index] = start
+    graph.vectors[index] = start
     (trained,) = torch.autograd.grad(graph.bounds(torch.float32).network, dense.weight)
     by_hand = {
         through: torch.autograd.grad(_top_singular_value(dense.weight, start, 3, through),

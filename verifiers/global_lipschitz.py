@@ -90,8 +90,8 @@ class LipschitzGraph:
     every step.
 
     ``power_iteration=True`` replaces the exact norms of dense and convolutional layers by
-    power-iteration *estimates* with vectors kept between calls (the explicit cache
-    ``_vectors``, one per node): cheap enough to train 4C3F-sized models on a CPU, but the
+    power-iteration *estimates* with vectors kept between calls (``vectors``, one per
+    node; a training resume point saves them): cheap enough to train 4C3F-sized models on a CPU, but the
     result can fall below the true constant, so it is for training only; the verifier
     never sets it. ``power_steps``: steps a call after the first (which takes 30 from a
     seeded vector); one step is spectral normalisation's update, more are differentiated
@@ -110,7 +110,7 @@ class LipschitzGraph:
         self.network = TracedNetwork(model, input_shape)
         self.power_iteration = power_iteration
         self.power_steps = power_steps
-        self._vectors: dict[int, torch.Tensor] = {}
+        self.vectors: dict[int, torch.Tensor] = {}
         param = next(model.parameters(), None)
         self._device = param.device if param is not None else None
         self._dtype = param.dtype if param is not None else torch.get_default_dtype()
@@ -136,14 +136,14 @@ class LipschitzGraph:
     ) -> torch.Tensor:
         """Power-iteration estimate of ||apply|| for node ``index``: 30 steps from a
         seeded random vector the first time, then ``power_steps`` from the kept vector."""
-        u = self._vectors.get(index)
+        u = self.vectors.get(index)
         if u is None:
             shape = self.network.nodes[self.network.nodes[index].inputs[0]].shape
             generator = torch.Generator().manual_seed(0)
             u = torch.randn((1, *shape), generator=generator).to(self._device, self._dtype)
-            sigma, self._vectors[index] = operator_norms.power_iteration_estimate(apply, u, 30)
+            sigma, self.vectors[index] = operator_norms.power_iteration_estimate(apply, u, 30)
         else:
-            sigma, self._vectors[index] = operator_norms.power_iteration_estimate(
+            sigma, self.vectors[index] = operator_norms.power_iteration_estimate(
                 apply, u, self.power_steps, differentiate=self.power_steps > 1
             )
         return sigma

@@ -31,8 +31,8 @@ report's GLS section read). `train.train_model` runs any of them.
   differentiated through (``lipschitz = "exact"``), or power-iteration estimates with
   vectors kept between steps (``lipschitz = "power"``, as GloRo's and LMT's own code
   train; much cheaper for wide convolutions). ``power_steps`` sets the steps a training
-  step takes (the first step, and the first after resuming, converges 30 undifferentiated
-  steps from a seeded vector): 1 (default) is spectral normalisation's update, not
+  step takes (the first step converges 30 undifferentiated steps from a seeded vector;
+  resume points keep the vectors): 1 (default) is spectral normalisation's update, not
   differentiated through; more are differentiated through, as GloRo's reference trains
   (its ``spectral_power_all.10``). Certification always uses the exact bound.
   BatchNorm enters with its running statistics.

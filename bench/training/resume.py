@@ -1,8 +1,9 @@
 """Where an interrupted training run resumes: two files beside the checkpoint, rewritten
 after every epoch and removed when the checkpoint is written.
 
-- ``STEM.resume.safetensors``, the *resume point*: the float32 weights and the data
-  order's random state as tensors; the finished epochs, the training seconds, the
+- ``STEM.resume.safetensors``, the *resume point*: the float32 weights, the data
+  order's random state and, for power-iteration Lipschitz estimates, the kept vectors
+  (`LipschitzGraph.vectors`) as tensors; the finished epochs, the training seconds, the
   hyperparameters and the learning-rate scheduler's state as metadata. It holds no
   optimiser state, so a network that takes several sessions to train can be committed
   mid-way (the zoo keeps optimiser states out of the history) and resumed on a fresh
@@ -30,7 +31,7 @@ from certbench.atomic import write_atomic
 from certbench.errors import UserError
 from certbench.training.recipes import NAMING_NEUTRAL
 
-_MODEL, _GENERATOR = "model.", "generator"
+_MODEL, _GENERATOR, _VECTOR = "model.", "generator", "power."
 
 
 def paths(weights: Path) -> tuple[Path, Path]:
@@ -41,14 +42,18 @@ def paths(weights: Path) -> tuple[Path, Path]:
 
 def save(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-         epoch: int, elapsed: float, hp: dict[str, Any]) -> None:
+         epoch: int, elapsed: float, hp: dict[str, Any],
+         vectors: dict[int, torch.Tensor] | None = None) -> None:
     """Write both files after ``epoch`` finished epochs (the optimizer state first, so a
-    resume point never names an epoch its optimizer file has not reached)."""
+    resume point never names an epoch its optimizer file has not reached); ``vectors``:
+    the power iteration's kept vectors by node, where the loss has them."""
     point, moments = paths(weights)
     state = {"optimizer": optimizer.state_dict(), "epoch": epoch}
     write_atomic(moments, lambda path: torch.save(state, path))
     tensors = {_MODEL + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors[_GENERATOR] = generator.get_state()
+    tensors |= {f"{_VECTOR}{i}": v.detach().cpu().contiguous()
+                for i, v in (vectors or {}).items()}
     metadata = {"epoch": str(epoch), "elapsed": repr(elapsed), "hp": json.dumps(hp),
                 "scheduler": json.dumps(scheduler.state_dict())}
     write_atomic(point, lambda path: save_file(tensors, str(path), metadata=metadata))
@@ -56,10 +61,13 @@ def save(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def load(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-         hp: dict[str, Any]) -> tuple[int, float]:
+         hp: dict[str, Any], vectors: dict[int, torch.Tensor] | None = None,
+         ) -> tuple[int, float]:
     """Restore a resume point if there is one; returns (finished epochs, training
     seconds), (0, 0.0) for a fresh run. UserError if it was saved with other
-    hyperparameters (an argument added since, `NAMING_NEUTRAL`, counts at its default)."""
+    hyperparameters (an argument added since, `NAMING_NEUTRAL`, counts at its default).
+    ``vectors`` (the power iteration's, by node) is filled with those the point holds; a
+    point saved without them (before they were saved) restarts them, with a warning."""
     point, moments = paths(weights)
     if not point.exists():
         return 0, 0.0
@@ -76,6 +84,15 @@ def load(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     model.load_state_dict({k[len(_MODEL):]: v.to(device) for k, v in tensors.items()
                            if k.startswith(_MODEL)})
     generator.set_state(tensors[_GENERATOR])
+    if vectors is not None:
+        kept = {int(k[len(_VECTOR):]): v.to(device) for k, v in tensors.items()
+                if k.startswith(_VECTOR)}
+        vectors.update(kept)
+        if not kept:
+            warnings.warn(f"resuming {weights.stem} after epoch {epoch} without the power "
+                          "iteration's vectors (the point predates them): they restart from a "
+                          "seeded vector, so the run differs from an uninterrupted one",
+                          stacklevel=2)
     scheduler.load_state_dict(json.loads(metadata["scheduler"]))
     state = torch.load(moments, weights_only=True, map_location="cpu") \
         if moments.exists() else None

@@ -101,7 +101,9 @@ def train_model(
     scheduler = lr_scheduler(optimizer, hp, epochs)
     weights_path, _ = checkpoint_paths(stem)
     generator = torch.Generator().manual_seed(seed)
-    start, elapsed = resume.load(weights_path, model, optimizer, scheduler, generator, hp)
+    vectors = graph.vectors if graph is not None and graph.power_iteration else None
+    start, elapsed = resume.load(weights_path, model, optimizer, scheduler, generator, hp,
+                                 vectors)
 
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     n, batch = len(dataset.y_train), int(hp["batch_size"])
@@ -131,7 +133,7 @@ def train_model(
             shown["cert"] = f"{float(sum(log)) / len(log):.3f}"
         bar.set_postfix(**shown)
         resume.save(weights_path, model, optimizer, scheduler, generator, epoch + 1, elapsed,
-                    hp)
+                    hp, vectors)
 
     model.eval()
     card = {
