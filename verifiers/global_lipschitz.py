@@ -91,9 +91,9 @@ class LipschitzGraph:
 
     ``power_iteration=True`` replaces the exact norms of dense and convolutional layers by
     power-iteration *estimates* with vectors kept between calls (``vectors``, one per
-    node; a training resume point saves them): cheap enough to train 4C3F-sized models on a CPU, but the
-    result can fall below the true constant, so it is for training only; the verifier
-    never sets it. ``power_steps``: steps a call after the first (which takes 30 from a
+    node; a training resume point saves them): cheap enough to train 4C3F-sized models on
+    a CPU, but the result can fall below the true constant, so it is for training only;
+    the verifier never sets it. ``power_steps``: steps a call after the first (which takes 30 from a
     seeded vector); one step is spectral normalisation's update, more are differentiated
     through, as GloRo's reference trains (`operator_norms.power_iteration_estimate`).
     The estimator is handed to every operation's ``lipschitz`` rule, and
