@@ -26,6 +26,7 @@ from torch import nn
 
 from certbench.atomic import write_atomic
 from certbench.errors import UserError
+from certbench.verifiers.layers import MinMax
 
 CARD_FORMAT = 1
 
@@ -88,29 +89,48 @@ def cnn_small(
     ]
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "minmax": MinMax}
+"""The activations an architecture with an ``activation`` argument takes."""
+
+
 def cnn_4c3f(
     input_shape: Sequence[int],
     num_classes: int,
     channels: Sequence[int] = (32, 32, 64, 64),
     dense: Sequence[int] = (512, 512),
+    activation: str = "relu",
+    init: str = "default",
 ) -> list:
     """GloRo's MNIST 4C3F model: conv 3x3, conv 4x4 stride 2, conv 3x3, conv 4x4 stride 2,
-    then dense layers."""
+    then dense layers. ``activation``: ``"relu"`` or ``"minmax"`` (GroupSort of size 2,
+    `certbench.verifiers.layers.MinMax`, as GloRo's reference library builds it);
+    ``init``: torch's ``"default"`` or ``"orthogonal"`` (orthogonal weights, zero
+    biases: the reference library's Keras initialisation)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
+    if init not in ("default", "orthogonal"):
+        raise ValueError("init must be 'default' or 'orthogonal'")
     c, h, w = input_shape
     layers: list[nn.Module] = []
     for i, out in enumerate(channels):
         if i % 2 == 0:
-            layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, out, 3, padding=1), ACTIVATIONS[activation]()]
         else:
-            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), ACTIVATIONS[activation]()]
             h, w = h // 2, w // 2
         c = out
     layers.append(nn.Flatten())
     width = c * h * w
     for hidden in dense:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
-    return layers + [nn.Linear(width, num_classes)]
+    layers.append(nn.Linear(width, num_classes))
+    if init == "orthogonal":
+        for layer in layers:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    return layers
 
 
 def cnn_dm_large(
@@ -178,7 +198,7 @@ def build_model(
         )
     try:
         layers = ARCHITECTURES[arch](tuple(input_shape), num_classes, **(arch_args or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise UserError(f"bad arch_args for {arch!r}: {exc}") from exc
     return nn.Sequential(Normalize(mean, std), *layers)
 

@@ -22,6 +22,7 @@ from certbench.training.recipes import (
     gloro_logits,
     make_loss,
     margin_factor,
+    ramp,
     recipe_args,
 )
 from certbench.training.train import lr_scheduler, train_model
@@ -346,6 +347,33 @@ def test_hold_decay_schedule_holds_then_decays_geometrically():
         recipe_args("gloro", {"lr_schedule": "hold-decay"})
     with pytest.raises(UserError, match="lr_schedule must be"):
         recipe_args("lmt", {"lr_schedule": "linear"})
+
+
+def test_exponential_schedule_decays_geometrically_from_the_first_epoch():
+    """GloRo's library: lr to lr_end by one factor an epoch, from epoch 0."""
+    hp = recipe_args("gloro", {"epochs": 10, "lr": 1e-3, "lr_schedule": "exponential",
+                               "lr_end": 1e-6})
+    rates = _rates(hp, hp["epochs"] + 1)
+    assert rates[0] == 1e-3 and rates[10] == pytest.approx(1e-6)
+    factors = [b / a for a, b in zip(rates[:-1], rates[1:], strict=True)]
+    assert factors == pytest.approx([10 ** -0.3] * 10)
+    with pytest.raises(UserError, match="0 < lr_end < lr"):
+        recipe_args("gloro", {"lr_schedule": "exponential"})
+
+
+def test_log_ramp_starts_at_a_hundredth_and_rises_steeply_then_slowly():
+    """GloRo's library's log schedule: log((e^v - e^s) t + e^s) from s = v / 100, reaching
+    v at the ramp's end and holding it, concave (its slope falls by e^(v - s))."""
+    v, epochs = 1.738, 150
+    values = [ramp(v, epochs, p, "log") for p in range(0, 201)]
+    assert values[0] == pytest.approx(v / 100)
+    assert values[150:] == [v] * 51
+    assert values[149] == pytest.approx(v, rel=1e-2)  # continuous at the ramp's end
+    steps = [b - a for a, b in zip(values[:150], values[1:151], strict=True)]
+    assert all(step > 0 for step in steps) and steps[0] > 5 * steps[-1]  # concave
+    assert values[15] > 2 * ramp(v, epochs, 15)  # above the linear ramp early on
+    with pytest.raises(UserError, match="ramp_shape"):
+        recipe_args("gloro", {"ramp_shape": "cosine"})
 
 
 def test_constant_schedule_keeps_the_rate():

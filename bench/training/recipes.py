@@ -12,9 +12,10 @@ report's GLS section read). `train.train_model` runs any of them.
 - ``gloro`` (Leino, Wang and Fredrikson 2021, "Globally-Robust Neural Networks", Sec. 3):
   cross-entropy over the logits plus a bottom logit f_bot = max_{i != j} f_i + eps * K_ji,
   with j the predicted class and K_ji = L(penultimate) * ||w_j - w_i||; the model learns to
-  predict a class whose eps-ball is certified. ``eps`` ramps linearly from 0 over
-  ``ramp_epochs``; training eps is usually set above the test eps, as in the paper's
-  scripts. ``trades_lambda > 0`` selects the TRADES-style variant:
+  predict a class whose eps-ball is certified. ``eps`` ramps over ``ramp_epochs``,
+  linearly from 0 or, with ``ramp_shape = "log"``, as GloRo's library ramps it (`ramp`);
+  training eps is usually set above the test eps, as in the paper's scripts.
+  ``trades_lambda > 0`` selects the TRADES-style variant (GloRo's library's ``Trades``):
   CE(f) + lambda * KL(softmax(f) || softmax(f, f_bot)).
 - ``lmt`` (Tsuzuku, Sato and Sugiyama 2018, "Lipschitz-Margin Training", Alg. 1): add
   sqrt(2) * c * L to every non-target logit, L the bound of the whole network, then
@@ -57,7 +58,8 @@ The recipes with the common arguments (all but ``standard`` and the GLS ones) ta
 ``lr_schedule``: ``"cosine"`` (default: cosine annealing from ``lr`` to ``lr_end``,
 default 0), ``"constant"`` (LMT's reference: ``lr`` throughout), ``"hold-decay"``
 (GloRo's scripts: ``lr`` for the first half of the epochs, then a geometric decay towards
-``lr_end``) or ``"multistep"`` (CROWN-IBP's configs: ``lr``
+``lr_end``), ``"exponential"`` (GloRo's library: the geometric decay from the first
+epoch) or ``"multistep"`` (CROWN-IBP's configs: ``lr``
 times ``lr_gamma`` at each epoch of ``lr_milestones``); `train.lr_scheduler` has the
 formulas. Arguments added after checkpoints were first named (`NAMING_NEUTRAL`) stay out
 of a checkpoint's name while they keep their default. The bound recipes also take
@@ -95,10 +97,10 @@ RELAXATION_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                     "alpha-crown": "alpha-CROWN"}
 _COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "lr_end": 0.0,
            "lr_milestones": [], "lr_gamma": 0.1}
-LR_SCHEDULES = ("cosine", "constant", "hold-decay", "multistep")
+LR_SCHEDULES = ("cosine", "constant", "hold-decay", "exponential", "multistep")
 NAMING_NEUTRAL = {"lr_schedule": "cosine", "lr_end": 0.0, "lr_milestones": [], "lr_gamma": 0.1,
                   "warmup_epochs": 0, "margin": "network", "scale_by_margin": False,
-                  "power_steps": 1}
+                  "power_steps": 1, "ramp_shape": "linear"}
 """Arguments added after checkpoints were first named, at defaults that train exactly as
 before they existed: `provision.model_stem` leaves them out of the hash while they hold
 these values, so that a checkpoint trained before keeps its name."""
@@ -141,9 +143,19 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def ramp(value: float, ramp_epochs: float, progress: float) -> float:
-    """``value`` ramped linearly from 0 over ``ramp_epochs`` epochs."""
-    return value if ramp_epochs <= 0 else value * min(1.0, progress / ramp_epochs)
+def ramp(value: float, ramp_epochs: float, progress: float, shape: str = "linear") -> float:
+    """``value`` ramped over ``ramp_epochs`` epochs, t = progress / ramp_epochs of it done:
+    ``"linear"``, value * t from 0; ``"log"`` (GloRo's library, the ``-log-`` transition of
+    its schedules), log((e^value - e^s) t + e^s) from s = value / 100: concave, its slope
+    falling by a factor e^(value - s) (eps 1.738: 23 % of the way at a tenth of the ramp,
+    54 % at half)."""
+    if ramp_epochs <= 0 or progress >= ramp_epochs:
+        return value
+    t = progress / ramp_epochs
+    if shape == "log":
+        start = value / 100
+        return math.log((math.exp(value) - math.exp(start)) * t + math.exp(start))
+    return value * t
 
 
 @register_recipe
@@ -180,14 +192,20 @@ class _LipschitzRecipe(Recipe):
 @register_recipe
 class GloRo(_LipschitzRecipe):
     name = "gloro"
-    defaults = {**_COMMON, "eps": 0.3, "ramp_epochs": None, "trades_lambda": 0.0,
-                "lipschitz": "exact", "power_steps": 1}
+    defaults = {**_COMMON, "eps": 0.3, "ramp_epochs": None, "ramp_shape": "linear",
+                "trades_lambda": 0.0, "lipschitz": "exact", "power_steps": 1}
+
+    def validate(self, args):
+        super().validate(args)
+        if args["ramp_shape"] not in ("linear", "log"):
+            raise ValueError("ramp_shape must be 'linear' or 'log'")
 
     def loss(self, args, graph, propagator, seed, log):
         def gloro(model, x, y, progress):
             logits = model(x)
             k = graph.bounds(torch.float32).pairwise()
-            extended = gloro_logits(logits, k, ramp(args["eps"], args["ramp_epochs"], progress))
+            eps = ramp(args["eps"], args["ramp_epochs"], progress, args["ramp_shape"])
+            extended = gloro_logits(logits, k, eps)
             if args["trades_lambda"] <= 0:
                 return F.cross_entropy(extended, y)
             p = F.log_softmax(logits, dim=1)
@@ -366,8 +384,8 @@ def _validate_lr_schedule(args: dict[str, Any]) -> None:
     schedule = args.get("lr_schedule", "cosine")
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
-    if schedule == "hold-decay" and not 0 < args["lr_end"] < args["lr"]:
-        raise ValueError("lr_schedule 'hold-decay' needs 0 < lr_end < lr (it decays "
+    if schedule in ("hold-decay", "exponential") and not 0 < args["lr_end"] < args["lr"]:
+        raise ValueError(f"lr_schedule {schedule!r} needs 0 < lr_end < lr (it decays "
                          "geometrically from lr to lr_end)")
     milestones = args.get("lr_milestones", [])
     if not isinstance(milestones, list) or not all(isinstance(m, int) for m in milestones):

@@ -48,7 +48,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
     ``multistep``,
     lr_gamma^(number of lr_milestones <= e); ``hold-decay``, 1 for e <= E/2, then
     (lr_end / lr)^((e - E/2) / (E/2)), the geometric decay that would reach lr_end at e = E
-    (GloRo's scripts)."""
+    (GloRo's scripts); ``exponential``, (lr_end / lr)^(e / E), that decay from the start
+    (GloRo's library)."""
     schedule = hp.get("lr_schedule", "cosine")
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -60,6 +61,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any],
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: gamma ** sum(m <= e for m in milestones))
     half, ratio = epochs / 2, hp["lr_end"] / hp["lr"]
+    if schedule == "exponential":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: ratio ** (e / epochs))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 1.0 if e <= half else ratio ** ((e - half) / half))
 

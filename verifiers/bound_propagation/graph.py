@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from certbench.verifiers import layers
 from certbench.verifiers.base import UnsupportedLayerError
 from certbench.verifiers.bound_propagation.index_map import IndexMap, IndexMapOperation
 from certbench.verifiers.bound_propagation.operators import (
@@ -30,6 +31,7 @@ from certbench.verifiers.bound_propagation.operators import (
     Dense,
     Elementwise,
     MaxPool,
+    MinMax,
     Operation,
     Relu,
     Reshape,
@@ -55,6 +57,7 @@ MODULE_OPERATIONS: dict[type[nn.Module], type[Operation]] = {
     nn.AvgPool2d: AvgPool,
     nn.AdaptiveAvgPool2d: AvgPool,
     nn.MaxPool2d: MaxPool,
+    layers.MinMax: MinMax,
     IndexMap: IndexMapOperation,
 }
 ONNX_ACTIVATIONS: dict[str, Callable[[dict], nn.Module]] = {

@@ -27,6 +27,7 @@ from certbench.verifiers.bound_propagation.s_shaped import (
     sigmoid_derivative,
     tanh_derivative,
 )
+from certbench.verifiers.layers import min_max
 
 
 def _fold(a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -740,6 +741,90 @@ class Relu(Activation):
         intercept = (slope * shift.flatten(1).expand(len(flat), -1).gather(1, index))
         const = rowdot(picked - positive, intercept * valid)
         return a_in.view_as(a), const
+
+
+def _pairs(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves of ``t`` along ``dim``: the first and second members of MinMax's pairs."""
+    first, second = t.chunk(2, dim)
+    return first, second
+
+
+def _join(first: torch.Tensor, second: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of `_pairs`."""
+    return torch.cat((first, second), dim)
+
+
+class MinMax(Activation):
+    """y = (min(a, b), max(a, b)) for the channel halves a, b of z: GroupSort of size 2
+    (`certbench.verifiers.layers.MinMax`). Monotone in each input, so its
+    interval rule is the layer applied to each end; 1-Lipschitz.
+
+    Relaxation: min(a, b) = a - r and max(a, b) = b + r with r = relu(d), d = a - b. A
+    backward row with coefficients (c_min, c_max) on a pair is c_min a + c_max b + k r,
+    k = c_max - c_min, and r takes ReLU's relaxation (CROWN, Zhang et al. 2018, Sec. 3.1)
+    on d in [l_a - u_b, u_a - l_b]: the lower line (slope 1 if u_d > -l_d, else 0) where
+    k >= 0, the chord where k < 0. So a receives c_min + k s, b receives c_max - k s, s
+    the chosen slope. Exact where the pair's intervals do not overlap. d's interval is the
+    difference of the two boxes, not a bound of d itself: sound, looser where a and b
+    move together. No free slope: alpha-CROWN keeps CROWN's choice here. No MILP
+    encoding or split: the MILP and branch and bound refuse it; the local-Lipschitz bound
+    takes it (`gradient_bounds`)."""
+
+    accepts_patches = False
+
+    def forward(self, x):
+        return min_max(x)
+
+    def ibp(self, bounds):
+        return min_max(bounds[0]), min_max(bounds[1])
+
+    def lipschitz(self, inputs, estimate=None):
+        return inputs[0]  # a permutation of its input wherever differentiable
+
+    def refusal(self, method):
+        if method == "local-lipschitz":
+            return None
+        return (f"{method} has no rule for MinMax: it takes linear operations and "
+                "piecewise-linear activations that declare their `slopes`")
+
+    @staticmethod
+    def _difference(lower, upper, dim):
+        """Bounds of d = a - b per pair, from the boxes of a and b."""
+        (la, lb), (ua, ub) = _pairs(lower, dim), _pairs(upper, dim)
+        return la - ub, ua - lb
+
+    def inexact(self, lower, upper):
+        dl, du = self._difference(lower, upper, 1)
+        unstable = (dl < 0) & (du > 0)
+        return _join(unstable, unstable, 1)
+
+    def relaxed_backward(self, a, lower, upper, alpha=None, cache=None):
+        dl, du = self._difference(lower.unsqueeze(1), upper.unsqueeze(1), 2)
+        c_min, c_max = _pairs(a, 2)
+        k = c_max - c_min
+        unstable = (dl < 0) & (du > 0)
+        active = (dl >= 0).to(a.dtype)
+        chord = torch.where(unstable, du / (du - dl).clamp(min=1e-12), active)
+        lower_slope = torch.where(unstable, (du > -dl).to(a.dtype), active)
+        m = k * torch.where(k >= 0, lower_slope, chord)
+        const = rowsum(k.clamp(max=0) * chord * torch.where(unstable, -dl, 0.0))
+        return _join(c_min + m, c_max - m, 2), const
+
+    def gradient_bounds(self, g_lower, g_upper, z_lower, z_upper):
+        """Input-gradient bounds: where a <= b on the whole box, a gets min's gradient
+        and b max's; where a >= b the other way round; where the order can change, each
+        gets the hull of the two (the Jacobian is one of the two permutations)."""
+        dl, du = self._difference(z_lower, z_upper, 2)
+        ordered, swapped = du <= 0, dl >= 0
+
+        def route(g):
+            g_min, g_max = _pairs(g, 2)
+            joint = (torch.minimum if g is g_lower else torch.maximum)(g_min, g_max)
+            to_a = torch.where(ordered, g_min, torch.where(swapped, g_max, joint))
+            to_b = torch.where(ordered, g_max, torch.where(swapped, g_min, joint))
+            return _join(to_a, to_b, 2)
+
+        return route(g_lower), route(g_upper)
 
 
 class _SShaped(Activation):

@@ -1,0 +1,148 @@
+"""MinMax (GroupSort of size 2) through every method that takes it: the layer against its
+definition and its 1-Lipschitz claim; the operation's relaxation against sampled inputs
+of one layer (sound everywhere, exact where no pair can reorder); IBP, CROWN-IBP, CROWN
+and alpha-CROWN bounds of a convolutional MinMax network against sampled and attacked
+margins; the local constant against sampled gradients; the global bound against PGD;
+the MILP and bab refusing it by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_bound_propagation import margins, sample_ball
+from torch import nn
+
+from certbench.models import build_model
+from certbench.run.attacks import pgd
+from certbench.verifiers import UnsupportedLayerError, get_verifier
+from certbench.verifiers.bound_propagation import margin_spec
+from certbench.verifiers.bound_propagation.operators import MinMax as MinMaxOperation
+from certbench.verifiers.layers import MinMax
+
+SHAPE = (1, 8, 8)
+
+
+def minmax_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), MinMax(), nn.Conv2d(4, 4, 4, stride=2, padding=1),
+        MinMax(), nn.Flatten(), nn.Linear(64, 16), MinMax(), nn.Linear(16, 5),
+    ).eval()
+
+
+def test_the_layer_sorts_each_channel_pair_and_is_one_lipschitz():
+    x = torch.randn(64, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    y = MinMax()(x)
+    for k in range(3):  # channel k is paired with channel k + 3
+        torch.testing.assert_close(y[:, k], torch.minimum(x[:, k], x[:, k + 3]))
+        torch.testing.assert_close(y[:, k + 3], torch.maximum(x[:, k], x[:, k + 3]))
+    z = x + 0.3 * torch.randn_like(x)
+    assert ((MinMax()(z) - y).flatten(1).norm(dim=1) <= (z - x).flatten(1).norm(dim=1)
+            + 1e-6).all()
+    with pytest.raises(ValueError, match="even"):
+        MinMax()(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0])
+def test_the_relaxation_lies_below_every_sampled_output(spread):
+    """sum(a * minmax(z)) >= a' . z + const for z sampled in the box, rows of both signs;
+    with narrow boxes (most pairs cannot reorder) the bound is attained at some z."""
+    gen = torch.Generator().manual_seed(1)
+    centre = torch.randn(3, 8, generator=gen)
+    lower = centre - spread * torch.rand(3, 8, generator=gen)
+    upper = centre + spread * torch.rand(3, 8, generator=gen)
+    a = torch.randn(3, 4, 8, generator=gen)
+    op = MinMaxOperation()
+    a_in, const = op.relaxed_backward(a, lower, upper)
+    z = lower + (upper - lower) * torch.rand(4000, 3, 8, generator=gen)
+    z[:2000] = torch.where(torch.rand(2000, 3, 8, generator=gen) < 0.5, lower, upper)
+    exact = torch.einsum("brk,nbk->nbr", a, op.forward(z.flatten(0, 1)).view_as(z))
+    relaxed = torch.einsum("brk,nbk->nbr", a_in, z) + const
+    assert (relaxed <= exact + 1e-5).all()
+    stable = ~op.inexact(lower, upper).any(1)
+    gap = (exact - relaxed).amin(0)[stable]
+    assert stable.any() == (spread < 0.1)
+    assert (gap < 1e-5).all()
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.03), ("2", 0.3)])
+def test_bounds_of_a_minmax_network_contain_sampled_and_attacked_margins(norm, eps):
+    model = minmax_net(seed=2)
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(3))
+    prediction = model(x).argmax(1)
+    spec = margin_spec(prediction, 5).detach()
+    observed = torch.stack([margins(model, p, spec)
+                            for p in sample_ball(x, eps, norm, 300, seed=4)]).amin(0)
+    attacked, _ = pgd(model, x, prediction, eps, norm, steps=50, restarts=3)
+    observed = torch.minimum(observed, margins(model, attacked, spec))
+    bounds = {}
+    for method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
+        verifier = get_verifier(method)
+        verifier.prepare(model, SHAPE)
+        with torch.no_grad():
+            bounds[method] = verifier.margin_lower_bounds(x, spec, eps, norm)
+        assert (bounds[method] <= observed + 1e-5).all(), method
+    assert (bounds["crown"] >= bounds["ibp"] - 1e-5).float().mean() > 0.5  # mostly tighter
+    assert (bounds["alpha-crown"] >= bounds["crown"] - 1e-6).all()
+    assert (observed - bounds["crown"]).mean() < 10 * observed.abs().mean() + 1
+
+
+def test_crown_is_exact_where_no_pair_can_reorder():
+    """A tiny l_inf ball: every pair keeps its order, the network is affine on the ball,
+    and CROWN's bound is the affine margin's minimum, c . x - eps ||c||_1."""
+    model = minmax_net(seed=5)
+    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(6))
+    spec = margin_spec(model(x).argmax(1), 5).detach()
+    eps = 1e-4
+    verifier = get_verifier("crown")
+    verifier.prepare(model, SHAPE)
+    bound = verifier.margin_lower_bounds(x, spec, eps, "inf")
+    z = x.clone().requires_grad_(True)
+    values = (spec @ model(z).unsqueeze(-1)).squeeze(-1)
+    for row in range(spec.shape[1]):
+        (grad,) = torch.autograd.grad(values[:, row].sum(), z, retain_graph=True)
+        exact = values[:, row].detach() - eps * grad.abs().flatten(1).sum(1)
+        torch.testing.assert_close(bound[:, row], exact, atol=2e-5, rtol=0)
+
+
+def test_the_local_constant_bounds_sampled_gradients():
+    model = minmax_net(seed=7)
+    verifier = get_verifier("local-lipschitz")
+    verifier.prepare(model, SHAPE)
+    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(8))
+    eps = 0.05
+    spec = margin_spec(model(x).argmax(1), 5).detach()
+    constants = verifier.local_constants(x, spec, eps, "inf")
+    points = sample_ball(x, eps, "inf", 200, seed=9).requires_grad_(True)
+    values = (spec @ model(points.flatten(0, 1)).reshape(200, 4, 5, 1)).squeeze(-1)
+    for row in range(spec.shape[1]):
+        (grad,) = torch.autograd.grad(values[..., row].sum(), points, retain_graph=True)
+        assert (grad.abs().flatten(2).sum(-1).amax(0) <= constants[:, row] + 1e-6).all()
+    # a tiny ball, where no pair can reorder: the constant is the gradient's own norm
+    tight = verifier.local_constants(x, spec, 1e-5, "inf")
+    z = x.clone().requires_grad_(True)
+    values = (spec @ model(z).unsqueeze(-1)).squeeze(-1)
+    for row in range(spec.shape[1]):
+        (grad,) = torch.autograd.grad(values[:, row].sum(), z, retain_graph=True)
+        torch.testing.assert_close(tight[:, row].float(), grad.abs().flatten(1).sum(1), rtol=1e-3,
+                                   atol=1e-5)
+
+
+def test_no_pgd_point_inside_a_global_lipschitz_radius_flips_the_prediction():
+    model = build_model("cnn-4c3f", (1, 28, 28), 10, [0.1307], [0.3081],
+                        {"activation": "minmax", "init": "orthogonal",
+                         "channels": (4, 4, 8, 8), "dense": (16, 16)}).eval()
+    verifier = get_verifier("global-lipschitz")
+    verifier.prepare(model, (1, 28, 28))
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(10))
+    radius = verifier.certify(x, "2", [0.01]).radius.float()
+    assert (radius > 0).any()
+    found, success = pgd(model, x, model(x).argmax(1), radius * 0.999, "2", steps=100,
+                         restarts=3)
+    assert not success[radius > 0].any()
+
+
+@pytest.mark.parametrize("method", ["exact", "bab"])
+def test_the_milp_and_bab_refuse_minmax_by_name(method):
+    with pytest.raises(UnsupportedLayerError, match="MinMax"):
+        get_verifier(method).prepare(minmax_net(seed=0), SHAPE)
