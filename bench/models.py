@@ -110,6 +110,8 @@ def cnn_4c3f(
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
     if init not in ("default", "orthogonal"):
         raise ValueError("init must be 'default' or 'orthogonal'")
+    if activation == "minmax" and any(width % 2 for width in (*channels, *dense)):
+        raise ValueError("MinMax pairs channels: channels and dense widths must be even")
     c, h, w = input_shape
     layers: list[nn.Module] = []
     for i, out in enumerate(channels):

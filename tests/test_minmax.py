@@ -83,8 +83,6 @@ def test_bounds_of_a_minmax_network_contain_sampled_and_attacked_margins(norm, e
             bounds[method] = verifier.margin_lower_bounds(x, spec, eps, norm)
         assert (bounds[method] <= observed + 1e-5).all(), method
     assert (bounds["crown"] >= bounds["ibp"] - 1e-5).float().mean() > 0.5  # mostly tighter
-    assert (bounds["alpha-crown"] >= bounds["crown"] - 1e-6).all()
-    assert (observed - bounds["crown"]).mean() < 10 * observed.abs().mean() + 1
 
 
 def test_crown_is_exact_where_no_pair_can_reorder():
@@ -126,6 +124,41 @@ def test_the_local_constant_bounds_sampled_gradients():
         (grad,) = torch.autograd.grad(values[:, row].sum(), z, retain_graph=True)
         torch.testing.assert_close(tight[:, row].float(), grad.abs().flatten(1).sum(1), rtol=1e-3,
                                    atol=1e-5)
+
+
+def test_gradient_bounds_take_the_hull_even_when_lower_and_upper_are_one_tensor():
+    """The local-Lipschitz pass starts from (spec, spec): one tensor for both ends. A pair
+    that can reorder sends each member the hull of the two gradients, whatever aliasing."""
+    g = torch.tensor([[[1.0, 0.0]]])  # (batch, rows, 2): gradient 1 on min, 0 on max
+    z_lower, z_upper = torch.full((1, 1, 2), -1.0), torch.full((1, 1, 2), 1.0)
+    lower, upper = MinMaxOperation().gradient_bounds(g, g, z_lower, z_upper)
+    assert torch.equal(lower, torch.zeros(1, 1, 2)) and torch.equal(upper, torch.ones(1, 1, 2))
+    ordered_lower, ordered_upper = MinMaxOperation().gradient_bounds(
+        g, g, torch.tensor([[[-2.0, 1.0]]]), torch.tensor([[[-1.0, 2.0]]]))  # a <= b
+    assert torch.equal(ordered_lower, g) and torch.equal(ordered_upper, g)
+
+
+def test_the_global_bound_lies_above_sampled_margin_gradients():
+    """||grad (f_i - f_j)||_2 <= K_ij at random inputs; MinMax keeps gradient norms, so a
+    constant under 1 for it (compounded over six layers) would show here."""
+    from certbench.verifiers.global_lipschitz import LipschitzGraph
+
+    model = build_model("cnn-4c3f", (1, 28, 28), 10, [0.1307], [0.3081],
+                        {"activation": "minmax", "init": "orthogonal",
+                         "channels": (4, 4, 8, 8), "dense": (16, 16)}).eval()
+    k = LipschitzGraph(model, (1, 28, 28)).bounds(torch.float32).pairwise()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+    x.requires_grad_(True)
+    logits = model(x)
+    worst = torch.zeros(10, 10)
+    for i in range(10):
+        for j in range(i + 1, 10):
+            (grad,) = torch.autograd.grad((logits[:, i] - logits[:, j]).sum(), x,
+                                          retain_graph=True)
+            worst[i, j] = grad.flatten(1).norm(dim=1).max()
+    upper = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
+    assert (worst[upper] <= k.detach()[upper] * (1 + 1e-5)).all()
+    assert (worst[upper] / k.detach()[upper]).max() > 1 / 32  # not vacuous
 
 
 def test_no_pgd_point_inside_a_global_lipschitz_radius_flips_the_prediction():

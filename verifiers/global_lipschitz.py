@@ -14,7 +14,7 @@ adding an operation is one class plus one conversion-table entry:
 - a node times / divided by a constant c, or plus a constant:  L * max|c|  /
   L * max|1 / c|  /  L (the normalisation layer's 1/std is this rule)
 - a concatenation of nodes:            L(cat(a, b)) <= sqrt(L(a)^2 + L(b)^2)
-- ReLU, tanh, flatten and reshape:     L unchanged (1-Lipschitz, isometries);
+- ReLU, tanh, MinMax, flatten and reshape:  L unchanged (1-Lipschitz, isometries);
   sigmoid: L / 4 (its largest slope).
 
 Any other operation raises UnsupportedLayerError naming it: no bound is guessed.

@@ -5,7 +5,8 @@ Bound (Fast-Lip, Weng et al. 2018, "Towards Fast Computation of Certified Robust
 ReLU Networks", Sec. 3.4 and Eq. 13-15): on the ball B(x, r), the gradient of the margin
 m_j = f_y - f_j is c_j^T W_L D_{L-1} W_{L-1} ... D_1 W_1 with each D_i diagonal: 0 for a
 neuron the bound-propagation engine proves inactive on the ball, 1 for one proven active,
-anywhere in [0, 1] for an unstable one (the Clarke derivative of ReLU at 0 included).
+anywhere in [0, 1] for an unstable one (the Clarke derivative of ReLU at 0 included); a
+MinMax layer's D is one of two permutations of each channel pair (`MinMax.gradient_bounds`).
 Pushing c_j backward with interval arithmetic (center through W^T, radius through |W|^T,
 an unstable neuron widens its interval to contain 0) bounds every entry of the gradient
 over the ball: J_lo <= grad m_j(x') <= J_hi. The dual norm of max(|J_lo|, |J_hi|) (l2 for

@@ -148,7 +148,8 @@ def ramp(value: float, ramp_epochs: float, progress: float, shape: str = "linear
     ``"linear"``, value * t from 0; ``"log"`` (GloRo's library, the ``-log-`` transition of
     its schedules), log((e^value - e^s) t + e^s) from s = value / 100: concave, its slope
     falling by a factor e^(value - s) (eps 1.738: 23 % of the way at a tenth of the ramp,
-    54 % at half)."""
+    70 % at half). The library starts at a hundredth of the test eps and steps per epoch
+    one epoch behind; here the ramp moves every step."""
     if ramp_epochs <= 0 or progress >= ramp_epochs:
         return value
     t = progress / ramp_epochs

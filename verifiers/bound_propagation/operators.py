@@ -541,7 +541,8 @@ def _like(a, values):
 
 
 class Activation(Operation):
-    """A non-linear elementwise operation y = g(z). Its backward step needs the bounds
+    """A non-linear operation y = g(z), elementwise but for MaxPool and MinMax (which
+    override what reads neurons one by one). Its backward step needs the bounds
     [lower, upper] of its input and its linear relaxation there,
 
         lower_slope * z + lower_intercept <= g(z) <= upper_slope * z + upper_intercept,
@@ -817,14 +818,14 @@ class MinMax(Activation):
         dl, du = self._difference(z_lower, z_upper, 2)
         ordered, swapped = du <= 0, dl >= 0
 
-        def route(g):
+        def route(g, hull):  # hull: torch.minimum for the lower end, maximum for the upper
             g_min, g_max = _pairs(g, 2)
-            joint = (torch.minimum if g is g_lower else torch.maximum)(g_min, g_max)
+            joint = hull(g_min, g_max)
             to_a = torch.where(ordered, g_min, torch.where(swapped, g_max, joint))
             to_b = torch.where(ordered, g_max, torch.where(swapped, g_min, joint))
             return _join(to_a, to_b, 2)
 
-        return route(g_lower), route(g_upper)
+        return route(g_lower, torch.minimum), route(g_upper, torch.maximum)
 
 
 class _SShaped(Activation):
