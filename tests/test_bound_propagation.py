@@ -17,7 +17,12 @@ from certbench.verifiers.bound_propagation import (
     TracedNetwork,
     margin_spec,
 )
-from certbench.verifiers.bound_propagation.operators import Elementwise, Operation, unstable_rows
+from certbench.verifiers.bound_propagation.operators import (
+    Elementwise,
+    Operation,
+    Sum,
+    unstable_rows,
+)
 from certbench.verifiers.bound_propagation.patches import Patches
 from conftest import DIGITS_SHAPE, RANDOM_MODELS, random_model
 
@@ -297,6 +302,59 @@ def test_rows_of_batchnorm_after_a_conv_are_windows_with_the_bounds_of_dense_row
         got = prop.neuron_bounds(target, index, ball, bounds)
         with monkeypatch.context() as dense:
             dense.setattr(Elementwise, "backward_rows", Operation.backward_rows)
+            expected = prop.neuron_bounds(target, index, ball, bounds)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_joined_windows_mean_the_sum_of_the_dense_rows():
+    """`Patches.join` (residual joins): the windows of a + b scatter to a's dense rows plus
+    b's, for windows of different sizes at one offset in every row, corners inside and
+    outside the map; rows whose corners sit at different offsets do not join."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 9, 9)
+
+    def windows(top, left, h, w):
+        p = Patches(torch.randn(2, 5, 2, h, w, generator=gen), top, left, shape)
+        return p.with_values(p.values * p.inside())  # zero outside the map (the invariant)
+
+    top = torch.randint(-2, 8, (2, 5), generator=gen)
+    left = torch.randint(-2, 8, (2, 5), generator=gen)
+    a = windows(top, left, 3, 3)
+    for dt, dl, h, w in [(-1, 2, 5, 4), (0, 0, 3, 3), (1, -2, 1, 1), (-2, -2, 7, 7)]:
+        b = windows(top + dt, left + dl, h, w)
+        joined = a.join(b)
+        assert joined is not None
+        torch.testing.assert_close(joined.to_dense(), a.to_dense() + b.to_dense())
+        assert joined.window[0] <= max(3, h) + abs(dt) and joined.window[1] <= max(3, w) + abs(dl)
+    shifted = windows(top + torch.arange(5), left, 3, 3)  # per-row offsets
+    assert a.join(shifted) is None
+    assert a.join(windows(top - 4, left - 4, 9, 9)) is None  # the join covers the map
+
+
+def test_residual_joins_keep_windows_with_the_bounds_of_dense_rows(monkeypatch):
+    """A residual block's Sum node starts its rows as 1 x 1 windows on both branches and
+    the branches' windows join at the block's input (`Patches.join`), so the activation
+    before the block meets windows; CROWN's bounds of every unstable neuron of every
+    activation input equal those of dense coefficients throughout."""
+    shape = (1, 16, 16)
+    model = build_model("resnet-tiny", shape, 10, (0.3,), (0.4,),
+                        ARCHS["resnet-tiny"] | {"channels": 2}).eval()
+    prop = BoundPropagator(TracedNetwork(model, shape))
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(8))
+    ball = Ball(x, 0.02, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    joins = [t for t in prop.relu_inputs if len(prop.net.nodes[t].inputs) == 2]
+    assert joins  # the block's output ReLU reads the residual Sum
+    for target in joins:
+        before = [a for a in prop.activations if a < target]
+        assert set(before) <= set(prop.window_placements(target, ball, bounds))
+    for target in prop.relu_inputs:
+        index, _ = unstable_rows(prop.activation_of[target].inexact(*bounds[target]))
+        got = prop.neuron_bounds(target, index, ball, bounds)
+        with monkeypatch.context() as dense:
+            dense.setattr(Patches, "worth_keeping", lambda self: False)
+            dense.setattr(Elementwise, "backward_rows", Operation.backward_rows)
+            dense.setattr(Sum, "backward_rows", Operation.backward_rows)
             expected = prop.neuron_bounds(target, index, ball, bounds)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

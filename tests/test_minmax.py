@@ -15,8 +15,14 @@ from torch import nn
 from certbench.models import build_model
 from certbench.run.attacks import pgd
 from certbench.verifiers import UnsupportedLayerError, get_verifier
-from certbench.verifiers.bound_propagation import margin_spec
+from certbench.verifiers.bound_propagation import (
+    Ball,
+    BoundPropagator,
+    TracedNetwork,
+    margin_spec,
+)
 from certbench.verifiers.bound_propagation.operators import MinMax as MinMaxOperation
+from certbench.verifiers.bound_propagation.patches import Patches
 from certbench.verifiers.layers import MinMax
 
 SHAPE = (1, 8, 8)
@@ -83,6 +89,30 @@ def test_bounds_of_a_minmax_network_contain_sampled_and_attacked_margins(norm, e
             bounds[method] = verifier.margin_lower_bounds(x, spec, eps, norm)
         assert (bounds[method] <= observed + 1e-5).all(), method
     assert (bounds["crown"] >= bounds["ibp"] - 1e-5).float().mean() > 0.5  # mostly tighter
+
+
+@pytest.mark.parametrize("norm,eps", [("inf", 0.03), ("2", 0.3)])
+def test_windows_through_minmax_give_the_bounds_of_dense_coefficients(norm, eps, monkeypatch):
+    """MinMax takes its rows as windows (a pair is two channels of one pixel, so a window
+    holds both members): the convolutional MinMax layer meets windows, and CROWN's and
+    alpha-CROWN's margin bounds equal those of dense coefficients."""
+    model = minmax_net(seed=7)
+    x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(8))
+    spec = margin_spec(model(x).argmax(1), 5).detach()
+    prop = BoundPropagator(TracedNetwork(model, SHAPE))
+    ball = Ball(x, eps, norm)
+    bounds = prop.intermediate_bounds(ball, "crown")
+    first_minmax = prop.activations[0]
+    assert first_minmax in prop.window_placements(prop.relu_inputs[1], ball, bounds)
+    for method in ("crown", "alpha-crown"):
+        verifier = get_verifier(method)
+        verifier.prepare(model, SHAPE)
+        with torch.no_grad():
+            got = verifier.margin_lower_bounds(x, spec, eps, norm)
+            with monkeypatch.context() as dense:
+                dense.setattr(Patches, "worth_keeping", lambda self: False)
+                expected = verifier.margin_lower_bounds(x, spec, eps, norm)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_crown_is_exact_where_no_pair_can_reorder():

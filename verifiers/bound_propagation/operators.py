@@ -21,7 +21,12 @@ from torch import nn
 
 from certbench.verifiers import operator_norms
 from certbench.verifiers.base import UnsupportedLayerError
-from certbench.verifiers.bound_propagation.patches import Patches, rowdot, rowsum
+from certbench.verifiers.bound_propagation.patches import (
+    Patches,
+    rowdot,
+    rowsum,
+    unit_windows,
+)
 from certbench.verifiers.bound_propagation.s_shaped import (
     s_shaped_relaxation,
     sigmoid_derivative,
@@ -386,14 +391,11 @@ class Elementwise(Operation):
         windows too. Other shapes: the one-hot rows."""
         if len(output_shape) != 3 or math.prod(output_shape[1:]) == 1:
             return super().backward_rows(index, output_shape, dtype)
-        c, h, w = output_shape
         scale, shift = (torch.as_tensor(t, dtype=dtype, device=index.device)
-                        .broadcast_to((1, c, h, w)).flatten() for t in (self.scale, self.shift))
-        channel = index // (h * w)
-        values = F.one_hot(channel, c).to(dtype) * scale[index].unsqueeze(-1)
-        patches = Patches(values[..., None, None], (index // w) % h, index % w,
-                          tuple(output_shape))
-        return [patches], (shift[index] if shift.any() else 0.0)
+                        .broadcast_to((1, *output_shape)).flatten()
+                        for t in (self.scale, self.shift))
+        return ([unit_windows(index, output_shape, scale[index])],
+                shift[index] if shift.any() else 0.0)
 
     def abs_backward(self, a):
         return [a * abs(self.scale)]
@@ -496,8 +498,20 @@ class Sum(Operation):
         upper = sum(hi if s > 0 else -lo for s, (lo, hi) in zip(self.signs, bounds, strict=True))
         return lower, upper
 
+    accepts_patches = True
+
     def backward(self, a):
+        if isinstance(a, Patches):
+            return [a.with_values(a.values * s) for s in self.signs], 0.0
         return [a * s for s in self.signs], 0.0
+
+    def backward_rows(self, index, output_shape, dtype):
+        """Row e_i of a feature map is sign_k e_i on input k: 1 x 1 windows (patches.py),
+        which the convolutions of both branches take as windows. Other shapes: one-hot."""
+        if len(output_shape) != 3 or math.prod(output_shape[1:]) == 1:
+            return super().backward_rows(index, output_shape, dtype)
+        ones = torch.ones(index.shape, dtype=dtype, device=index.device)
+        return [unit_windows(index, output_shape, ones * s) for s in self.signs], 0.0
 
     def abs_backward(self, a):
         return [a * abs(s) for s in self.signs]
@@ -771,7 +785,7 @@ class MinMax(Activation):
     encoding or split: the MILP and branch and bound refuse it; the local-Lipschitz bound
     takes it (`gradient_bounds`)."""
 
-    accepts_patches = False
+    accepts_patches = True  # pairs are channels, so a window holds both members
 
     def forward(self, x):
         return min_max(x)
@@ -800,16 +814,17 @@ class MinMax(Activation):
         return _join(unstable, unstable, 1)
 
     def relaxed_backward(self, a, lower, upper, alpha=None, cache=None):
-        dl, du = self._difference(lower.unsqueeze(1), upper.unsqueeze(1), 2)
-        c_min, c_max = _pairs(a, 2)
+        values, lower, upper, _ = _row_view(a, lower, upper, None)
+        dl, du = self._difference(lower, upper, 2)
+        c_min, c_max = _pairs(values, 2)
         k = c_max - c_min
         unstable = (dl < 0) & (du > 0)
-        active = (dl >= 0).to(a.dtype)
+        active = (dl >= 0).to(values.dtype)
         chord = torch.where(unstable, du / (du - dl).clamp(min=1e-12), active)
-        lower_slope = torch.where(unstable, (du > -dl).to(a.dtype), active)
+        lower_slope = torch.where(unstable, (du > -dl).to(values.dtype), active)
         m = k * torch.where(k >= 0, lower_slope, chord)
         const = rowsum(k.clamp(max=0) * chord * torch.where(unstable, -dl, 0.0))
-        return _join(c_min + m, c_max - m, 2), const
+        return _like(a, _join(c_min + m, c_max - m, 2)), const
 
     def gradient_bounds(self, g_lower, g_upper, z_lower, z_upper):
         """Input-gradient bounds: where a <= b on the whole box, a gets min's gradient

@@ -100,6 +100,40 @@ class Patches:
         kh, kw = self.window
         return kh * kw < self.shape[1] * self.shape[2]
 
+    def join(self, other: Patches) -> Patches | None:
+        """``self + other`` as windows (a residual join: both branches' rows meet at the
+        block's input), each row's window the smallest that holds both of its windows.
+        None where that needs a window size per row (the two corners of a row are not
+        at one offset in every row) or where the join is as large as the map: the
+        caller adds the dense tensors then."""
+        if other.shape != self.shape or other.top.shape != self.top.shape:
+            return None
+        dt, dl = other.top - self.top, other.left - self.left
+        if dt.numel() == 0 or (dt != dt.flatten()[0]).any() or (dl != dl.flatten()[0]).any():
+            return None
+        dt, dl = int(dt.flatten()[0]), int(dl.flatten()[0])
+        (ha, wa), (hb, wb) = self.window, other.window
+        top, left = min(0, dt), min(0, dl)  # the join's corner, from self's
+        h, w = max(ha, dt + hb) - top, max(wa, dl + wb) - left
+        joined = Patches(self.values.new_zeros(()).expand(*self.values.shape[:3], h, w),
+                         self.top + top, self.left + left, self.shape)
+        if not joined.worth_keeping():
+            return None
+        mine = F.pad(self.values, (-left, w - wa + left, -top, h - ha + top))
+        theirs = F.pad(other.values, (dl - left, w - wb - dl + left, dt - top, h - hb - dt + top))
+        return Patches(mine + theirs, joined.top, joined.left, self.shape)
+
+
+def unit_windows(index: torch.Tensor, shape: tuple[int, int, int], weight: torch.Tensor
+                 ) -> Patches:
+    """The one-hot rows e_index (``index`` (batch, rows) into the flattened (C, H, W) map)
+    times ``weight`` (batch, rows), as 1 x 1 windows: the first step of an intermediate
+    pass from an elementwise node, so that the convolutions below take its rows as
+    windows."""
+    c, h, w = shape
+    values = F.one_hot(index // (h * w), c).to(weight.dtype) * weight.unsqueeze(-1)
+    return Patches(values[..., None, None], (index // w) % h, index % w, tuple(shape))
+
 
 def rowsum(a: torch.Tensor | Patches) -> torch.Tensor:
     values = a.values if isinstance(a, Patches) else a

@@ -140,7 +140,12 @@ def _both_signs(a: torch.Tensor | Patches) -> torch.Tensor | Patches:
 
 
 def _add(a, b):
-    """Sum of two coefficient sets (residual connections); patches go dense."""
+    """Sum of two coefficient sets (residual connections): windows where both are
+    windows that join (`Patches.join`), dense otherwise."""
+    if isinstance(a, Patches) and isinstance(b, Patches):
+        joined = a.join(b)
+        if joined is not None:
+            return joined
     a = a.to_dense() if isinstance(a, Patches) else a
     return a + (b.to_dense() if isinstance(b, Patches) else b)
 
