@@ -68,9 +68,28 @@ def test_linear_model_gets_its_exact_constant_and_radius(digits):
     exact_radius = ratio.min(dim=1).values
     exact_lip = norms.max(dim=1).values
     assert torch.allclose(cert.columns["lipschitz_bound"][:, 0], exact_lip, rtol=2e-4)
-    assert torch.allclose(cert.columns["lipschitz_estimate"][:, 0], exact_lip, rtol=1e-4)
+    estimate = verifier.diagnostics(x, "2", [0.1])["lipschitz_estimate"]
+    assert torch.allclose(estimate[:, 0], exact_lip, rtol=1e-4)
     assert (cert.radius <= exact_radius).all()
     assert torch.allclose(cert.radius, exact_radius, atol=2e-3)
+
+
+def test_certification_does_not_run_the_estimate(digits, monkeypatch):
+    """The estimate is a diagnostic (`Diagnosed`): certify never pays for it, and
+    ``estimate_points = 0`` gives no column at all."""
+    model = random_model("mlp", **RANDOM_MODELS["mlp"])
+    verifier = _prepared(model)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("certify ran the estimate")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(verifier), "estimate", forbidden)
+        cert = verifier.certify(digits.x_test[:4], "2", [0.1])
+    assert "lipschitz_estimate" not in cert.columns
+    off = get_verifier("local-lipschitz", estimate_points=0)
+    off.prepare(model, DIGITS_SHAPE)
+    assert off.diagnostics(digits.x_test[:4], "2", [0.1]) == {}
 
 
 @pytest.mark.parametrize("name", ["mlp-gloro", "cnn-small-gloro", "mlp-standard"])
@@ -80,7 +99,8 @@ def test_trained_models_bound_estimate_global_and_pgd(trained, digits, name, nor
     verifier = _prepared(model)
     x = digits.x_test[:40]
     cert = verifier.certify(x, norm, EPS[norm])
-    assert (cert.columns["lipschitz_bound"] >= cert.columns["lipschitz_estimate"]).all()
+    estimate = verifier.diagnostics(x, norm, EPS[norm])["lipschitz_estimate"]
+    assert (cert.columns["lipschitz_bound"] >= estimate).all()
     global_verifier = get_verifier("global-lipschitz")
     global_verifier.prepare(model, DIGITS_SHAPE)
     global_radius = global_verifier.certify(x, norm, EPS[norm]).radius
@@ -103,7 +123,8 @@ def test_random_models_no_attack_inside_the_radius(digits, arch):
     x = digits.x_test[:12]
     for norm in NORMS:
         cert = verifier.certify(x, norm, EPS[norm])
-        assert (cert.columns["lipschitz_bound"] >= cert.columns["lipschitz_estimate"]).all()
+        estimate = verifier.diagnostics(x, norm, EPS[norm])["lipschitz_estimate"]
+        assert (cert.columns["lipschitz_bound"] >= estimate).all()
         ok = cert.radius > 0
         _, success = pgd(model, x[ok], cert.prediction[ok], cert.radius[ok].float() * 0.999,
                          norm, steps=50, restarts=3)

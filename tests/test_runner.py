@@ -228,6 +228,12 @@ def test_smoothing_and_local_lipschitz_cells(tmp_path):
     samples = pd.read_parquet(tmp_path / "r" / "samples.parquet")
     smoothing = samples[samples["cell_key"] == cells.loc["smoothing", "cell_key"]]
     assert smoothing["p_a_lower"].notna().all() and (smoothing["time_s"] > 0).all()
+    # the sampled estimate comes from `diagnostics`, run once and timed apart
+    local_rows = samples[samples["cell_key"] == cells.loc["local-lipschitz", "cell_key"]]
+    assert local_rows["lipschitz_estimate"].notna().all()
+    assert (local_rows["lipschitz_bound"] >= local_rows["lipschitz_estimate"]).all()
+    assert cells.loc["local-lipschitz", "diagnostics_s"] > 0
+    assert pd.isna(cells.loc["global-lipschitz", "diagnostics_s"])
 
 
 def test_a_lying_smoothing_verifier_is_caught_apart(tmp_path):

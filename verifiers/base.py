@@ -131,6 +131,19 @@ class SmoothedClassifier(Protocol):
         ...
 
 
+@runtime_checkable
+class Diagnosed(Protocol):
+    """A verifier with per-sample figures that explain its certificates without being
+    part of them (the local-Lipschitz verifier's sampled estimate of the constant it
+    bounds). The harness calls ``diagnostics`` once per cell, after the timed passes, so
+    their cost is never counted as certification time; it returns columns as
+    ``Certificate.columns`` does, (n,) or (n, k) for the batch ``x`` and the grid ``eps``."""
+
+    def diagnostics(self, x: torch.Tensor, norm: str, eps: Sequence[float]
+                    ) -> dict[str, torch.Tensor]:
+        ...
+
+
 VerifierFactory = Callable[..., Verifier]
 _REGISTRY: dict[str, tuple[VerifierFactory, str]] = {}
 

@@ -65,6 +65,7 @@ from certbench.verifiers import (
     ABSTAIN,
     VERDICTS,
     Certificate,
+    Diagnosed,
     SmoothedClassifier,
     Verdict,
     get_verifier,
@@ -257,6 +258,10 @@ class Cell:
                     verifier, model, x)
             row.update(timing_columns(walls, cpus, [0] * len(walls), len(y)),
                        probabilistic=cert.probabilistic, alpha=cert.alpha)
+            if isinstance(verifier, Diagnosed):
+                columns, row["diagnostics_s"] = timed(lambda: _diagnose(
+                    verifier, x, self.norm, eps, self.batch_size), device)
+                cert.columns.update(columns)
             tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
             if self.cross_check is not None and not cert.probabilistic:
                 row["soundness_violations"] = _cross_check(tables, cert, self.cross_check,
@@ -402,6 +407,14 @@ def _certify_batches(
                          for (n, k), point in p.counterexamples.items()},
     )
     return merged, per_sample, total, cpu
+
+
+def _diagnose(verifier: Diagnosed, x: torch.Tensor, norm: str, eps: list[float],
+              batch_size: int) -> dict[str, torch.Tensor]:
+    """The verifier's diagnostic columns for ``x``, in the certification's batches."""
+    parts = [verifier.diagnostics(x[start : start + batch_size], norm, eps)
+             for start in range(0, len(x), batch_size)]
+    return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}
 
 
 def _certificate_tables(
