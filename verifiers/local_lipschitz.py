@@ -195,7 +195,7 @@ class LocalLipschitzVerifier:
     def diagnostics(self, x: torch.Tensor, norm: str, eps: Sequence[float]
                     ) -> dict[str, torch.Tensor]:
         """``lipschitz_estimate`` (n, k): `estimate` at every epsilon, beside the bound it
-        never replaces (the harness runs it untimed: `Diagnosed`). None where
+        never replaces (the harness runs it untimed: `Diagnosed`); no column where
         ``estimate_points`` is 0."""
         check_certify_call(self.model, norm)
         if self.estimate_points <= 0:
