@@ -28,6 +28,14 @@ class FailingVerifier(GlobalLipschitzVerifier):
         raise RuntimeError("planted failure")
 
 
+@register("test-failing-diagnostics", "global-lipschitz whose diagnostics raise (harness test)")
+class FailingDiagnostics(GlobalLipschitzVerifier):
+    name = "test-failing-diagnostics"
+
+    def diagnostics(self, x, norm, eps):
+        raise RuntimeError("planted diagnostic failure")
+
+
 @register("test-slow", "global-lipschitz after a pause (harness test)")
 class SlowVerifier(GlobalLipschitzVerifier):
     name = "test-slow"

@@ -325,6 +325,7 @@ def test_joined_windows_mean_the_sum_of_the_dense_rows():
         joined = a.join(b)
         assert joined is not None
         torch.testing.assert_close(joined.to_dense(), a.to_dense() + b.to_dense())
+        assert (joined.values * ~joined.inside() == 0).all()  # zero outside the map
         assert joined.window[0] <= max(3, h) + abs(dt) and joined.window[1] <= max(3, w) + abs(dl)
     shifted = windows(top + torch.arange(5), left, 3, 3)  # per-row offsets
     assert a.join(shifted) is None
@@ -357,6 +358,67 @@ def test_residual_joins_keep_windows_with_the_bounds_of_dense_rows(monkeypatch):
             dense.setattr(Sum, "backward_rows", Operation.backward_rows)
             expected = prop.neuron_bounds(target, index, ball, bounds)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+class _StridedDifferenceBlock(nn.Module):
+    """relu(s(h) - branch(h)) with a strided 3 x 3 branch and a strided 1 x 1 shortcut s:
+    the corners of the two branches' windows sit at a fixed offset (3 rows and columns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(),
+                                    nn.Conv2d(3, 3, 3, padding=1))
+        self.shortcut = nn.Conv2d(2, 3, 1, stride=2)
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.shortcut(h) - self.branch(h))
+
+
+def test_a_strided_difference_block_keeps_windows_with_the_bounds_of_dense_rows(monkeypatch):
+    """A residual difference with a strided convolution on each branch: its rows join
+    as windows before the block (`Patches.join`), and CROWN's and alpha-CROWN's margin
+    bounds equal those of dense coefficients."""
+    shape = (1, 16, 16)
+    torch.manual_seed(2)
+    model = _StridedDifferenceBlock().eval()
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(4))
+    spec = margin_spec(model(x).argmax(1), 10).detach()
+    prop = BoundPropagator(TracedNetwork(model, shape))
+    ball = Ball(x, 0.02, "inf")
+    bounds = prop.intermediate_bounds(ball, "crown")
+    join = next(t for t in prop.relu_inputs if len(prop.net.nodes[t].inputs) == 2)
+    assert prop.activations[0] in prop.window_placements(join, ball, bounds)
+    for method in ("crown", "alpha-crown"):
+        bounds = {}
+        for windows in (True, False):  # a fresh verifier each: placements are kept
+            verifier = get_verifier(method)
+            verifier.prepare(model, shape)
+            with torch.no_grad(), monkeypatch.context() as patched:
+                if not windows:
+                    patched.setattr(Patches, "worth_keeping", lambda self: False)
+                    patched.setattr(Sum, "backward_rows", Operation.backward_rows)
+                bounds[windows] = verifier.margin_lower_bounds(x, spec, 0.02, "inf")
+        torch.testing.assert_close(bounds[True], bounds[False], rtol=1e-4, atol=1e-4)
+
+
+def test_a_broadcasting_addition_is_refused():
+    """Sum's rules take both inputs at the output's shape: h + y with y of shape
+    (C, 1, 1) is refused by name, not bounded as if y were a feature map."""
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.pool = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            return torch.relu(h + self.pool(h)).flatten(1)
+
+    with pytest.raises(UnsupportedLayerError, match="broadcasting addition"):
+        TracedNetwork(Broadcast(), DIGITS_SHAPE)
 
 
 def _by_sign(alphas):

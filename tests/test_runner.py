@@ -155,6 +155,20 @@ def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     assert logs[0].startswith("2 cell(s) run, 2 already done")  # failures are retried
 
 
+def test_a_failing_diagnostic_keeps_the_certificate(tmp_path):
+    spec = small_matrix(
+        imports=["plugin_verifiers"], norms=["2"], eps={"2": [0.1, 0.5]},
+        verifiers=[{"name": "test-failing-diagnostics"}],
+        models=[{"name": "std", "arch": "mlp", "arch_args": {"widths": [16]},
+                 "recipe_args": {"epochs": 1}}],
+    )
+    cells = run_matrix(spec, tmp_path / "r", tmp_path / "c", progress=False, log=lambda _: None)
+    assert (cells["status"] == "ok").all()
+    assert cells["diagnostics_error"].str.contains("planted diagnostic failure").all()
+    certified = pd.read_parquet(tmp_path / "r" / "certified.parquet")
+    assert len(certified) == 2 and certified["certified_acc"].notna().all()
+
+
 def test_certified_training_certifies_far_more_than_standard(trained, digits):
     """At l2 eps 0.5 on digits the GloRo- and LMT-trained MLPs keep most of their accuracy
     certified; the standard MLP keeps almost none."""

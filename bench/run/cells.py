@@ -259,9 +259,15 @@ class Cell:
             row.update(timing_columns(walls, cpus, [0] * len(walls), len(y)),
                        probabilistic=cert.probabilistic, alpha=cert.alpha)
             if isinstance(verifier, Diagnosed):
-                columns, row["diagnostics_s"] = timed(lambda: _diagnose(
-                    verifier, x, self.norm, eps, self.batch_size), device)
-                cert.columns.update(columns)
+                try:  # a failed diagnostic leaves the certificate whole
+                    columns, row["diagnostics_s"] = timed(lambda: _diagnose(
+                        verifier, x, self.norm, eps, self.batch_size), device)
+                    clash = set(columns) & set(cert.columns)
+                    if clash:
+                        raise ValueError(f"diagnostics repeat the certificate's {sorted(clash)}")
+                    cert.columns.update(columns)
+                except Exception as exc:
+                    row["diagnostics_error"] = f"{type(exc).__name__}: {exc}"[:500]
             tables = _certificate_tables(self.key, cert, per_sample, y, self.indices, eps)
             if self.cross_check is not None and not cert.probabilistic:
                 row["soundness_violations"] = _cross_check(tables, cert, self.cross_check,

@@ -214,6 +214,10 @@ class TracedNetwork:
         elif target in (operator.add, operator.sub, torch.add, torch.sub) and not fx_node.kwargs:
             sign = -1.0 if target in (operator.sub, torch.sub) else 1.0
             if len(deps) == 2:
+                shapes = {self.nodes[index[a]].shape for a in args[:2]}
+                if shapes != {shape}:  # Sum's rules take both inputs at the output's shape
+                    raise UnsupportedLayerError(
+                        f"broadcasting addition of shapes {sorted(shapes)} at {fx_node.name}")
                 add(Sum((1.0, sign)), (index[args[0]], index[args[1]]))
             else:
                 const = constants.get(args[1], args[1]) if args[0] in index else constants.get(

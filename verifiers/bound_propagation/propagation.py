@@ -369,6 +369,8 @@ class BoundPropagator:
                 self._backward_rows(target, rows[None], one, first, windows=chunks[-1])
         placements = {}
         for i, window in chunks[0].items():
+            if any(i not in chunk or chunk[i].window != window.window for chunk in chunks):
+                continue  # windows that depend on the chunk (`Patches.join`): whole-map slopes
             rows = [chunk[i] for chunk in chunks]
             half = [len(r.top[0]) // 2 for r in rows]  # the lower-bound rows of `_both_signs`
             top = torch.cat([r.top[:, :h] for r, h in zip(rows, half, strict=True)], 1)
