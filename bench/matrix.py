@@ -105,7 +105,9 @@ class ModelSpec(_Strict):
     inputs). ``norms`` limits the model to some of the matrix's norms; ``eps``, a table
     ``{ "2" = [...] }``, replaces the matrix's grid of a norm for this model (a network
     trained for another radius); ``verifiers`` limits it to the matrix's verifiers of these
-    names or labels (one too slow for a large network)."""
+    names or labels (one too slow for a large network); ``attack``, a table of `AttackSpec`
+    fields (``{ bisection_steps = 0 }``), replaces those fields of the matrix's attack for
+    this model's cells (a network whose full attack would take most of the run)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     checkpoint: str | None = None
@@ -119,6 +121,7 @@ class ModelSpec(_Strict):
     norms: list[Literal["2", "inf"]] | None = Field(default=None, min_length=1)
     eps: dict[str, list[float]] | None = None
     verifiers: list[str] | None = Field(default=None, min_length=1)
+    attack: dict[str, Any] | None = None
 
     @field_validator("norms", mode="before")
     @classmethod
@@ -129,6 +132,22 @@ class ModelSpec(_Strict):
     @classmethod
     def _positive_eps(cls, value: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
         return None if value is None else checked_grids(value)
+
+    @field_validator("attack")
+    @classmethod
+    def _attack_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                AttackSpec(**value)
+            except ValidationError as exc:
+                raise ValueError(first_error(exc)) from None
+        return value
+
+    def attack_for(self, matrix_attack: AttackSpec) -> AttackSpec:
+        """The attack of this model's cells: the matrix's, with ``attack``'s fields."""
+        if not self.attack:
+            return matrix_attack
+        return AttackSpec(**{**matrix_attack.model_dump(), **self.attack})
 
     @field_validator("arch")
     @classmethod

@@ -139,6 +139,28 @@ def test_a_model_with_its_own_verifiers_runs_only_under_those(ran):
         small_matrix(models=models[:1] + [{**models[1], "verifiers": []}])
 
 
+def test_a_model_with_its_own_attack_settings_gets_them_in_its_cells(ran):
+    """A model's ``attack`` replaces those fields of the matrix's attack for its cells only
+    (and is part of their keys); unknown fields and bad values are refused by name."""
+    spec, tmp_path, _ = ran
+    models = [m.model_dump() for m in spec.models]
+    models[1]["attack"] = {"bisection_steps": 0, "restarts": 1}
+    logs = []
+    run_matrix(small_matrix(models=models), tmp_path / "results", tmp_path / "ckpt",
+               progress=False, log=logs.append)
+    assert logs[0].startswith("4 cell(s) run, 4 already done")
+    cells = pd.read_parquet(tmp_path / "results" / "cells.parquet")
+    attacks = {model: {json.loads(a)["restarts"] for a in group.attack}
+               for model, group in cells.groupby("model")}
+    assert attacks == {"std": {3}, "gloro": {1, 3}}  # gloro's first run kept, plus the new
+    mine = cells[(cells.model == "gloro") & cells.attack.str.contains('"restarts":1')]
+    assert len(mine) == 4 and {json.loads(a)["bisection_steps"] for a in mine.attack} == {0}
+    with pytest.raises(UserError, match=r"models\.1\.attack: steps: Input should be greater"):
+        small_matrix(models=models[:1] + [{**models[1], "attack": {"steps": 0}}])
+    with pytest.raises(UserError, match=r"models\.1\.attack: bisection: unknown key"):
+        small_matrix(models=models[:1] + [{**models[1], "attack": {"bisection": 0}}])
+
+
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
     spec = small_matrix(
         imports=["plugin_verifiers"],

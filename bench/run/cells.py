@@ -81,7 +81,8 @@ class Subject:
     (``arch``, ``recipe``, and ``normalization`` for an ONNX network's input transform),
     the sha256 of its checkpoint, ONNX file or weights, the norms it is evaluated at
     (None: every norm of the run), its own epsilon grids by norm (where absent, the
-    run's) and the verifiers it runs under, by name or label (None: all of the run's)."""
+    run's), the verifiers it runs under, by name or label (None: all of the run's), and
+    its own attack (None: the run's)."""
 
     name: str
     model: nn.Module
@@ -90,6 +91,7 @@ class Subject:
     norms: tuple[str, ...] | None = None
     eps: dict[str, tuple[float, ...]] | None = None
     verifiers: tuple[str, ...] | None = None
+    attack: AttackSpec | None = None
 
     def runs_under(self, verifier: VerifierSpec) -> bool:
         """Whether the subject runs under ``verifier`` (named by its name or label)."""
@@ -115,13 +117,14 @@ def build_cells(
     imports: tuple[str, ...] = (),
 ) -> list[Cell]:
     """Every (subject, verifier, norm) of a run as a `Cell`, in that order, at a subject's
-    own ``norms``, epsilon grids and ``verifiers`` where it has them: the one way cells are made
-    (`certbench run` and `certbench.evaluate`). A cell's key hashes the checkpoint's sha256,
-    the verifier and its options, the norm and its epsilon grid, the device,
-    the attack settings and the points' identity; timing is not part of it.
+    own ``norms``, epsilon grids, ``verifiers`` and attack where it has them: the one way
+    cells are made (`certbench run` and `certbench.evaluate`). A cell's key hashes the
+    checkpoint's sha256, the verifier and its options, the norm and its epsilon grid, the
+    device, the attack settings and the points' identity; timing is not part of it.
     ``timeout_s`` applies where a verifier sets none."""
     cells = []
     for subject in subjects:
+        attack = subject.attack or settings.attack
         for verifier in filter(subject.runs_under, verifiers):
             for norm in settings.norms:
                 if subject.norms is not None and norm not in subject.norms:
@@ -131,7 +134,7 @@ def build_cells(
                     "checkpoint_sha256": subject.sha256, "verifier": verifier.name,
                     "options": verifier.options, "norm": norm, "eps": eps, **points.identity,
                     "device": torch.device(device).type,
-                    "attack": settings.attack.model_dump(),
+                    "attack": attack.model_dump(),
                 }
                 if subject.card.get("normalization"):
                     identity["normalization"] = subject.card["normalization"]
@@ -140,7 +143,7 @@ def build_cells(
                     label=f"{subject.name} / {verifier.display} / l{norm}",
                     model=subject.model, x=points.x, y=points.y, indices=points.indices,
                     verifier=verifier, norm=norm, eps=tuple(eps), device=device,
-                    batch_size=settings.batch_size, attack=settings.attack,
+                    batch_size=settings.batch_size, attack=attack,
                     seed=settings.seed, identity=_row_identity(subject, dataset, verifier,
                                                                norm, device),
                     timeout_s=verifier.timeout_s or timeout_s, imports=imports,

@@ -167,7 +167,8 @@ def run_matrix(
     models = ensure_models(spec, dataset, checkpoint_dir, device, executor, progress, data_dir)
     models = [replace(subject, norms=m.norms and tuple(m.norms),
                       eps=m.eps and {norm: tuple(grid) for norm, grid in m.eps.items()},
-                      verifiers=m.verifiers and tuple(m.verifiers))
+                      verifiers=m.verifiers and tuple(m.verifiers),
+                      attack=m.attack_for(spec.attack))
               for subject, m in zip(models, spec.models, strict=True)]
     points = Points(x, y, indices, {"dataset": spec.dataset, "samples": spec.samples,
                                     "seed": spec.seed})
