@@ -10,9 +10,10 @@ UnsupportedLayerError naming the layer: no bound is guessed.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,31 @@ class TracedNetwork:
                 self.output = index[result]
             else:
                 self._convert(fx_node, index, constants)
+
+    def decomposed(self) -> TracedNetwork:
+        """This network with every operation that has a `decomposition` replaced by its
+        parts (MinMax by a difference, a ReLU and a merge): the graph CROWN and
+        alpha-CROWN relax. The interval rules of the parts are looser than the whole's
+        (IBP keeps the whole) and the Lipschitz and gradient rules take the whole."""
+        nodes: list[Node] = []
+        where: dict[int, int] = {}  # node here -> node there
+        for i, node in enumerate(self.nodes):
+            parts = None if node.op is None else node.op.decomposition(
+                self.nodes[node.inputs[0]].shape, node.shape)
+            if parts is None:
+                nodes.append(replace(node, inputs=tuple(where[j] for j in node.inputs)))
+            else:
+                first = len(nodes)
+                for k, (op, inputs, shape) in enumerate(parts):
+                    last = k == len(parts) - 1
+                    nodes.append(Node(
+                        node.name if last else f"{node.name}.{type(op).__name__}", op,
+                        tuple(where[node.inputs[-1 - j]] if j < 0 else first + j
+                              for j in inputs), shape))
+            where[i] = len(nodes) - 1
+        network = copy.copy(self)
+        network.nodes, network.output = nodes, where[self.output]
+        return network
 
     def check_supported(self, method: str) -> None:
         """UnsupportedLayerError naming the first operation that ``method`` has no exact

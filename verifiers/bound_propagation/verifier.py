@@ -96,9 +96,10 @@ class LinearRelaxationVerifier:
 
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()
-        self.propagator = BoundPropagator(
-            TracedNetwork(model, input_shape), self.memory_budget_bytes
-        )
+        network = TracedNetwork(model, input_shape)
+        if self.method in ("crown", "alpha-crown"):  # IBP's intervals are tighter whole
+            network = network.decomposed()
+        self.propagator = BoundPropagator(network, self.memory_budget_bytes)
 
     @torch.no_grad()
     def margin_lower_bounds(
