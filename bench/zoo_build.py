@@ -77,7 +77,8 @@ def measure(model: nn.Module, entry: ZooEntry, dataset: Dataset,
     began = time.perf_counter()
     result = evaluate(model, x, y, verifiers=[(entry.measure.verifier, entry.measure.options)],
                       eps={entry.paper.norm: [entry.paper.eps]}, norms=entry.paper.norm,
-                      name=entry.name, dataset=entry.dataset, progress=progress)
+                      attack=entry.measure.attack or True, name=entry.name,
+                      dataset=entry.dataset, progress=progress)
     cell = result.cells.iloc[0]
     if cell["status"] != "ok":
         raise UserError(f"zoo network {entry.name}: certification ended {cell['status']}: "
@@ -93,4 +94,5 @@ def measure(model: nn.Module, entry: ZooEntry, dataset: Dataset,
         "clean_acc": float(cell["clean_acc"]), "certified_acc": float(row["certified_acc"]),
         "attack_upper_bound": float(row["attack_upper_bound"]),
         "soundness_violations": violations, "certify_s": round(time.perf_counter() - began, 2),
+        **({"attack": entry.measure.attack} if entry.measure.attack else {}),
     }, "git_commit": git_commit()}

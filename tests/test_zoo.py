@@ -92,7 +92,7 @@ def test_built_network_matches_its_entry_and_its_certificates_hold(name, mnist_d
     result = evaluate(model, x, y, verifiers=[(entry.measure.verifier,
                                                    entry.measure.options)],
                           eps={entry.paper.norm: [entry.paper.eps]}, norms=entry.paper.norm,
-                          progress=False)
+                          attack=entry.measure.attack or True, progress=False)
     cell = result.cells.iloc[0]
     assert cell["status"] == "ok" and cell["soundness_violations"] == 0
     if entry.measure.verifier == "global-lipschitz":
@@ -153,7 +153,11 @@ arch_args = { widths = [16] }
 recipe = "gloro"
 recipe_args = { eps = 0.3, epochs = 2 }
 paper = { source = "a test", metric = "VRA", value = 0.5, norm = "2", eps = 0.1 }
-measure = { verifier = "global-lipschitz", options = { bound = "gloro" }, points = 60 }
+[networks.measure]
+verifier = "global-lipschitz"
+options = { bound = "gloro" }
+points = 60
+attack = { bisection_steps = 0 }
 '''
 
 
@@ -170,6 +174,7 @@ def test_a_network_is_built_found_by_name_provisioned_and_reported(tmp_path, mon
     card = build("gloro-digits-mlp", progress=False)
     measured = card["zoo"]["measured"]
     assert measured["points"] == 60 and measured["soundness_violations"] == 0
+    assert measured["attack"] == {"bisection_steps": 0}  # the entry's PGD settings
     assert 0 < measured["certified_acc"] <= measured["attack_upper_bound"]
     assert card["zoo"]["paper"]["value"] == 0.5 and card["zoo"]["train_hardware"]
     [row] = zoo.listing()

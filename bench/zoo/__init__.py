@@ -49,11 +49,14 @@ class PaperFigure(_Strict):
 
 class Measurement(_Strict):
     """How certbench measures its figure: a verifier (with options) on the first
-    ``points`` test points, at the paper's norm and epsilon."""
+    ``points`` test points, at the paper's norm and epsilon; ``attack``: fields of a
+    matrix's ``[attack]`` for the PGD cross-check (``{ bisection_steps = 0 }`` where the
+    search for each point's smallest adversarial distance would take hours)."""
 
     verifier: str
     options: dict[str, Any] = {}
     points: int = Field(default=10000, gt=0)
+    attack: dict[str, Any] = {}
 
 
 class ZooEntry(_Strict):
