@@ -4,7 +4,7 @@ of one layer (sound everywhere, exact where no pair can reorder); the decomposit
 and alpha-CROWN take (the same function, exact transposes, never looser); IBP, CROWN-IBP,
 CROWN and alpha-CROWN bounds of a convolutional MinMax network against sampled and attacked
 margins; the local constant against sampled gradients; the global bound against PGD;
-the MILP and bab refusing it by name."""
+the MILP against a dense grid and bab against the MILP (both take the decomposition)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from certbench.models import build_model
 from certbench.run.attacks import pgd
-from certbench.verifiers import UnsupportedLayerError, get_verifier
+from certbench.verifiers import Verdict, get_verifier, verdict_code
 from certbench.verifiers.bound_propagation import (
     Ball,
     BoundPropagator,
@@ -27,6 +27,7 @@ from certbench.verifiers.bound_propagation.patches import Patches
 from certbench.verifiers.layers import MinMax
 
 SHAPE = (1, 8, 8)
+CERTIFIED, FALSIFIED = verdict_code(Verdict.CERTIFIED), verdict_code(Verdict.FALSIFIED)
 
 
 def minmax_net(seed: int) -> nn.Module:
@@ -268,7 +269,51 @@ def test_no_pgd_point_inside_a_global_lipschitz_radius_flips_the_prediction():
     assert not success[radius > 0].any()
 
 
-@pytest.mark.parametrize("method", ["exact", "bab"])
-def test_the_milp_and_bab_refuse_minmax_by_name(method):
-    with pytest.raises(UnsupportedLayerError, match="MinMax"):
-        get_verifier(method).prepare(minmax_net(seed=0), SHAPE)
+def test_the_milp_decides_a_minmax_network_as_a_dense_grid_does():
+    """The MILP encodes MinMax's decomposition (r = relu(a - b) takes one binary): on a
+    two-input network its verdict at each epsilon is the grid's, both outcomes seen."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 12), MinMax(), nn.Linear(12, 12), MinMax(),
+                          nn.Linear(12, 3)).eval()
+    x = torch.tensor([[0.5, 0.4]])
+    verifier = get_verifier("exact")
+    verifier.prepare(model, (2,))
+    grid_eps = [0.05, 0.1, 0.2, 0.3, 0.4]  # grid minima 0.20, 0.16, 0.07, -0.02, -0.12
+    cert = verifier.certify(x, "inf", grid_eps)
+    y = int(cert.prediction[0])
+    seen = set()
+    for k, eps in enumerate(grid_eps):
+        axes = [torch.linspace(max(0, c - eps), min(1, c + eps), 401) for c in x[0].tolist()]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+        with torch.no_grad():
+            out = model(grid)
+        margin = out[:, y:y + 1] - out
+        margin[:, y] = float("inf")
+        expected = CERTIFIED if margin.min() > 0 else FALSIFIED
+        assert cert.verdicts[0, k] == expected, eps
+        seen.add(expected)
+    assert seen == {CERTIFIED, FALSIFIED}
+
+
+def test_bab_agrees_with_the_milp_on_a_minmax_network():
+    """Branch and bound splits MinMax's ReLU r = relu(a - b): complete, so its verdicts are
+    the MILP's, both outcomes seen; every counterexample flips the prediction inside the
+    ball."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), MinMax(), nn.Linear(16, 16),
+                          MinMax(), nn.Linear(16, 10)).eval()
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(5))
+    eps = [0.002, 0.01, 0.03]
+    exact = get_verifier("exact", time_limit_s=60)
+    exact.prepare(model, SHAPE)
+    truth = exact.certify(x, "inf", eps)
+    bab = get_verifier("bab", time_limit_s=60)
+    bab.prepare(model, SHAPE)
+    cert = bab.certify(x, "inf", eps)
+    assert (truth.verdicts == CERTIFIED).any() and (truth.verdicts == FALSIFIED).any()
+    assert torch.equal(cert.verdicts, truth.verdicts)
+    assert cert.counterexamples
+    for (n, k), point in cert.counterexamples.items():
+        assert (point - x[n]).abs().max() <= eps[k] * (1 + 1e-5) + 1e-6
+        with torch.no_grad():
+            assert model(point).argmax(1) != model(x[n : n + 1]).argmax(1)

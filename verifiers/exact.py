@@ -225,7 +225,8 @@ class ExactVerifier:
 
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()  # the judge of counterexamples, in its own precision
-        self.net = TracedNetwork(copy.deepcopy(model).eval().double(), input_shape)
+        traced = TracedNetwork(copy.deepcopy(model).eval().double(), input_shape)
+        self.net = traced.decomposed()  # MinMax: a ReLU between two linear maps
         self.net.check_supported(self.name)
         self.propagator = BoundPropagator(self.net)
 

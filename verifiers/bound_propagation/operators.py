@@ -795,10 +795,11 @@ class MinMax(Activation):
     move together. So the CROWN and alpha-CROWN verifiers take the operation's
     `decomposition` instead, where d is a node CROWN bounds and r a ReLU with a free
     slope: on the zoo's GloRo 4C3F network (l2, 4 points) its margin bounds were about 3x
-    tighter, in a third of the time. This whole-operation rule serves CROWN-IBP (IBP's
-    intervals of the whole are exact for a box, those of the parts are not) and the
-    local-Lipschitz bound's intermediate bounds. No MILP encoding or split: the MILP and
-    branch and bound refuse it; the local-Lipschitz bound takes it (`gradient_bounds`)."""
+    tighter, in a third of the time. The MILP and branch and bound take the decomposition
+    too: r is a ReLU, encoded and split as any other, so they stay complete. This
+    whole-operation rule serves CROWN-IBP (IBP's intervals of the whole are exact for a
+    box, those of the parts are not) and the local-Lipschitz bound's intermediate bounds;
+    that bound takes the whole operation's derivative rule (`gradient_bounds`)."""
 
     accepts_patches = True  # pairs are channels, so a window holds both members
 
@@ -820,10 +821,7 @@ class MinMax(Activation):
         return inputs[0]  # a permutation of its input wherever differentiable
 
     def refusal(self, method):
-        if method == "local-lipschitz":
-            return None
-        return (f"{method} has no rule for MinMax: it takes linear operations and "
-                "piecewise-linear activations that declare their `slopes`")
+        return None  # the MILP and bab take its decomposition, whose r is a ReLU
 
     @staticmethod
     def _difference(lower, upper, dim):

@@ -117,7 +117,7 @@ class BranchAndBoundVerifier:
     def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> None:
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
-        net = TracedNetwork(model, input_shape)
+        net = TracedNetwork(model, input_shape).decomposed()  # MinMax: splits on its ReLU
         net.check_supported("bab")
         self.propagator = BoundPropagator(net)
         self._net64: TracedNetwork | None = None  # for leaf LPs, built on first use
@@ -309,7 +309,8 @@ class BranchAndBoundVerifier:
         c_r . f(x) - d_r <= the float allowance is an LP (the MILP encoding with no
         binary left), decided by HiGHS in float64."""
         if self._net64 is None:
-            self._net64 = TracedNetwork(copy.deepcopy(self.model).double(), self.input_shape)
+            self._net64 = TracedNetwork(copy.deepcopy(self.model).double(),
+                                        self.input_shape).decomposed()
         box_lower, box_upper = (t[0].double().cpu().reshape(-1).numpy() for t in ball.box())
         c64, d64 = c.double().cpu().numpy(), d.double().cpu().numpy()
 
