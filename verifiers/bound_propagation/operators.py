@@ -795,7 +795,7 @@ class MinMax(Activation):
     move together. So the CROWN and alpha-CROWN verifiers take the operation's
     `decomposition` instead, where d is a node CROWN bounds and r a ReLU with a free
     slope: on the zoo's GloRo 4C3F network (l2, 4 points) its margin bounds were about 3x
-    tighter, in a third of the time. The MILP and branch and bound take the decomposition
+    tighter. The MILP and branch and bound take the decomposition
     too: r is a ReLU, encoded and split as any other, so they stay complete. This
     whole-operation rule serves CROWN-IBP (IBP's intervals of the whole are exact for a
     box, those of the parts are not) and the local-Lipschitz bound's intermediate bounds;
