@@ -225,7 +225,7 @@ def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_pa
     kinds = paradox_models(results, None).set_index("model")
     assert kinds.loc["pgpe-crown", "optimiser"] == "PGPE"
     assert kinds.loc["pgpe-crown", "relaxation"] == "CROWN"  # from the packaged matrix
-    assert kinds.loc["grad-ibp"].tolist() == ["GRAD", "IBP"]
+    assert kinds.loc["grad-ibp"].tolist() == ["GRAD", "IBP", 0]  # the matrix's seed
     assert "mlp-standard" not in kinds.index
     (tmp_path / "figures").mkdir()
     md, page = gls_section(results, None, tmp_path)
@@ -243,3 +243,56 @@ def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_pa
 
     plain = ResultsView.of(only_standard, results.certified)
     assert gls_section(plain, None, tmp_path) == ("", "")
+
+
+def test_report_pairs_seeds_for_tight_minus_ibp_and_draws_several_seeds(tmp_path):
+    import pandas as pd
+
+    from certbench.report.build import gls_section, paradox_models, paradox_table, tight_minus_ibp
+    from certbench.report.view import ResultsView
+
+    # certified accuracy at eps 0.1 under CROWN: IBP-trained 0.30 / 0.40, CROWN-trained
+    # 0.45 / 0.35 for seeds 0 / 1, so tight minus IBP is +0.15 and -0.05, mean +0.05
+    accs = {("pgpe-ibp-s0", 0): 0.30, ("pgpe-ibp-s1", 1): 0.40,
+            ("pgpe-crown-s0", 0): 0.45, ("pgpe-crown-s1", 1): 0.35,
+            ("pgpe-crown-s2", 2): 0.50}  # no IBP twin for seed 2: not paired
+    cells, certified, training = [], [], []
+    for i, ((model, seed), acc) in enumerate(accs.items()):
+        cells.append({"cell_key": f"k{i}", "model": model, "recipe": "gls-pgpe",
+                      "verifier": "crown", "probabilistic": False, "status": "ok",
+                      "clean_acc": 0.9})
+        certified.append({"cell_key": f"k{i}", "eps": 0.1, "certified_acc": acc})
+        training.append({"model": model, "recipe": "gls-pgpe", "optimiser": "PGPE",
+                         "relaxation": "IBP" if "ibp" in model else "CROWN", "seed": seed,
+                         "train_time_s": 1.0, "clean_acc": 0.9})
+    results = ResultsView.of(pd.DataFrame(cells), pd.DataFrame(certified))
+    pd.DataFrame(training).to_parquet(tmp_path / "training.parquet")
+    kinds = paradox_models(results, tmp_path)
+    table = paradox_table(results, kinds)
+    assert table["seed"].tolist() == [0, 1, 0, 1, 2]  # IBP first, then CROWN, by seed
+    tight = tight_minus_ibp(table)
+    assert tight.to_dict("records") == [{"optimiser": "PGPE", "relaxation": "CROWN", "n": 2,
+                                         "paper's sign": "+",
+                                         "crown@0.1": "+0.050 [-0.050, +0.150]"}]
+    from certbench.report.build import paper_sign
+
+    assert [paper_sign("GRAD", "CROWN-IBP"), paper_sign("GRAD", "CROWN"),
+            paper_sign("RGS", "CROWN")] == ["+", "-", "+"]
+    (tmp_path / "figures").mkdir()
+    md, _ = gls_section(results, tmp_path, tmp_path)
+    assert "### Tight minus IBP" in md and (tmp_path / "figures" / "paradox.png").exists()
+
+
+def test_the_gls_seeds_matrix_pairs_every_seed_and_keeps_the_paradox_budget():
+    from certbench.matrix import load_matrix
+    from certbench.training.recipes import training_relaxation
+
+    spec = load_matrix("gls-seeds")
+    kinds = {(training_relaxation(m.recipe, m.recipe_args), m.seed) for m in spec.models}
+    assert kinds == {((o, r), s) for o in ("GRAD", "PGPE") for r in ("IBP", "CROWN")
+                     for s in (0, 1, 2)}
+    paradox = {m.name: m for m in load_matrix("gls-paradox").models}
+    for m in spec.models:
+        twin = paradox[m.name.rsplit("-s", 1)[0]]
+        assert (m.arch, m.arch_args, m.recipe, m.recipe_args) == (
+            twin.arch, twin.arch_args, twin.recipe, twin.recipe_args), m.name

@@ -620,7 +620,8 @@ def _html(name, tables, tight, prov, violations, has_prob, images, winners,
 PARADOX_CAPTION = ("Certified accuracy of models trained on each relaxation (x axis) by each "
                    "optimiser (GRAD: plain gradients; PGPE, RGS: Gaussian Loss Smoothing), "
                    "one panel per certifying verifier (rows) and epsilon (columns); the grey "
-                   "tick is the model's clean accuracy.")
+                   "tick is the model's clean accuracy; with several seeds, the bar is their "
+                   "mean and the whisker their range.")
 LANDSCAPE_CAPTION = ("Robust loss CE(-m, y) along one random direction d in weight space "
                      "(theta + t d, d scaled per tensor to the tensor's norm) on 100 training "
                      "points at the training epsilon: raw (solid) and its Gaussian smoothing "
@@ -635,33 +636,38 @@ RELAXATION_ORDER = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
 
 
 def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
-    """Model -> optimiser and training relaxation (and training cost where known): from
-    ``training.parquet`` (`certbench.training.paradox`) when the folder has one, else from the
-    recipe, and for GLS recipes the bound in the run's matrix file, if readable."""
+    """Model -> optimiser, training relaxation and training seed (and training cost where
+    known): from ``training.parquet`` (`certbench.training.paradox`) when the folder has one,
+    else from the recipe, and for GLS recipes the bound and for every model the seed in the
+    run's matrix file, if readable (seed 0, the matrix default, otherwise)."""
     from certbench.training.recipes import training_relaxation
 
     if folder is not None and (folder / "training.parquet").exists():
         table = pd.read_parquet(folder / "training.parquet")
+        if "seed" not in table:
+            table["seed"] = 0
         return table.dropna(subset=["optimiser"])[["model", "optimiser", "relaxation",
-                                                   "train_time_s"]]
+                                                   "seed", "train_time_s"]]
     from certbench.matrix import load_matrix
 
     cells = results.cells
     models = cells.drop_duplicates("model")
-    args: dict[str, dict] = {}
+    specs = {}
     sources = models["matrix_file"].dropna().unique() if "matrix_file" in cells else []
     for source in sources:
         try:
             spec = load_matrix(str(source).removeprefix("packaged: "))
         except Exception:  # a moved or edited matrix file: GLS models get the default bound
             continue
-        args.update({m.name: m.recipe_args for m in spec.models})
+        specs.update({m.name: m for m in spec.models})
     rows = []
     for r in models.itertuples():
-        kind = training_relaxation(r.recipe, args.get(r.model, {}))
+        spec = specs.get(r.model)
+        kind = training_relaxation(r.recipe, spec.recipe_args if spec else {})
         if kind:
-            rows.append({"model": r.model, "optimiser": kind[0], "relaxation": kind[1]})
-    return pd.DataFrame(rows, columns=["model", "optimiser", "relaxation"])
+            rows.append({"model": r.model, "optimiser": kind[0], "relaxation": kind[1],
+                         "seed": spec.seed if spec else 0})
+    return pd.DataFrame(rows, columns=["model", "optimiser", "relaxation", "seed"])
 
 
 def paradox_table(results: ResultsView, kinds: pd.DataFrame) -> pd.DataFrame:
@@ -669,18 +675,65 @@ def paradox_table(results: ResultsView, kinds: pd.DataFrame) -> pd.DataFrame:
     and certified accuracy per certifying verifier and epsilon."""
     ok = results.ok[~results.ok["probabilistic"]].merge(kinds, on="model")
     data = results.certified.merge(ok, on="cell_key")
-    wide = data.pivot_table(index=["optimiser", "relaxation", "model"],
+    wide = data.pivot_table(index=["optimiser", "relaxation", "model", "seed"],
                             columns=["shown", "eps"], values="certified_acc")
     wide.columns = [f"{v}@{e:g}" for v, e in wide.columns]
     table = wide.reset_index()
     clean = ok.groupby("model")["clean_acc"].first()
-    table.insert(3, "clean", table["model"].map(clean))
+    table.insert(4, "clean", table["model"].map(clean))
     if "train_time_s" in kinds:
-        table.insert(4, "train_s", table["model"].map(kinds.set_index("model")["train_time_s"]))
+        table.insert(5, "train_s", table["model"].map(kinds.set_index("model")["train_time_s"]))
+    return _paradox_order(table, ["optimiser", "relaxation", "seed"])
+
+
+def _paradox_order(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     order = {o: i for i, o in enumerate(OPTIMISER_ORDER)}
     rel = {r: i for i, r in enumerate(RELAXATION_ORDER)}
-    return table.sort_values(["optimiser", "relaxation"], key=lambda c: c.map(
-        order if c.name == "optimiser" else rel)).reset_index(drop=True)
+    keys = {"optimiser": order, "relaxation": rel}
+    return table.sort_values(columns, key=lambda c: c.map(keys[c.name]) if c.name in keys
+                             else c).reset_index(drop=True)
+
+
+TIGHT_NOTE = ("Tight minus IBP: for each optimiser and each relaxation tighter than IBP, "
+              "the certified accuracy of the model trained on it minus that of the model "
+              "trained on IBP with the same seed, per certifying verifier at each epsilon: "
+              "mean over the seeds, [min, max] and n (seeds present on both sides). Paper's "
+              "sign, what the literature reports for the training relaxation: + better than "
+              "IBP, - worse. GRAD + CROWN-IBP: + (Zhang et al. 2020); GRAD + CROWN: - (the "
+              "paradox, Jovanovic et al. 2022); PGPE or RGS + a tight relaxation: + (Balauca "
+              "et al. 2025, abstract: Gaussian Loss Smoothing removes the paradox).")
+
+
+def paper_sign(optimiser: str, relaxation: str) -> str:
+    """The literature's sign of (tight-trained minus IBP-trained), see TIGHT_NOTE."""
+    if optimiser == "GRAD":
+        return "+" if relaxation == "CROWN-IBP" else "-"
+    return "+" if optimiser in ("PGPE", "RGS") else ""
+
+
+def tight_minus_ibp(table: pd.DataFrame) -> pd.DataFrame:
+    """From `paradox_table`: per (optimiser, relaxation other than IBP) and verifier@eps,
+    the seed-paired differences to the same optimiser's IBP-trained model, as
+    "mean [min, max]" with the number of pairs; empty if no optimiser has both."""
+    metrics = [c for c in table.columns if "@" in c]
+    ibp = table[table["relaxation"] == "IBP"].set_index(["optimiser", "seed"])[metrics]
+    rows = []
+    for (optimiser, relaxation), group in table.groupby(["optimiser", "relaxation"]):
+        if relaxation == "IBP":
+            continue
+        mine = group.set_index(["optimiser", "seed"])[metrics]
+        paired = mine.index.intersection(ibp.index)
+        if paired.empty:
+            continue
+        diff = mine.loc[paired] - ibp.loc[paired]
+        row = {"optimiser": optimiser, "relaxation": relaxation, "n": len(paired),
+               "paper's sign": paper_sign(optimiser, relaxation)}
+        for c in metrics:
+            d = diff[c].dropna()
+            row[c] = (f"{d.mean():+.3f} [{d.min():+.3f}, {d.max():+.3f}]" if len(d) else "-")
+        rows.append(row)
+    return _paradox_order(pd.DataFrame(rows), ["optimiser", "relaxation"]) if rows else \
+        pd.DataFrame()
 
 
 def figure_paradox(results: ResultsView, kinds: pd.DataFrame) -> bytes:
@@ -700,13 +753,16 @@ def figure_paradox(results: ResultsView, kinds: pd.DataFrame) -> bytes:
             ax = axes[r][c]
             part = data[(data["shown"] == verifier) & (data["eps"] == eps)]
             for k, optimiser in enumerate(optimisers):
-                rows = part[part["optimiser"] == optimiser].set_index("relaxation")
-                xs = [i + (k - (len(optimisers) - 1) / 2) * width
-                      for i, rel in enumerate(relaxations) if rel in rows.index]
+                rows = part[part["optimiser"] == optimiser].groupby("relaxation")[
+                    ["certified_acc", "clean_acc"]].agg(["mean", "min", "max"])
                 present = [rel for rel in relaxations if rel in rows.index]
-                ax.bar(xs, [rows.loc[rel, "certified_acc"] for rel in present], width,
-                       label=optimiser, color=f"C{k}")
-                ax.scatter(xs, [rows.loc[rel, "clean_acc"] for rel in present], marker="_",
+                xs = [relaxations.index(rel) + (k - (len(optimisers) - 1) / 2) * width
+                      for rel in present]
+                cert = rows.loc[present, "certified_acc"]
+                spread = [cert["mean"] - cert["min"], cert["max"] - cert["mean"]]
+                ax.bar(xs, cert["mean"], width, yerr=spread, capsize=2, label=optimiser,
+                       color=f"C{k}")
+                ax.scatter(xs, rows.loc[present, ("clean_acc", "mean")], marker="_",
                            color="grey", s=60, zorder=3)
             ax.set_xticks(range(len(relaxations)), relaxations)
             ax.set_ylim(0, 1.02)
@@ -752,6 +808,11 @@ def gls_section(results: ResultsView, folder: Path | None, out: Path) -> tuple[s
     page = [f"<section id='paradox'><h2>The paradox of certified training</h2>"
             f"<p class='note'>{esc(PARADOX_TABLE_NOTE)}</p>"
             f"<div class='scroll'>{table.map(_fmt).to_html(index=False)}</div>"]
+    tight = tight_minus_ibp(table)
+    if not tight.empty:
+        md += ["### Tight minus IBP", "", TIGHT_NOTE, "", tight.to_markdown(index=False), ""]
+        page.append(f"<h3>Tight minus IBP</h3><p class='note'>{esc(TIGHT_NOTE)}</p>"
+                    f"<div class='scroll'>{tight.to_html(index=False)}</div>")
     for key, title, image, caption in figures:
         (out / "figures" / f"{key}.png").write_bytes(image)
         md += [f"### {title}", "", f"![{title}](figures/{key}.png)", "", caption, ""]
