@@ -255,7 +255,9 @@ def test_report_pairs_seeds_for_tight_minus_ibp_and_draws_several_seeds(tmp_path
     # 0.45 / 0.35 for seeds 0 / 1, so tight minus IBP is +0.15 and -0.05, mean +0.05
     accs = {("pgpe-ibp-s0", 0): 0.30, ("pgpe-ibp-s1", 1): 0.40,
             ("pgpe-crown-s0", 0): 0.45, ("pgpe-crown-s1", 1): 0.35,
-            ("pgpe-crown-s2", 2): 0.50}  # no IBP twin for seed 2: not paired
+            ("pgpe-crown-s2", 2): 0.50,  # no IBP twin for seed 2: not paired
+            ("pgpe-ibp-s3", 3): 0.1, ("pgpe-ibp-s3-wide", 3): 0.2,
+            ("pgpe-crown-s3", 3): 0.9}  # two IBP models of seed 3: ambiguous, not paired
     cells, certified, training = [], [], []
     for i, ((model, seed), acc) in enumerate(accs.items()):
         cells.append({"cell_key": f"k{i}", "model": model, "recipe": "gls-pgpe",
@@ -269,7 +271,7 @@ def test_report_pairs_seeds_for_tight_minus_ibp_and_draws_several_seeds(tmp_path
     pd.DataFrame(training).to_parquet(tmp_path / "training.parquet")
     kinds = paradox_models(results, tmp_path)
     table = paradox_table(results, kinds)
-    assert table["seed"].tolist() == [0, 1, 0, 1, 2]  # IBP first, then CROWN, by seed
+    assert table["seed"].tolist() == [0, 1, 3, 3, 0, 1, 2, 3]  # IBP, then CROWN, by seed
     tight = tight_minus_ibp(table)
     assert tight.to_dict("records") == [{"optimiser": "PGPE", "relaxation": "CROWN", "n": 2,
                                          "paper's sign": "+",

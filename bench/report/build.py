@@ -714,14 +714,20 @@ def paper_sign(optimiser: str, relaxation: str) -> str:
 def tight_minus_ibp(table: pd.DataFrame) -> pd.DataFrame:
     """From `paradox_table`: per (optimiser, relaxation other than IBP) and verifier@eps,
     the seed-paired differences to the same optimiser's IBP-trained model, as
-    "mean [min, max]" with the number of pairs; empty if no optimiser has both."""
+    "mean [min, max]" with the number of pairs; a seed with two models on one side (two
+    widths, say) is ambiguous and left out; empty if no optimiser has a pair."""
     metrics = [c for c in table.columns if "@" in c]
-    ibp = table[table["relaxation"] == "IBP"].set_index(["optimiser", "seed"])[metrics]
+
+    def by_seed(models: pd.DataFrame) -> pd.DataFrame:  # seeds with one model only
+        indexed = models.set_index(["optimiser", "seed"])[metrics]
+        return indexed[~indexed.index.duplicated(keep=False)]
+
+    ibp = by_seed(table[table["relaxation"] == "IBP"])
     rows = []
     for (optimiser, relaxation), group in table.groupby(["optimiser", "relaxation"]):
         if relaxation == "IBP":
             continue
-        mine = group.set_index(["optimiser", "seed"])[metrics]
+        mine = by_seed(group)
         paired = mine.index.intersection(ibp.index)
         if paired.empty:
             continue
