@@ -248,7 +248,13 @@ def test_report_has_a_paradox_section_only_for_certified_training_recipes(tmp_pa
 def test_report_pairs_seeds_for_tight_minus_ibp_and_draws_several_seeds(tmp_path):
     import pandas as pd
 
-    from certbench.report.build import gls_section, paradox_models, paradox_table, tight_minus_ibp
+    from certbench.report.build import (
+        gls_section,
+        paper_sign,
+        paradox_models,
+        paradox_table,
+        tight_minus_ibp,
+    )
     from certbench.report.view import ResultsView
 
     # certified accuracy at eps 0.1 under CROWN: IBP-trained 0.30 / 0.40, CROWN-trained
@@ -276,8 +282,6 @@ def test_report_pairs_seeds_for_tight_minus_ibp_and_draws_several_seeds(tmp_path
     assert tight.to_dict("records") == [{"optimiser": "PGPE", "relaxation": "CROWN", "n": 2,
                                          "paper's sign": "+",
                                          "crown@0.1": "+0.050 [-0.050, +0.150]"}]
-    from certbench.report.build import paper_sign
-
     assert [paper_sign("GRAD", "CROWN-IBP"), paper_sign("GRAD", "CROWN"),
             paper_sign("RGS", "CROWN")] == ["+", "-", "+"]
     (tmp_path / "figures").mkdir()

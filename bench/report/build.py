@@ -671,8 +671,8 @@ def paradox_models(results: ResultsView, folder: Path | None) -> pd.DataFrame:
 
 
 def paradox_table(results: ResultsView, kinds: pd.DataFrame) -> pd.DataFrame:
-    """One row per (optimiser, relaxation): clean accuracy, training time where known,
-    and certified accuracy per certifying verifier and epsilon."""
+    """One row per model, ordered by optimiser, relaxation and seed: clean accuracy,
+    training time where known, and certified accuracy per certifying verifier and epsilon."""
     ok = results.ok[~results.ok["probabilistic"]].merge(kinds, on="model")
     data = results.certified.merge(ok, on="cell_key")
     wide = data.pivot_table(index=["optimiser", "relaxation", "model", "seed"],
