@@ -176,9 +176,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         return 0
     table = pd.DataFrame(zoo.listing())
     with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table.drop(columns=["source"]).fillna("-").to_string(index=False))
+        print(table.drop(columns=["source"]).astype(object).fillna("-").to_string(index=False))
     print("paper and certbench: the paper's metric at its norm and eps (fractions); "
-          "'-': not built yet (`certbench zoo --build NAME`), or no paper figure")
+          "'-': not built yet (`certbench zoo --build NAME` builds one, going on from a "
+          "resume point), or no paper figure")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Prepare the carried folder of a GPU run (scripts/gpu_run.py), on this CPU machine.
 
     python scripts/gpu_prepare.py [--carry .gpu-carry] [--shared ../shared/data] [--cpu-reference]
+    python scripts/gpu_prepare.py --zoo gloro-mnist-4c3f-converged   # a zoo training run
 
 The GPU machine has no network and none of this repository's data: everything a run needs
 travels in one git-ignored folder (at most 64 MiB):
@@ -14,6 +15,11 @@ travels in one git-ignored folder (at most 64 MiB):
   seeded sample of its instances for branch and bound;
 - ``checkpoints/``: the recipe models of the ``quick`` and ``gpu-mnist`` matrices, trained
   here (no training on the GPU machine, so that both sides certify the same weights).
+
+With ``--zoo NAME ...`` the folder is for ``gpu_run.py --zoo`` instead: the wheels
+(scikit-learn aside: a build does not need it), the networks' datasets, and in ``zoo/`` each
+network's resume point and Adam's moments where a build here left them (the moments are
+git-ignored, so only this folder takes them to the GPU machine).
 
 With ``--cpu-reference`` the same matrices (and bab on the sampled instances) also run
 here, into ``results/examples/gpu-h200/cpu/``: the CPU side of the comparison, measured on
@@ -33,6 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection",
           "typing-extensions", "scikit-learn", "joblib", "threadpoolctl", "tomli"]
+SKLEARN = {"scikit-learn", "joblib", "threadpoolctl"}
+LIMIT = 64 * 2**20
+"""What the device tool carries: the working tree and the carried folder together."""
 DATA = ["mnist", "eran_data/cifar10_test.csv", "eran_data/mnist_test.csv",
         "vnncomp2021/mnistfc/mnist-net_256x2.onnx", "vnncomp2021/mnistfc/mnist-net_256x4.onnx",
         "vnncomp2021/eran/nets/mnist_relu_9_200.onnx",
@@ -56,9 +65,9 @@ def certbench(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def fetch_wheels(folder: Path) -> None:
+def fetch_wheels(folder: Path, names: list[str] = WHEELS) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in WHEELS:
+    for name in names:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         "--only-binary=:all:", "--python-version", "3.12",
                         "--platform", "manylinux2014_x86_64",
@@ -66,8 +75,8 @@ def fetch_wheels(folder: Path) -> None:
                         "-d", str(folder), name], check=True)
 
 
-def copy_data(shared: Path, folder: Path) -> None:
-    for item in DATA:
+def copy_data(shared: Path, folder: Path, items: list[str] = DATA) -> None:
+    for item in items:
         source, target = shared / item, folder / item
         if not source.exists():
             raise SystemExit(f"{source} not found: point --shared at the shared data folder")
@@ -118,6 +127,45 @@ def train_checkpoints(carry: Path) -> None:
                       InlineExecutor(), progress=True, data_dir=carry / "data")
 
 
+def carry_zoo(carry: Path, names: list[str], shared: Path) -> None:
+    """Wheels, datasets and resume files for training ``names`` on the GPU machine."""
+    from certbench import zoo
+
+    entries = zoo.catalog()
+    unknown = [name for name in names if name not in entries]
+    if unknown:
+        raise SystemExit(f"no zoo network {', '.join(unknown)}; the zoo has: "
+                         f"{', '.join(entries)}")
+    fetch_wheels(carry / "wheels", [w for w in WHEELS if w not in SKLEARN])
+    copy_data(shared, carry / "data", sorted({entries[name].dataset for name in names}))
+    (carry / "zoo").mkdir(parents=True, exist_ok=True)
+    for name in names:  # the resume point travels with the working tree
+        moments = zoo.FOLDER / (name + ".optimizer.pt")
+        if not moments.exists():
+            continue
+        total = tree_bytes() + folder_bytes(carry) + moments.stat().st_size
+        if total > LIMIT:
+            print(f"{moments.name} left behind: with it {total / 2**20:.1f} MiB would travel, "
+                  f"over {LIMIT / 2**20:.0f} MiB; the GPU run restarts Adam's moments")
+            continue
+        shutil.copy2(moments, carry / "zoo" / moments.name)
+        print(f"carried {moments.name}")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def tree_bytes() -> int:
+    """What of the checkout travels to the GPU machine: the tracked files and the untracked
+    ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    return sum((ROOT / name).stat().st_size for name in listed
+               if name and (ROOT / name).is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,15 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--cpu-reference", action="store_true",
                         help="also run the CPU side into results/examples/gpu-h200/cpu/")
+    parser.add_argument("--zoo", nargs="+", default=[], metavar="NAME",
+                        help="prepare a zoo training run (gpu_run.py --zoo) instead")
     args = parser.parse_args(argv)
-    fetch_wheels(args.carry / "wheels")
-    copy_data(args.shared, args.carry / "data")
-    sample_bab_instances(args.carry / "data", BAB_INSTANCES)
-    train_checkpoints(args.carry)
+    if args.zoo:
+        carry_zoo(args.carry, args.zoo, args.shared)
+    else:
+        fetch_wheels(args.carry / "wheels")
+        copy_data(args.shared, args.carry / "data")
+        sample_bab_instances(args.carry / "data", BAB_INSTANCES)
+        train_checkpoints(args.carry)
     if args.cpu_reference:
         cpu_reference(args.carry)
-    size = sum(p.stat().st_size for p in args.carry.rglob("*") if p.is_file())
-    print(f"{args.carry}: {size / 2**20:.1f} MiB (the device tool carries at most 64 MiB)")
+    size, tree = folder_bytes(args.carry), tree_bytes()
+    print(f"{args.carry}: {size / 2**20:.1f} MiB, with the working tree "
+          f"{(size + tree) / 2**20:.1f} MiB (the device tool carries at most 64 MiB)")
     return 0
 
 

@@ -1,9 +1,10 @@
 """One prepared run on a GPU machine: the CUDA tests, the GPU matrices and branch and
 bound on VNN-COMP instances, each stage under its own deadline, everything written to one
-output folder as it goes.
+output folder as it goes; or, with ``--zoo NAME``, a zoo network's training.
 
     python3 scripts/gpu_run.py --carry .gpu-carry --out "$OUT"          # on the GPU machine
     python scripts/gpu_run.py --carry .gpu-carry --out /tmp/out --dry-run   # here, on the CPU
+    python3 scripts/gpu_run.py --carry .gpu-carry --out "$OUT" --zoo gloro-mnist-4c3f-converged
 
 The carried folder comes from scripts/gpu_prepare.py (wheels, data, checkpoints). Stages:
 
@@ -18,6 +19,15 @@ The carried folder comes from scripts/gpu_prepare.py (wheels, data, checkpoints)
    (results/examples/gpu-h200/cpu/, written by gpu_prepare.py --cpu-reference);
 4. *bab*: ``certbench vnncomp`` with ``bab`` on ``cuda`` on the carried sample of VNN-COMP
    2022 mnist_fc instances.
+
+*zoo* (``--zoo NAME``: setup and this stage alone): ``certbench zoo --build NAME`` on
+``cuda`` until the run's deadline, in a scratch copy of the zoo folder that holds the
+network's committed files and the carried ones (``zoo/`` in the carried folder:
+``NAME.optimizer.pt``, Adam's moments, which stay out of git). Training saves a resume
+point after every epoch, so a build killed at the deadline loses at most one epoch; what
+the build wrote comes back in ``zoo/`` (the resume point and the optimiser state, or the
+weights and the card once it finished): copy it into bench/zoo/networks/ and commit the
+resume point or the finished network (`certbench zoo --build NAME` here goes on from it).
 
 Each stage runs as a child process killed at its deadline, so an overrun loses that stage
 only; the whole run keeps within ``--budget-s``, and a stage that finds no time left is
@@ -37,6 +47,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -60,6 +71,10 @@ STAGES = {"setup": 60, "tests": 90, "quick": 140, "gpu-mnist": 150,
 on the CPU gets three times as long per stage)."""
 MATRIX_SAMPLES = {"quick": None, "gpu-mnist": None, "cifar-third-party": 10}
 BAB_TIMEOUT_SCALE = 0.05  # 6 s / 15 s per instance (mnist_fc: 120 s / 300 s)
+ZOO_FILES = (".safetensors", ".json", ".resume.safetensors", ".optimizer.pt")
+"""A zoo network's files: weights and card once built; resume point and Adam's moments
+while it trains."""
+COPY_BACK_S = 15.0  # what the zoo stage leaves of the run's budget to copy its files back
 DRY_SAMPLES = 3
 
 
@@ -136,6 +151,11 @@ def setup(run: Run, carry: Path, farm: Path) -> dict[str, str]:
             f"{torch.version.cuda}, devices: "
             f"{[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
     missing = missing_distributions()
+    carried = {wheel.name.split("-")[0].lower().replace("_", "-")
+               for wheel in (carry / "wheels").glob("*.whl")}
+    if set(missing) - carried:
+        run.log(f"not carried, so not installed: {', '.join(sorted(set(missing) - carried))}")
+        missing = [name for name in missing if name in carried]
     if missing:
         run.stage("setup", [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
                             "--find-links", str(carry / "wheels"), *missing],
@@ -145,6 +165,47 @@ def setup(run: Run, carry: Path, farm: Path) -> dict[str, str]:
     path = os.pathsep.join([str(link_farm(farm)), os.environ.get("PYTHONPATH", "")])
     return {"PYTHONPATH": path.rstrip(os.pathsep), "CERTBENCH_SHARED_DATA": str(carry / "data"),
             "CERTBENCH_DATA": str(carry / "data"), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def zoo_folder(farm: Path, carry: Path, names: list[str]) -> Path:
+    """Turn the link farm's ``certbench/zoo`` into a folder of its own (its module and
+    catalogue copied: the zoo finds its networks from the module's path) whose
+    ``networks/`` holds the files of ``names``, the carried ones over the committed ones;
+    returns that ``networks/``. The checkout's zoo folder is never written."""
+    package = farm / "certbench" / "zoo"
+    source = package.resolve()
+    package.unlink()
+    networks = package / "networks"
+    networks.mkdir(parents=True)
+    for item in ("__init__.py", "catalog.toml"):
+        shutil.copy2(source / item, package / item)
+    for name in names:
+        for suffix in ZOO_FILES:
+            for origin in (carry / "zoo" / (name + suffix), source / "networks" / (name + suffix)):
+                if origin.exists():
+                    shutil.copy2(origin, networks / origin.name)
+                    break
+    return networks
+
+
+def build_zoo(run: Run, names: list[str], networks: Path, dry_run: bool,
+              env: dict[str, str]) -> None:
+    """``certbench zoo --build`` for each of ``names`` until the run's deadline (less the
+    time to copy back), then every file the builds wrote into ``out/zoo/``."""
+    started = time.time()
+    back = run.out / "zoo"
+    back.mkdir(exist_ok=True)
+    try:
+        for name in names:
+            limit = run.deadline - time.monotonic() - COPY_BACK_S
+            run.stage(f"zoo {name}", certbench(
+                "zoo", "--build", name, "--device", "cpu" if dry_run else "cuda",
+                "--data-dir", env["CERTBENCH_DATA"], "--quiet"), limit, env)
+    finally:
+        for path in sorted(networks.iterdir()):
+            if not path.name.startswith(".") and path.stat().st_mtime >= started:
+                shutil.copy2(path, back / path.name)
+                run.log(f"back: zoo/{path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def certbench(*args: str) -> list[str]:
@@ -220,16 +281,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="on the CPU with tiny sizes, to check the script")
     parser.add_argument("--matrices", nargs="+", default=list(MATRIX_SAMPLES),
                         help="packaged matrix names or TOML files (default: %(default)s)")
+    parser.add_argument("--zoo", nargs="+", default=[], metavar="NAME",
+                        help="train these zoo networks instead of the tests, matrices and bab")
     parser.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=[],
                         help="extra pytest arguments for the tests stage (last option)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         run = Run(args.out, Path(scratch) / "work", args.budget_s)
         env = setup(run, args.carry, Path(scratch) / "links")
-        try:
-            run_all(run, args.carry, args.dry_run, env, args.matrices, args.pytest_args)
-        finally:
-            pack(run.work, args.out)
+        if args.zoo:
+            networks = zoo_folder(Path(scratch) / "links", args.carry, args.zoo)
+            build_zoo(run, args.zoo, networks, args.dry_run, env)
+        else:
+            try:
+                run_all(run, args.carry, args.dry_run, env, args.matrices, args.pytest_args)
+            finally:
+                pack(run.work, args.out)
     failed = [s["stage"] for s in run.summary if s["status"] not in ("ok", "skipped")]
     run.log(f"done; stages not ok: {', '.join(failed) or 'none'}")
     return 0

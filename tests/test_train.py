@@ -266,13 +266,16 @@ def test_power_iteration_gradient_is_that_of_the_function_it_computes(differenti
     assert torch.allclose(at_top.abs(), torch.outer(left[:, 0], right[0]).abs(), atol=1e-8)
 
 
-def test_the_graph_trains_through_its_power_steps(digits, tmp_path):
+@pytest.mark.parametrize("gradient", ["steps", "final"])
+def test_the_graph_trains_through_its_power_steps(digits, tmp_path, gradient):
     """From a kept vector far from the top singular vector, a graph with
-    ``power_steps = 3`` gives the gradient of 3 steps differentiated through, not that of
-    3 undifferentiated ones; and a recipe with ``power_steps`` trains."""
+    ``power_steps = 3`` gives the gradient of 3 steps differentiated through
+    (``power_gradient = "steps"``, GloRo's paper snapshot) or that of 3 undifferentiated
+    ones (``"final"``, GloRo's library), not the other; and a recipe with
+    ``power_steps`` trains."""
     dense = torch.nn.Linear(64, 10)
     graph = LipschitzGraph(torch.nn.Sequential(torch.nn.Flatten(), dense), DIGITS_SHAPE,
-                           power_iteration=True, power_steps=3)
+                           power_iteration=True, power_steps=3, power_gradient=gradient)
     graph.bounds(torch.float32)  # the first call: 30 steps from the seeded vector
     (index,) = graph.vectors
     start = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
@@ -283,12 +286,49 @@ def test_the_graph_trains_through_its_power_steps(digits, tmp_path):
                                      dense.weight)[0]
         for through in (True, False)
     }
-    assert torch.allclose(trained, by_hand[True], atol=1e-6)
-    assert not torch.allclose(trained, by_hand[False], atol=1e-3)
+    through = gradient == "steps"
+    assert torch.allclose(trained, by_hand[through], atol=1e-6)
+    assert not torch.allclose(trained, by_hand[not through], atol=1e-3)
     _, card = train_model(tmp_path / "p", digits, "mlp", {"widths": [16]}, "gloro",
-                          {"epochs": 1, "eps": 0.3, "lipschitz": "power", "power_steps": 2},
-                          progress=False)
+                          {"epochs": 1, "eps": 0.3, "lipschitz": "power", "power_steps": 2,
+                           "power_gradient": gradient}, progress=False)
     assert card["recipe_args"]["power_steps"] == 2
+    assert card["recipe_args"]["power_gradient"] == gradient
+
+
+def test_converge_reaches_the_exact_norm_of_a_dense_network():
+    """On dense layers the exact bound is the product of SVD norms (ReLU: 1), so kept
+    vectors run to convergence must give it; one step from vectors far from the top
+    singular vectors (random ones here) gives less."""
+    model = random_model("mlp")
+    exact = LipschitzGraph(model, DIGITS_SHAPE).bounds().network.item()
+    graph = LipschitzGraph(model, DIGITS_SHAPE, power_iteration=True)
+    graph.bounds()  # the first call keeps a vector per layer
+    generator = torch.Generator().manual_seed(0)
+    for index, vector in graph.vectors.items():
+        graph.vectors[index] = torch.randn(vector.shape, generator=generator)
+    lagging = graph.bounds().network.item()
+    assert lagging < 0.99 * exact
+    converged = graph.converge(tolerance=1e-6)
+    assert converged == pytest.approx(exact, rel=1e-4)
+    assert graph.bounds().network.item() == pytest.approx(exact, rel=1e-4)
+    with pytest.raises(ValueError, match="power_iteration=True only"):
+        LipschitzGraph(model, DIGITS_SHAPE).converge()
+
+
+def test_power_converge_runs_before_training_and_after_every_epoch(digits, tmp_path,
+                                                                   monkeypatch):
+    calls = []
+    original = LipschitzGraph.converge
+    monkeypatch.setattr(LipschitzGraph, "converge",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    train_model(tmp_path / "c", digits, "mlp", {"widths": [16]}, "gloro",
+                {"epochs": 2, "eps": 0.3, "lipschitz": "power", "power_steps": 5,
+                 "power_gradient": "final", "power_converge": True}, progress=False)
+    assert len(calls) == 3
+    train_model(tmp_path / "n", digits, "mlp", {"widths": [16]}, "gloro",
+                {"epochs": 1, "eps": 0.3, "lipschitz": "power"}, progress=False)
+    assert len(calls) == 3
 
 
 def test_power_steps_apply_to_power_estimates_only():
@@ -298,6 +338,12 @@ def test_power_steps_apply_to_power_estimates_only():
     for bad in (0, 2.5, True):
         with pytest.raises(UserError, match="power_steps must be"):
             recipe_args("lmt", {"lipschitz": "power", "power_steps": bad})
+    with pytest.raises(UserError, match="power_gradient must be"):
+        recipe_args("gloro", {"lipschitz": "power", "power_gradient": "last"})
+    with pytest.raises(UserError, match="power_converge must be"):
+        recipe_args("gloro", {"lipschitz": "power", "power_converge": 1})
+    with pytest.raises(UserError, match="lipschitz = 'power' only"):
+        recipe_args("lmt", {"power_converge": True})
 
 
 def test_arguments_at_their_naming_neutral_defaults_keep_a_checkpoint_name(tmp_path):

@@ -5,6 +5,7 @@ sampled around test points."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,25 @@ def test_unbuilt_networks_say_how_to_build_them(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="certbench zoo --build gloro-mnist-2c2f"):
         zoo.network_stem("zoo:gloro-mnist-2c2f")
     assert all(row["certbench"] is None for row in zoo.listing())
+
+
+def test_the_listing_says_how_far_each_network_is(monkeypatch, tmp_path):
+    """not built -> training N/epochs (a resume point) -> measuring (weights and a card
+    without figures) -> built."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(zoo, "FOLDER", tmp_path)
+    name = "gloro-mnist-2c2f"
+    assert zoo.status(name, 500) == "not built"
+    save_file({"generator": torch.zeros(1)}, str(tmp_path / f"{name}.resume.safetensors"),
+              metadata={"epoch": "37"})
+    assert zoo.status(name, 500) == "training 37/500"
+    row = next(row for row in zoo.listing() if row["network"] == name)
+    assert row["status"] == "training 37/500" and row["epochs"] == 500
+    (tmp_path / f"{name}.json").write_text(json.dumps({"recipe": "gloro"}))
+    assert zoo.status(name, 500) == "measuring"
+    (tmp_path / f"{name}.json").write_text(json.dumps({"zoo": {"measured": {}}}))
+    assert zoo.status(name, 500) == "built"
 
 
 def test_verified_error_is_one_minus_certified_accuracy():

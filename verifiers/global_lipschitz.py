@@ -94,8 +94,12 @@ class LipschitzGraph:
     node; a training resume point saves them): cheap enough to train 4C3F-sized models on
     a CPU, but the result can fall below the true constant, so it is for training only;
     the verifier never sets it. ``power_steps``: steps a call after the first (which takes 30 from a
-    seeded vector); one step is spectral normalisation's update, more are differentiated
-    through, as GloRo's reference trains (`operator_norms.power_iteration_estimate`).
+    seeded vector); one step is spectral normalisation's update. ``power_gradient``: with
+    ``"steps"`` more steps are differentiated through, as GloRo's paper snapshot trains;
+    with ``"final"`` they are constants and the gradient flows through the final ||A u||
+    alone, as GloRo's library trains (`operator_norms.power_iteration_estimate`).
+    `converge` runs the kept vectors to convergence (the library's refresh at each epoch's
+    end).
     The estimator is handed to every operation's ``lipschitz`` rule, and
     the layers whose exact norm is an SVD apply it to their linear map (see
     ``Operation.lipschitz``), so this class never asks which operation a node holds.
@@ -103,13 +107,17 @@ class LipschitzGraph:
 
     def __init__(
         self, model: nn.Module, input_shape: Sequence[int], power_iteration: bool = False,
-        power_steps: int = 1,
+        power_steps: int = 1, power_gradient: str = "steps",
     ):
         if power_steps < 1:
             raise ValueError(f"power_steps must be at least 1, got {power_steps}")
+        if power_gradient not in ("steps", "final"):
+            raise ValueError(f"power_gradient must be 'steps' or 'final', got {power_gradient!r}")
         self.network = TracedNetwork(model, input_shape)
         self.power_iteration = power_iteration
         self.power_steps = power_steps
+        self.power_gradient = power_gradient
+        self._converging = 0  # steps a call takes while `converge` runs, undifferentiated
         self.vectors: dict[int, torch.Tensor] = {}
         param = next(model.parameters(), None)
         self._device = param.device if param is not None else None
@@ -142,11 +150,37 @@ class LipschitzGraph:
             generator = torch.Generator().manual_seed(0)
             u = torch.randn((1, *shape), generator=generator).to(self._device, self._dtype)
             sigma, self.vectors[index] = operator_norms.power_iteration_estimate(apply, u, 30)
+        elif self._converging:
+            sigma, self.vectors[index] = operator_norms.power_iteration_estimate(
+                apply, u, self._converging)
         else:
             sigma, self.vectors[index] = operator_norms.power_iteration_estimate(
-                apply, u, self.power_steps, differentiate=self.power_steps > 1
+                apply, u, self.power_steps,
+                differentiate=self.power_steps > 1 and self.power_gradient == "steps",
             )
         return sigma
+
+    def converge(self, tolerance: float = 1e-4, chunk: int = 100,
+                 max_chunks: int = 50) -> float:
+        """Run the kept vectors to convergence: ``chunk`` undifferentiated steps a round
+        until the network's estimate moves by less than ``tolerance`` (relative) in a
+        round, at most ``max_chunks`` rounds; returns the estimate. GloRo's library does
+        this before training and at each epoch's end (its ``UpdatePowerIterates``): the
+        one or few steps a training step takes lag the top singular vector while the
+        weights move, most where the spectrum is flat (orthogonal initialisation)."""
+        if not self.power_iteration:
+            raise ValueError("converge applies to power_iteration=True only")
+        self._converging = chunk
+        try:
+            previous = math.inf
+            for _ in range(max_chunks):
+                estimate = float(self.bounds().network.detach())
+                if abs(estimate - previous) <= tolerance * estimate:
+                    break
+                previous = estimate
+        finally:
+            self._converging = 0
+        return estimate
 
     def _describe(self, node: Node) -> str:
         """The layer behind a node, for error messages."""

@@ -34,8 +34,14 @@ report's GLS section read). `train.train_model` runs any of them.
   train; much cheaper for wide convolutions). ``power_steps`` sets the steps a training
   step takes (the first step converges 30 undifferentiated steps from a seeded vector;
   resume points keep the vectors): 1 (default) is spectral normalisation's update, not
-  differentiated through; more are differentiated through, as GloRo's reference trains
-  (its ``spectral_power_all.10``). Certification always uses the exact bound.
+  differentiated through; with ``power_gradient = "steps"`` (default) more are
+  differentiated through, as GloRo's paper snapshot trains (its
+  ``spectral_power_all.10``); with ``"final"`` they are constants and the gradient flows
+  through the last ||A u|| alone, as GloRo's library trains (its ``PowerMethod``).
+  ``power_converge = true`` also runs the vectors to convergence before the first epoch
+  and after every epoch, as the library does (its ``UpdatePowerIterates``): a few steps a
+  training step lag the top singular vector while the weights move. Certification always
+  uses the exact bound.
   BatchNorm enters with its running statistics.
 - ``ibp`` (Gowal et al. 2018) and ``crown-ibp`` (Zhang et al. 2020, "Towards stable and
   efficient training of verifiably robust neural networks", Eq. 6-7): with m the lower
@@ -100,7 +106,8 @@ _COMMON = {"epochs": 40, "lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine",
 LR_SCHEDULES = ("cosine", "constant", "hold-decay", "exponential", "multistep")
 NAMING_NEUTRAL = {"lr_schedule": "cosine", "lr_end": 0.0, "lr_milestones": [], "lr_gamma": 0.1,
                   "warmup_epochs": 0, "margin": "network", "scale_by_margin": False,
-                  "power_steps": 1, "ramp_shape": "linear"}
+                  "power_steps": 1, "ramp_shape": "linear", "power_gradient": "steps",
+                  "power_converge": False}
 """Arguments added after checkpoints were first named, at defaults that train exactly as
 before they existed: `provision.model_stem` leaves them out of the hash while they hold
 these values, so that a checkpoint trained before keeps its name."""
@@ -188,13 +195,20 @@ class _LipschitzRecipe(Recipe):
             raise ValueError(f"power_steps must be an integer of at least 1, got {steps!r}")
         if steps != 1 and args["lipschitz"] != "power":
             raise ValueError("power_steps applies to lipschitz = 'power' only")
+        if args["power_gradient"] not in ("steps", "final"):
+            raise ValueError("power_gradient must be 'steps' or 'final'")
+        if not isinstance(args["power_converge"], bool):
+            raise ValueError("power_converge must be true or false")
+        if args["power_converge"] and args["lipschitz"] != "power":
+            raise ValueError("power_converge applies to lipschitz = 'power' only")
 
 
 @register_recipe
 class GloRo(_LipschitzRecipe):
     name = "gloro"
     defaults = {**_COMMON, "eps": 0.3, "ramp_epochs": None, "ramp_shape": "linear",
-                "trades_lambda": 0.0, "lipschitz": "exact", "power_steps": 1}
+                "trades_lambda": 0.0, "lipschitz": "exact", "power_steps": 1,
+                "power_gradient": "steps", "power_converge": False}
 
     def validate(self, args):
         super().validate(args)
@@ -221,7 +235,8 @@ class GloRo(_LipschitzRecipe):
 class Lmt(_LipschitzRecipe):
     name = "lmt"
     defaults = {**_COMMON, "c": 0.3, "ramp_epochs": None, "lipschitz": "exact",
-                "power_steps": 1, "margin": "network", "scale_by_margin": False}
+                "power_steps": 1, "power_gradient": "steps", "power_converge": False,
+                "margin": "network", "scale_by_margin": False}
 
     def validate(self, args):
         super().validate(args)

@@ -108,6 +108,15 @@ def load(weights: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return epoch, float(metadata["elapsed"])
 
 
+def finished_epochs(weights: Path) -> int | None:
+    """The epochs a resume point beside ``weights`` has finished, None without one."""
+    point, _ = paths(weights)
+    if not point.exists():
+        return None
+    with safe_open(str(point), framework="pt") as found:
+        return int(found.metadata()["epoch"])
+
+
 def remove(weights: Path) -> None:
     for path in paths(weights):
         path.unlink(missing_ok=True)

@@ -6,7 +6,9 @@ summed there, so a GPU step waits for no host transfer or synchronisation.
 
 Training resumes from the last finished epoch: `resume` saves the state after every epoch
 (a committable resume point without optimiser state, and Adam's moments beside it) and
-removes it when the checkpoint is written.
+removes it when the checkpoint is written. A Lipschitz recipe with ``power_converge`` has
+its power-iteration vectors run to convergence before the first epoch and after each
+(`LipschitzGraph.converge`), so each resume point holds converged vectors.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def train_model(
     if needs == "lipschitz":
         graph = LipschitzGraph(
             model, dataset.input_shape, power_iteration=hp["lipschitz"] == "power",
-            power_steps=hp["power_steps"],
+            power_steps=hp["power_steps"], power_gradient=hp["power_gradient"],
         )
     propagator = None
     if needs == "bounds":
@@ -107,6 +109,9 @@ def train_model(
     vectors = graph.vectors if graph is not None and graph.power_iteration else None
     start, elapsed = resume.load(weights_path, model, optimizer, scheduler, generator, hp,
                                  vectors)
+    converge = graph.converge if hp.get("power_converge") else None
+    if converge is not None:
+        converge()
 
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     n, batch = len(dataset.y_train), int(hp["batch_size"])
@@ -130,6 +135,8 @@ def train_model(
             optimizer.step()
             total += loss.detach()
         scheduler.step()
+        if converge is not None:
+            converge()
         elapsed += time.perf_counter() - began
         shown = {"loss": f"{total.item() / steps:.4f}"}
         if log:
