@@ -18,8 +18,8 @@ travels in one git-ignored folder (at most 64 MiB):
 
 With ``--zoo NAME ...`` the folder is for ``gpu_run.py --zoo`` instead: the wheels
 (scikit-learn aside: a build does not need it), the networks' datasets, and in ``zoo/`` each
-network's resume point and Adam's moments where a build here left them (the moments are
-git-ignored, so only this folder takes them to the GPU machine).
+network's Adam's moments where a build here left them, if they fit (they are git-ignored, so
+only this folder takes them; the resume point travels with the working tree).
 
 With ``--cpu-reference`` the same matrices (and bab on the sampled instances) also run
 here, into ``results/examples/gpu-h200/cpu/``: the CPU side of the comparison, measured on
