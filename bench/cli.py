@@ -174,7 +174,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
               f"({measured['verifier']}, {measured['points']} points); card "
               f"{zoo.FOLDER / (args.build + '.json')}")
         return 0
+    from certbench.zoo_build import status
+
     table = pd.DataFrame(zoo.listing())
+    table.insert(1, "status", [status(row.network, row.epochs) for row in table.itertuples()])
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.drop(columns=["source"]).astype(object).fillna("-").to_string(index=False))
     print("paper and certbench: the paper's metric at its norm and eps (fractions); "

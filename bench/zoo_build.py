@@ -22,6 +22,7 @@ from certbench.data import Dataset, load_dataset
 from certbench.errors import UserError
 from certbench.models import checkpoint_paths, load_checkpoint
 from certbench.provenance import git_commit
+from certbench.training.resume import finished_epochs
 from certbench.training.train import train_model
 from certbench.zoo import ZooEntry
 
@@ -41,6 +42,15 @@ def hardware(card: dict[str, Any]) -> str:
     except OSError:
         pass
     return f"{name}, {torch.get_num_threads()} threads"
+
+
+def status(name: str, epochs: int | None) -> str:
+    """``built`` (a card with certbench's figures), ``measuring`` (weights, no figures yet),
+    ``training N/epochs`` (a resume point after N epochs) or ``not built``."""
+    if (found := zoo.card(name)) is not None:
+        return "built" if "zoo" in found else "measuring"
+    done = finished_epochs(zoo.FOLDER / f"{name}.safetensors")
+    return "not built" if done is None else f"training {done}/{epochs or '?'}"
 
 
 def build(name: str, data_dir: str | Path | None = None, device: str = "cpu",

@@ -104,34 +104,19 @@ def card(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def status(name: str, epochs: int) -> str:
-    """``built`` (a card with certbench's figures), ``measuring`` (weights, no figures yet),
-    ``training N/epochs`` (a resume point after N epochs) or ``not built``."""
-    from certbench.training.resume import finished_epochs
-
-    if (found := card(name)) is not None:
-        return "built" if "zoo" in found else "measuring"
-    done = finished_epochs(FOLDER / f"{name}.safetensors")
-    return "not built" if done is None else f"training {done}/{epochs}"
-
-
 def listing() -> list[dict[str, Any]]:
     """One row per catalogued network: its setting, the paper's figure and certbench's."""
-    from certbench.training.recipes import recipe_args
-
     rows = []
     for name, entry in catalog().items():
         found = card(name) or {}
         measured = found.get("zoo", {}).get("measured", {})
-        epochs = found.get("recipe_args", recipe_args(entry.recipe, entry.recipe_args))["epochs"]
         rows.append({
-            "network": name, "status": status(name, epochs), "dataset": entry.dataset,
-            "arch": entry.arch,
+            "network": name, "dataset": entry.dataset, "arch": entry.arch,
             "recipe": entry.recipe, "norm": entry.paper.norm, "eps": entry.paper.eps,
             "metric": entry.paper.metric, "paper": entry.paper.value,
             "certbench": as_metric(entry.paper.metric, measured.get("certified_acc")),
             "clean": measured.get("clean_acc"),
-            "epochs": epochs,
+            "epochs": found.get("recipe_args", entry.recipe_args).get("epochs"),
             "train_h": (round(found["train_time_s"] / 3600, 2) if "train_time_s" in found
                         else None),
             "hardware": found.get("zoo", {}).get("train_hardware"),
