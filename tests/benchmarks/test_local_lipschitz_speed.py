@@ -28,6 +28,8 @@ from conftest import SHARED_DATA, bench_rounds
 CASES = {
     "mlp-digits": ("mlp", {"widths": [64, 64]}, (1, 8, 8), 64),
     "cnn-small-digits": ("cnn-small", {}, (1, 8, 8), 32),
+    "cnn-4c3f-minmax-digits": ("cnn-4c3f", {"activation": "minmax", "channels": [8, 8, 16, 16],
+                                            "dense": [64, 64]}, (1, 8, 8), 8),
 }
 EPS = [0.1, 0.25, 0.5, 1.0]
 
