@@ -52,11 +52,12 @@ def test_unbuilt_networks_say_how_to_build_them(monkeypatch, tmp_path):
     assert all(row["certbench"] is None for row in zoo.listing())
 
 
-def test_the_listing_says_how_far_each_network_is(monkeypatch, tmp_path):
+def test_the_listing_says_how_far_each_network_is(monkeypatch, tmp_path, capsys):
     """not built -> training N/epochs (a resume point) -> measuring (weights and a card
     without figures) -> built."""
     from safetensors.torch import save_file
 
+    from certbench.cli import main
     from certbench.zoo_build import status
 
     monkeypatch.setattr(zoo, "FOLDER", tmp_path)
@@ -65,6 +66,10 @@ def test_the_listing_says_how_far_each_network_is(monkeypatch, tmp_path):
     save_file({"generator": torch.zeros(1)}, str(tmp_path / f"{name}.resume.safetensors"),
               metadata={"epoch": "37"})
     assert status(name, 500) == "training 37/500"
+    main(["zoo"])  # the listing's status column
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.split()[:1] == [name])
+    assert row.split()[1:3] == ["training", "37/500"]
     (tmp_path / f"{name}.json").write_text(json.dumps({"recipe": "gloro"}))
     assert status(name, 500) == "measuring"
     (tmp_path / f"{name}.json").write_text(json.dumps({"zoo": {"measured": {}}}))
